@@ -1,0 +1,201 @@
+"""The ``bastion`` command: parse, build settings, call ``run()``.
+
+Process commands (``up``, ``gateway``, ``worker``, ``control``) take one flag per setting,
+each also readable from ``BASTION_<NAME>``; admin commands talk to the control plane's API.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from bastion.settings import Settings
+
+app = typer.Typer(
+    help="Bastion: serve ML models to untrusted clients, safely and at scale.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: invalid settings: {problems}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``func`` one ``--flag`` per settings field (also read from ``BASTION_<NAME>``).
+
+    Typer reads a command's parameters from its signature, so the settings fields are
+    appended to the signature of ``func``; their values arrive in ``**options``.
+    """
+    own = [p for p in inspect.signature(func).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = []
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        is_bool = field.annotation is bool
+        option = typer.Option(
+            None,
+            f"{flag}/--no-{flag[2:]}" if is_bool else flag,
+            envvar=f"BASTION_{name.upper()}",
+            show_envvar=True,
+            help=field.description,
+            show_default=False,
+        )
+        annotation = bool | None if is_bool else str | None
+        extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+
+    @functools.wraps(func)
+    def wrapper(**kwargs: Any) -> Any:
+        return func(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    return wrapper
+
+
+@app.command("up")
+@_settings_options
+def up_command(**options: Any) -> None:
+    """Start Bastion on this machine: embedded Redis, SQLite, control plane, gateways, workers."""
+    from bastion.embedded import supervisor  # noqa: PLC0415 - keep start-up of other commands light
+
+    raise typer.Exit(supervisor.run(_settings(options)))
+
+
+FdOption = Annotated[int | None, typer.Option(help="serve on this inherited listening socket")]
+
+
+@app.command("gateway")
+@_settings_options
+def gateway_command(fd: FdOption = None, **options: Any) -> None:
+    """Run one gateway process (public HTTP)."""
+    from bastion.gateway import server  # noqa: PLC0415
+
+    server.serve(_settings(options), fd)
+
+
+@app.command("worker")
+@_settings_options
+def worker_command(**options: Any) -> None:
+    """Run one worker process (no listening socket but an optional metrics port)."""
+    from bastion.worker import main as worker_main  # noqa: PLC0415
+
+    worker_main.run(_settings(options))
+
+
+@app.command("control")
+@_settings_options
+def control_command(fd: FdOption = None, **options: Any) -> None:
+    """Run the control plane (admin API on its own port)."""
+    from bastion.control import server  # noqa: PLC0415
+
+    server.serve(_settings(options), fd)
+
+
+# admin commands --------------------------------------------------------------------------
+ControlUrl = Annotated[
+    str | None, typer.Option(envvar="BASTION_CONTROL_URL", help="admin API URL (default: from host/control port)")
+]
+AdminKey = Annotated[
+    str | None, typer.Option(envvar="BASTION_ADMIN_KEY", help="admin key (default: <data dir>/admin.key)")
+]
+DataDir = Annotated[Path | None, typer.Option(envvar="BASTION_DATA_DIR", help="data directory of bastion up")]
+
+
+def _client(control_url: str | None, admin_key: str | None, data_dir: Path | None) -> Any:
+    from bastion.adminclient import AdminClient  # noqa: PLC0415
+
+    settings = _settings({"data_dir": data_dir})
+    url = control_url or f"http://{settings.host}:{settings.control_port}"
+    key = admin_key or (settings.admin_key.get_secret_value() if settings.admin_key else None)
+    if key is None:
+        try:
+            key = settings.admin_key_file.read_text().strip()
+        except OSError as exc:
+            typer.echo(f"error: no admin key: set BASTION_ADMIN_KEY or run bastion up once (it writes {settings.admin_key_file})", err=True)
+            raise typer.Exit(2) from exc
+    return AdminClient(url, key)
+
+
+def _run(call: Callable[[], Any]) -> None:
+    from bastion.adminclient import AdminError  # noqa: PLC0415
+
+    try:
+        result = call()
+    except AdminError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(result, indent=2))
+
+
+@models_app.command("register")
+def models_register(
+    name: str,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    description: str = "",
+    activate: bool = typer.Option(True, help="serve this version right away"),
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Register FILE (ONNX) as the next version of model NAME."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.register(name, file.read_bytes(), description, activate))
+
+
+@models_app.command("list")
+def models_list(control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None) -> None:
+    """List models and their versions."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(client.models)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="tenant the key belongs to (created if new)")],
+    name: str = "",
+    scope: Annotated[list[str] | None, typer.Option(help="scope (repeatable); default predict, jobs, models:read")] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.create_key(tenant, name, scope))
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: str | None = None, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """List keys (never their secrets)."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.keys(tenant))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Revoke key KEY_ID; gateways refuse it once they see the new snapshot (well under a second)."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.revoke_key(key_id))
+
+
+def main() -> None:
+    app(prog_name="bastion")

@@ -1,0 +1,70 @@
+"""Every Redis key Bastion uses, with its owner and lifetime, in one place.
+
+=====================  ==========================================  ==============================
+key                    what                                        lifetime / owner
+=====================  ==========================================  ==============================
+q:{model}:{lane}       job stream of one model and lane            control plane (deleted with model);
+                       (lane: ``sync`` or ``batch``)               entries XDEL'd on completion
+dlq:{model}            dead-letter stream                          capped with MAXLEN
+r:{gateway}            reply stream of one gateway process         gateway deletes on exit; TTL
+                                                                   refreshed while it lives
+job:{id}               job state hash (tenant, status, result)     TTL: result_ttl (async) or
+                                                                   sync_result_ttl
+snap:current           the published control-plane snapshot        control plane (overwritten)
+snap:notify            pub/sub channel announcing a new snapshot   -
+=====================  ==========================================  ==============================
+"""
+
+from __future__ import annotations
+
+QUEUE_PREFIX = "q:"
+DEAD_LETTER_PREFIX = "dlq:"
+REPLY_PREFIX = "r:"
+JOB_PREFIX = "job:"
+SNAPSHOT_KEY = "snap:current"
+SNAPSHOT_CHANNEL = "snap:notify"
+
+CONSUMER_GROUP = "workers"
+
+LANE_SYNC = "sync"
+LANE_BATCH = "batch"
+LANES = (LANE_SYNC, LANE_BATCH)
+
+STATUS_QUEUED = "queued"
+STATUS_RUNNING = "running"
+STATUS_SUCCEEDED = "succeeded"
+STATUS_FAILED = "failed"
+STATUS_EXPIRED = "expired"
+STATUS_DEAD = "dead_lettered"
+TERMINAL_STATUSES = frozenset({STATUS_SUCCEEDED, STATUS_FAILED, STATUS_EXPIRED, STATUS_DEAD})
+
+API_KEY_PREFIX = "bst_"
+
+SCOPES = (
+    "predict",
+    "jobs",
+    "feedback",
+    "models:read",
+    "models:write",
+    "deploy",
+    "keys",
+    "audit",
+    "admin",
+)
+DEFAULT_TENANT_SCOPES = ("predict", "jobs", "models:read")
+
+
+def queue_key(model: str, lane: str) -> str:
+    return f"{QUEUE_PREFIX}{model}:{lane}"
+
+
+def dead_letter_key(model: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}{model}"
+
+
+def reply_key(gateway_id: str) -> str:
+    return f"{REPLY_PREFIX}{gateway_id}"
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"

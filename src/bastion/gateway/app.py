@@ -1,0 +1,72 @@
+"""Build the gateway's ASGI app from settings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from bastion import __version__, logs, middleware, problems
+from bastion.gateway import health, jobs, routes
+from bastion.gateway.replies import ReplyRouter
+from bastion.gateway.snapshots import SnapshotWatcher
+from bastion.gateway.state import GatewayState
+from bastion.queue.producer import Producer
+from bastion.settings import Settings
+
+log = logs.get("bastion.gateway")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(
+            settings.require_redis_url(), socket_connect_timeout=1, socket_timeout=5, health_check_interval=0
+        )
+        state = GatewayState(
+            settings=settings,
+            gateway_id=gateway_id,
+            redis=client,
+            producer=Producer(
+                client,
+                max_queue_sync=settings.max_queue_sync,
+                max_queue_batch=settings.max_queue_batch,
+                result_ttl_s=settings.result_ttl_s,
+            ),
+            replies=ReplyRouter(client, gateway_id),
+            snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),
+        )
+        app.state.gateway = state
+        await state.snapshots.start()
+        await state.replies.start()
+        log.info("gateway_started", gateway_id=gateway_id)
+        try:
+            yield
+        finally:
+            state.draining = True
+            await state.replies.stop()
+            await state.snapshots.stop()
+            await client.aclose()
+            log.info("gateway_stopped", gateway_id=gateway_id)
+
+    app = FastAPI(
+        title="Bastion gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+        exception_handlers=problems.EXCEPTION_HANDLERS,
+    )
+    app.include_router(routes.router)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    middleware.install(app, settings.max_body_bytes)
+    return app

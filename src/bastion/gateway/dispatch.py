@@ -1,0 +1,105 @@
+"""Resolve a model, queue a job and (for sync calls) await its reply until the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bastion import codec, metrics
+from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
+from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
+from bastion.gateway.state import GatewayState
+from bastion.snapshot import KeyInfo, VersionInfo
+
+
+def resolve(state: GatewayState, name: str) -> VersionInfo:
+    """The version that serves ``name`` now, or 404."""
+    if len(name) > 64:
+        raise NotFound("no such model")
+    version = state.snapshots.current.models.get(name)
+    if version is None:
+        raise NotFound(f"no model {name!r} is being served", model=name[:64])
+    return version
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def timeout_s(state: GatewayState, header: str | None) -> float:
+    limit = state.settings.request_timeout_s
+    if header is None:
+        return limit
+    try:
+        value = float(header) / 1000
+    except ValueError as exc:
+        raise InvalidInput("X-Bastion-Timeout-Ms must be a number of milliseconds") from exc
+    if not 0 < value <= limit:
+        raise InvalidInput(f"X-Bastion-Timeout-Ms must be between 1 and {int(limit * 1000)}")
+    return value
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
+        raise Unavailable("the job queue is unreachable; retry shortly", retry_after=1) from exc
+
+
+async def run_sync(
+    state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray], wait_s: float
+) -> tuple[str, dict[str, np.ndarray]]:
+    """Queue on the sync lane and await the reply; returns (job id, outputs)."""
+    job_id = new_job_id()
+    deadline_ms = int((time.time() + wait_s) * 1000)
+    future = state.replies.expect(job_id)
+    metrics.INFLIGHT_SYNC.inc()
+    try:
+        async with redis_errors():
+            await state.producer.enqueue(
+                lane=LANE_SYNC,
+                job_id=job_id,
+                tenant=key.tenant,
+                model=version.model,
+                version=version.version,
+                blob=codec.encode(tensors),
+                deadline_ms=deadline_ms,
+                reply_to=state.gateway_id,
+            )
+        try:
+            reply = await asyncio.wait_for(future, wait_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id
+            ) from exc
+    finally:
+        state.replies.forget(job_id)
+        metrics.INFLIGHT_SYNC.dec()
+    if reply.status == STATUS_SUCCEEDED:
+        return job_id, codec.decode(reply.blob)
+    if reply.status == STATUS_EXPIRED:
+        raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
+    raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=job_id)
+
+
+async def submit_async(state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray]) -> str:
+    job_id = new_job_id()
+    async with redis_errors():
+        await state.producer.enqueue(
+            lane=LANE_BATCH,
+            job_id=job_id,
+            tenant=key.tenant,
+            model=version.model,
+            version=version.version,
+            blob=codec.encode(tensors),
+        )
+    return job_id

@@ -1,0 +1,99 @@
+"""One reader task per gateway process receives every reply and resolves the waiting futures.
+
+The gateway owns its reply stream ``r:{gateway-id}``: it creates it at start, keeps a TTL on it
+while it lives (so a crashed gateway's stream expires), and deletes it on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from bastion import logs
+from bastion.constants import reply_key
+
+log = logs.get("bastion.gateway.replies")
+
+_STREAM_TTL_S = 60
+
+
+@dataclass(slots=True)
+class Reply:
+    status: str
+    blob: bytes
+    error: str
+
+
+class ReplyRouter:
+    def __init__(self, redis: Any, gateway_id: str) -> None:
+        self.redis = redis
+        self.key = reply_key(gateway_id)
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_id = "0-0"
+        self.healthy = False
+
+    async def start(self) -> None:
+        self._last_id = (await self._claim_stream()).decode()
+        self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._keep_alive())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.key)
+
+    def expect(self, job_id: str) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        return future
+
+    def forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def _claim_stream(self) -> bytes:
+        entry_id: bytes = await self.redis.xadd(self.key, {"hello": "1"}, maxlen=10_000, approximate=True)
+        await self.redis.expire(self.key, _STREAM_TTL_S)
+        return entry_id
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(_STREAM_TTL_S / 3)
+            try:
+                if not await self.redis.expire(self.key, _STREAM_TTL_S):
+                    await self._claim_stream()  # Redis lost it (restart without persistence)
+            except Exception as exc:  # noqa: BLE001 - keep trying while Redis is away
+                log.warning("reply_stream_keepalive_failed", error_type=type(exc).__name__)
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                response = await self.redis.xread({self.key: self._last_id}, count=1000, block=1000)
+                self.healthy = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: retry, waiting callers time out
+                self.healthy = False
+                log.warning("reply_read_failed", error_type=type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    self._last_id = entry_id.decode()
+                    job_id = fields.get(b"j")
+                    if job_id is None:
+                        continue
+                    future = self._waiting.pop(job_id.decode(), None)
+                    if future is not None and not future.done():
+                        future.set_result(
+                            Reply(fields[b"s"].decode(), fields.get(b"b", b""), fields.get(b"e", b"").decode())
+                        )

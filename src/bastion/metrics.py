@@ -1,0 +1,37 @@
+"""Every Prometheus metric Bastion exports, defined in one module.
+
+Gateway and worker run in separate processes, so each process exports only the metrics it
+updates; the names are shared so dashboards join them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# gateway
+REQUESTS = Counter(
+    "bastion_gateway_requests_total", "HTTP requests answered by the gateway", ["route", "status"]
+)
+REQUEST_LATENCY = Histogram(
+    "bastion_gateway_request_seconds", "Gateway request latency", ["route"], buckets=_LATENCY_BUCKETS
+)
+ERRORS = Counter("bastion_errors_total", "Errors by kind", ["process", "kind"])
+QUEUE_DEPTH = Gauge("bastion_queue_depth", "Entries in a model's job stream", ["model", "lane"])
+INFLIGHT_SYNC = Gauge("bastion_gateway_inflight_sync", "Sync requests awaiting a reply")
+
+# worker
+BATCH_SIZE = Histogram(
+    "bastion_worker_batch_rows",
+    "Rows per batched model call",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+INFERENCE_SECONDS = Histogram(
+    "bastion_worker_inference_seconds", "Model call time", ["model", "version"], buckets=_LATENCY_BUCKETS
+)
+JOBS = Counter("bastion_worker_jobs_total", "Jobs finished by a worker", ["model", "status"])
+RECLAIMED = Counter("bastion_worker_reclaimed_total", "Jobs reclaimed from a dead consumer", ["model"])
+DEAD_LETTERED = Counter("bastion_worker_dead_lettered_total", "Jobs moved to the dead-letter stream", ["model"])
+MODELS_LOADED = Gauge("bastion_worker_models_loaded", "Model versions loaded in this worker")

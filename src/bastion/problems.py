@@ -1,0 +1,102 @@
+"""The one place where errors become HTTP: RFC 9457 ``application/problem+json`` responses.
+
+Handlers raise ``BastionError`` subclasses; this module maps each to a status code and a body
+that says what was wrong. Unexpected exceptions become a bare 500 with no internal detail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bastion import errors, logs, metrics
+
+log = logs.get("bastion.problems")
+
+PROBLEM_TYPE = "application/problem+json"
+
+_STATUS: list[tuple[type[errors.BastionError], int]] = [
+    (errors.PayloadTooLarge, 413),
+    (errors.UnsupportedMedia, 415),
+    (errors.InvalidArtifact, 422),
+    (errors.InvalidInput, 400),
+    (errors.Unauthenticated, 401),
+    (errors.Forbidden, 403),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.Overloaded, 503),
+    (errors.Unavailable, 503),
+    (errors.DeadlineExceeded, 504),
+    (errors.JobFailed, 502),
+    (errors.IntegrityError, 502),
+]
+
+
+def status_of(exc: errors.BastionError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    slug = title.lower().replace(" ", "-")
+    body = {"type": f"https://bastion.dev/problems/{slug}", "title": title, "status": status, "detail": detail}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers)
+
+
+def from_error(exc: errors.BastionError, instance: str | None = None) -> Response:
+    status = status_of(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, errors.Overloaded | errors.Unavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
+    public = {k: v for k, v in exc.extra.items() if k in {"job_id", "model", "errors"}}
+    return problem(status, exc.title, exc.detail, headers, instance=instance, **public)
+
+
+async def _bastion_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.BastionError)
+    metrics.ERRORS.labels("http", type(exc).__name__).inc()
+    return from_error(exc, request.url.path)
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    title = titles.get(exc.status_code, "HTTP error")
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    if exc.status_code == 404:
+        detail = f"no route {request.method} {request.url.path}"
+    return problem(exc.status_code, title, detail, dict(exc.headers or {}), instance=request.url.path)
+
+
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    found = []
+    for err in exc.errors()[:20]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        found.append({"location": loc, "message": str(err.get("msg", ""))[:200]})
+    summary = "; ".join(f"{e['location']}: {e['message']}" for e in found[:3])
+    return problem(400, "Invalid input", f"the request is invalid: {summary}", errors=found, instance=request.url.path)
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> Response:
+    metrics.ERRORS.labels("http", "unexpected").inc()
+    log.error("unexpected_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
+    return problem(500, "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    errors.BastionError: _bastion_handler,
+    HTTPException: _http_handler,
+    RequestValidationError: _validation_handler,
+    Exception: _unexpected_handler,
+}

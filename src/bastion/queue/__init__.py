@@ -1,0 +1,1 @@
+"""The queue protocol on Redis Streams: enqueue, consume, reclaim, complete, dead-letter."""

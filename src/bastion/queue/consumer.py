@@ -1,0 +1,167 @@
+"""The worker's side of the queue: read, reclaim, complete and dead-letter jobs.
+
+Delivery is at-least-once: an entry stays pending until ``complete`` acknowledges it together
+with its stored outcome. Entries idle past the visibility timeout are claimed by another
+consumer; an entry delivered ``max_deliveries`` times is dead-lettered instead of run again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from bastion.constants import (
+    CONSUMER_GROUP,
+    LANE_BATCH,
+    LANES,
+    STATUS_DEAD,
+    dead_letter_key,
+    job_key,
+    queue_key,
+    reply_key,
+)
+from bastion.queue.protocol import Job, script
+
+
+@dataclass(slots=True)
+class Outcome:
+    job: Job
+    status: str
+    result: bytes = b""
+    error: str = ""
+    dead_reason: str = ""
+
+
+class Consumer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        result_ttl_s: int,
+        sync_result_ttl_s: int,
+        reply_cap: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self._complete = client.register_script(script("complete"))
+        self._start = client.register_script(script("start"))
+        self._result_ttl_s = result_ttl_s
+        self._sync_result_ttl_s = sync_result_ttl_s
+        self._reply_cap = reply_cap
+
+    def ensure_groups(self, models: list[str]) -> None:
+        for model in models:
+            for lane in LANES:
+                try:
+                    self.client.xgroup_create(queue_key(model, lane), CONSUMER_GROUP, id="0", mkstream=True)
+                except redis.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def read(self, models: list[str], count: int, block_ms: int | None, own_pending: bool = False) -> list[Job]:
+        """New entries (or, with ``own_pending``, this consumer's unacknowledged ones)."""
+        streams = {queue_key(m, lane): "0" if own_pending else ">" for m in models for lane in LANES}
+        if not streams:
+            time.sleep((block_ms or 0) / 1000)
+            return []
+        reply = self.client.xreadgroup(CONSUMER_GROUP, self.name, streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        return _jobs(reply)
+
+    def reclaim(self, models: list[str], min_idle_ms: int, max_deliveries: int, count: int = 100) -> tuple[list[Job], list[Job]]:
+        """Claim entries idle past the visibility timeout: (to run again, to dead-letter)."""
+        run: list[Job] = []
+        dead: list[Job] = []
+        for model in models:
+            for lane in LANES:
+                stream = queue_key(model, lane)
+                pending = self.client.xpending_range(
+                    stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms
+                )
+                if not pending:
+                    continue
+                ids = [p["message_id"] for p in pending]
+                times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                claimed = self.client.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
+                for entry_id, fields in claimed:
+                    if fields is None:
+                        continue
+                    job = Job.from_entry(stream, _s(entry_id), fields)
+                    # XPENDING counted the earlier deliveries; XCLAIM just added one more.
+                    if times.get(job.entry_id, 0) >= max_deliveries:
+                        dead.append(job)
+                    else:
+                        run.append(job)
+        return run, dead
+
+    def mark_running(self, jobs: list[Job]) -> None:
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for job in jobs:
+            if job.stream.endswith(":" + LANE_BATCH):
+                self._start(keys=[job_key(job.job_id)], args=[self.name, now_ms], client=pipe)
+        pipe.execute()
+
+    def complete(self, outcomes: list[Outcome]) -> list[str]:
+        """Store outcomes, reply to waiting gateways, acknowledge - one round trip."""
+        if not outcomes:
+            return []
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for o in outcomes:
+            job = o.job
+            is_async = not job.reply_to
+            keys = [job_key(job.job_id), job.stream, reply_key(job.reply_to or "none"), dead_letter_key(job.model)]
+            extra: list[Any] = []
+            if o.dead_reason:
+                for k, v in job.fields.items():
+                    extra += [k, v]
+                extra += [b"entry", job.entry_id]
+            args: list[Any] = [
+                job.entry_id,
+                CONSUMER_GROUP,
+                o.status,
+                o.result,
+                o.error,
+                self._result_ttl_s if is_async else self._sync_result_ttl_s,
+                job.job_id,
+                "0" if is_async else "1",
+                self._reply_cap,
+                job.tenant,
+                job.model,
+                now_ms,
+                o.dead_reason,
+                *extra,
+            ]
+            self._complete(keys=keys, args=args, client=pipe)
+        return [_s(s) for s in pipe.execute()]
+
+    def dead_letter(self, jobs: list[Job], max_deliveries: int) -> None:
+        self.complete(
+            [
+                Outcome(
+                    job,
+                    STATUS_DEAD,
+                    error=f"the job failed on {max_deliveries} deliveries and was moved to the dead-letter queue",
+                    dead_reason=f"delivered {max_deliveries} times without completing",
+                )
+                for job in jobs
+            ]
+        )
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _jobs(reply: Any) -> list[Job]:
+    jobs: list[Job] = []
+    for stream, entries in reply or []:
+        name = _s(stream)
+        for entry_id, fields in entries:
+            if fields:  # an entry deleted while pending comes back empty
+                jobs.append(Job.from_entry(name, _s(entry_id), fields))
+    return jobs

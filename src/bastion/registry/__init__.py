@@ -1,0 +1,1 @@
+"""The control plane's SQL state: tenants, API keys, models and versions."""

@@ -1,0 +1,17 @@
+"""The runtime seam: ``load(artifact)`` then ``run(batch)``. Test fakes live here only."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class LoadedModel(Protocol):
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batched call; every output's first dimension matches the inputs' rows."""
+        ...
+
+
+class Runtime(Protocol):
+    def load(self, artifact: bytes) -> LoadedModel: ...

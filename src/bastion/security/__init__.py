@@ -1,0 +1,1 @@
+"""Credentials: API key generation and hashing."""

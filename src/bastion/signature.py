@@ -1,0 +1,128 @@
+"""Model signatures and the validation of request tensors against them.
+
+A signature lists a model's input and output tensors: name, element type and shape, where
+``None`` marks a dynamic dimension (the first one is the batch). The gateway validates every
+request against it before anything is queued: shape, element type, finite numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bastion.errors import InvalidInput
+
+# Open Inference Protocol datatype <-> numpy dtype name.
+V2_TO_NUMPY = {
+    "BOOL": "bool",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+NUMPY_TO_V2 = {v: k for k, v in V2_TO_NUMPY.items()}
+
+_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Signature:
+        return cls(
+            tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise InvalidInput(f"unknown input {name!r}; the model takes {[s.name for s in self.inputs]}")
+
+
+def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] | None = None) -> np.ndarray:
+    """Turn JSON data into an array that matches ``spec``, or raise ``InvalidInput``.
+
+    ``flat_shape`` is given for Open Inference Protocol requests, whose data may be flat.
+    Values are never coerced across kinds: a string or a boolean is not a number.
+    """
+    if not isinstance(data, list):
+        raise InvalidInput(f"input {spec.name!r} must be an array")
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"input {spec.name!r} is not a rectangular array of numbers") from exc
+    if raw.dtype.kind not in _ACCEPTED_KINDS.get(np.dtype(spec.dtype).kind, ""):
+        if raw.size == 0 and raw.dtype.kind == "f":
+            pass
+        else:
+            raise InvalidInput(
+                f"input {spec.name!r} must hold {spec.dtype} values, got {_describe_kind(raw.dtype.kind)}"
+            )
+    if flat_shape is not None:
+        expected = int(np.prod(flat_shape)) if flat_shape else 1
+        if raw.size != expected:
+            raise InvalidInput(f"input {spec.name!r}: {raw.size} values do not fill shape {flat_shape}")
+        raw = raw.reshape(flat_shape)
+    _check_shape(spec, raw.shape, max_rows)
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = raw.astype(spec.dtype, copy=False)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInput(f"input {spec.name!r} holds a value that is not a finite {spec.dtype}")
+    if arr.dtype.kind in "iu" and raw.dtype != arr.dtype and not np.array_equal(raw, arr):
+        raise InvalidInput(f"input {spec.name!r} holds a value out of range for {spec.dtype}")
+    return arr
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_rows: int) -> None:
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"input {spec.name!r} must have {len(spec.shape)} dimensions {_fmt(spec.shape)}, got {list(shape)}"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if want is not None and want != got:
+            raise InvalidInput(f"input {spec.name!r} must have shape {_fmt(spec.shape)}, got {list(shape)}")
+    if shape and shape[0] == 0:
+        raise InvalidInput(f"input {spec.name!r} has no rows")
+    if shape and shape[0] > max_rows:
+        raise InvalidInput(f"input {spec.name!r} has {shape[0]} rows; the limit is {max_rows}")
+
+
+def _fmt(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _describe_kind(kind: str) -> str:
+    return {"U": "strings", "S": "strings", "O": "mixed or non-numeric values", "b": "booleans", "f": "floats"}.get(
+        kind, "numbers of another kind"
+    )

@@ -1,0 +1,81 @@
+"""The control-plane snapshot: what gateways and workers know without SQL.
+
+The control plane writes the snapshot as JSON to ``snap:current`` and announces it on
+``snap:notify``. Readers keep the parsed snapshot in memory and refresh it on a notice or
+after ``snapshot_refresh_s`` in case a notice was missed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY
+from bastion.signature import Signature
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    id: str
+    tenant: str
+    scopes: frozenset[str]
+    expires_at: float | None
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    model: str
+    version: int
+    sha256: str
+    signature: Signature
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    serial: int
+    keys: dict[str, KeyInfo]
+    models: dict[str, VersionInfo | None]  # model -> current version (None: no live version)
+    versions: dict[tuple[str, int], VersionInfo]
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls(0, {}, {}, {})
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Snapshot:
+        data = orjson.loads(raw)
+        keys = {
+            digest: KeyInfo(k["id"], k["tenant"], frozenset(k["scopes"]), k.get("expires_at"))
+            for digest, k in data["keys"].items()
+        }
+        versions: dict[tuple[str, int], VersionInfo] = {}
+        models: dict[str, VersionInfo | None] = {}
+        for name, model in data["models"].items():
+            for number, v in model["versions"].items():
+                versions[(name, int(number))] = VersionInfo(
+                    name, int(number), v["sha256"], Signature.from_dict(v["signature"])
+                )
+            current = model.get("current")
+            models[name] = versions.get((name, int(current))) if current is not None else None
+        return cls(int(data.get("serial", 0)), keys, models, versions)
+
+
+def encode(data: dict[str, Any]) -> tuple[int, bytes]:
+    serial = time.time_ns()
+    return serial, orjson.dumps({**data, "serial": serial})
+
+
+def publish(redis: Any, data: dict[str, Any]) -> int:
+    """Write the snapshot and notify readers (``redis`` is a sync redis-py client)."""
+    serial, raw = encode(data)
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(SNAPSHOT_KEY, raw)
+    pipe.publish(SNAPSHOT_CHANNEL, str(serial))
+    pipe.execute()
+    return serial

@@ -1,0 +1,178 @@
+"""The worker loop: read a batch, drop expired jobs, run the rest per model version, complete.
+
+A worker holds no SQL credentials and listens on no port (a metrics port at most). On SIGTERM
+it finishes the batch it holds, acknowledges it, and exits; anything it had not read stays
+in the stream for the next worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import defaultdict
+from types import FrameType
+
+import redis
+
+from bastion import logs, metrics
+from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY, STATUS_EXPIRED, STATUS_FAILED, STATUS_SUCCEEDED
+from bastion.errors import BastionError, InvalidInput
+from bastion.queue.consumer import Consumer, Outcome
+from bastion.queue.protocol import Job
+from bastion.settings import Settings
+from bastion.snapshot import Snapshot
+from bastion.worker.batching import run_batch
+from bastion.worker.models import ModelCache
+
+log = logs.get("bastion.worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings, client: redis.Redis, cache: ModelCache, name: str) -> None:
+        self.settings = settings
+        self.client = client
+        self.cache = cache
+        self.name = name
+        self.consumer = Consumer(
+            client, name, result_ttl_s=settings.result_ttl_s, sync_result_ttl_s=settings.sync_result_ttl_s
+        )
+        self.snapshot = Snapshot.empty()
+        self.models: list[str] = []
+        self.stopping = False
+        self._next_refresh = 0.0
+        self._next_reclaim = 0.0
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    # lifecycle ---------------------------------------------------------------------------
+    def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if not self.stopping:
+            log.info("worker_stopping", worker=self.name, signal=signum)
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        self._pubsub.subscribe(SNAPSHOT_CHANNEL)
+        while not self.stopping and not self.refresh(force=True):
+            time.sleep(0.2)  # no snapshot published yet
+        log.info("worker_started", worker=self.name, models=self.models)
+        # Jobs this consumer name had claimed before a crash come back first.
+        while not self.stopping:
+            jobs = self.consumer.read(self.models, self.settings.max_batch, None, own_pending=True)
+            if not jobs:
+                break
+            self.process(jobs)
+        while not self.stopping:
+            try:
+                self.step()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis is away: nothing was acknowledged, so nothing is lost; retry.
+                log.warning("redis_unavailable", worker=self.name, error_type=type(exc).__name__)
+                time.sleep(0.5)
+        self._pubsub.close()
+        log.info("worker_stopped", worker=self.name)
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_refresh or self._pubsub.get_message(timeout=0.0) is not None:
+            self.refresh()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + max(self.settings.visibility_timeout_s / 4, 0.05)
+            self.reclaim()
+        jobs = self.consumer.read(self.models, self.settings.max_batch, block_ms=100)
+        if jobs:
+            self._fill(jobs)
+            self.process(jobs)
+
+    def _fill(self, jobs: list[Job]) -> None:
+        """Wait up to ``max_wait_ms`` for more jobs to fill the batch."""
+        wait_until = time.monotonic() + self.settings.max_wait_ms / 1000
+        while len(jobs) < self.settings.max_batch:
+            left_ms = int((wait_until - time.monotonic()) * 1000)
+            more = self.consumer.read(
+                self.models, self.settings.max_batch - len(jobs), block_ms=left_ms if left_ms >= 1 else None
+            )
+            if not more:
+                break
+            jobs.extend(more)
+
+    def refresh(self, force: bool = False) -> bool:
+        self._next_refresh = time.monotonic() + self.settings.snapshot_refresh_s
+        raw = self.client.get(SNAPSHOT_KEY)
+        if raw is None:
+            return False
+        snapshot = Snapshot.parse(raw)
+        if not force and snapshot.serial == self.snapshot.serial:
+            return True
+        self.snapshot = snapshot
+        wanted = [m.strip() for m in self.settings.worker_models.split(",") if m.strip()]
+        self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
+        self.consumer.ensure_groups(self.models)
+        return True
+
+    def reclaim(self) -> None:
+        idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        run, dead = self.consumer.reclaim(self.models, idle_ms, self.settings.max_deliveries)
+        if dead:
+            for job in dead:
+                metrics.DEAD_LETTERED.labels(job.model).inc()
+            log.warning("jobs_dead_lettered", count=len(dead), job_ids=[j.job_id for j in dead][:20])
+            self.consumer.dead_letter(dead, self.settings.max_deliveries)
+        if run:
+            for job in run:
+                metrics.RECLAIMED.labels(job.model).inc()
+            log.info("jobs_reclaimed", count=len(run))
+            self.process(run)
+
+    # work --------------------------------------------------------------------------------
+    def process(self, jobs: list[Job]) -> None:
+        now_ms = int(time.time() * 1000)
+        outcomes: list[Outcome] = []
+        groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.deadline_ms and job.deadline_ms < now_ms:
+                outcomes.append(Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran"))
+            else:
+                groups[(job.model, job.version)].append(job)
+        self.consumer.mark_running([j for group in groups.values() for j in group])
+        for (model, version), group in groups.items():
+            outcomes.extend(self._run_group(model, version, group))
+        statuses = self.consumer.complete(outcomes)
+        for outcome, stored in zip(outcomes, statuses, strict=True):
+            metrics.JOBS.labels(outcome.job.model, stored).inc()
+
+    def _run_group(self, model: str, version: int, jobs: list[Job]) -> list[Outcome]:
+        try:
+            loaded = self.cache.get(self.snapshot, model, version)
+        except BastionError as exc:
+            if (model, version) not in self.snapshot.versions:
+                self.refresh(force=True)
+                try:
+                    loaded = self.cache.get(self.snapshot, model, version)
+                except BastionError as again:
+                    return [Outcome(j, STATUS_FAILED, error=again.detail) for j in jobs]
+            else:
+                return [Outcome(j, STATUS_FAILED, error=exc.detail) for j in jobs]
+        started = time.perf_counter()
+        try:
+            results = run_batch(loaded, [j.blob for j in jobs])
+            outcomes = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(jobs, results, strict=True)]
+        except Exception:  # noqa: BLE001 - isolate the job that breaks the batch
+            outcomes = [self._run_one(loaded, j) for j in jobs]
+        elapsed = time.perf_counter() - started
+        metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(elapsed)
+        metrics.BATCH_SIZE.labels(model).observe(len(jobs))
+        return outcomes
+
+    def _run_one(self, loaded: object, job: Job) -> Outcome:
+        try:
+            (result,) = run_batch(loaded, [job.blob])  # type: ignore[arg-type]
+            return Outcome(job, STATUS_SUCCEEDED, result=result)
+        except InvalidInput as exc:
+            return Outcome(job, STATUS_FAILED, error=exc.detail)
+        except Exception as exc:  # noqa: BLE001 - a model error fails this job only
+            metrics.ERRORS.labels("worker", "inference").inc()
+            log.warning("inference_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
+            return Outcome(job, STATUS_FAILED, error=f"the model could not run this input ({type(exc).__name__})")
