@@ -20,6 +20,6 @@ def authenticate(request: Request, state: GatewayState, *scopes: str) -> KeyInfo
     info = state.snapshots.current.keys.get(apikeys.digest(token))
     if info is None or not info.live(time.time()):
         raise Unauthenticated("the API key is unknown, revoked or expired")
-    if scopes and info.scopes.isdisjoint(scopes) and "admin" not in info.scopes:
+    if scopes and info.scopes.isdisjoint(scopes):
         raise Forbidden(f"the API key lacks the scope for this route (needs one of {sorted(scopes)})")
     return info

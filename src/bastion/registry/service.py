@@ -160,8 +160,8 @@ class Registry:
             tenants = {t.id: t.name for t in s.scalars(select(Tenant))}
             keys = {}
             for key in s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))):
-                if _expired(key.expires_at, now):
-                    continue
+                if _expired(key.expires_at, now) or "admin" in key.scopes:
+                    continue  # admin keys are for the control plane only; gateways never see them
                 keys[key.digest] = {
                     "id": key.id,
                     "tenant": tenants.get(key.tenant_id, ""),

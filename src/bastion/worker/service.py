@@ -87,16 +87,21 @@ class Worker:
             self.process(jobs)
 
     def _fill(self, jobs: list[Job]) -> None:
-        """Wait up to ``max_wait_ms`` for more jobs to fill the batch."""
+        """Wait up to ``max_wait_ms`` for more jobs to fill the batch.
+
+        Short waits poll without BLOCK: Redis checks blocked-client timeouts only on its
+        server tick (``hz``, 100 ms by default), so ``BLOCK 1`` can take 100 ms.
+        """
         wait_until = time.monotonic() + self.settings.max_wait_ms / 1000
         while len(jobs) < self.settings.max_batch:
-            left_ms = int((wait_until - time.monotonic()) * 1000)
-            more = self.consumer.read(
-                self.models, self.settings.max_batch - len(jobs), block_ms=left_ms if left_ms >= 1 else None
-            )
-            if not more:
+            more = self.consumer.read(self.models, self.settings.max_batch - len(jobs), block_ms=None)
+            if more:
+                jobs.extend(more)
+                continue
+            left = wait_until - time.monotonic()
+            if left <= 0:
                 break
-            jobs.extend(more)
+            time.sleep(min(left, 0.0005))
 
     def refresh(self, force: bool = False) -> bool:
         self._next_refresh = time.monotonic() + self.settings.snapshot_refresh_s

@@ -1,0 +1,137 @@
+"""Real processes for tests: a private Redis server and a Bastion stack of OS processes.
+
+Nothing here is a stand-in: Redis is the real ``redis-server``, the gateway, workers and
+control plane are the real ``python -m bastion ...`` processes, talking over sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import redis
+
+from bastion import demo
+from bastion.adminclient import AdminClient
+from bastion.embedded.redis_server import EmbeddedRedis, free_port
+from bastion.settings import Settings
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    return data.data.astype(np.float32), data.target
+
+
+class Stack:
+    """Redis + control plane + gateways + workers, each a real process."""
+
+    def __init__(self, root: Path, *, workers: int = 1, gateways: int = 1, **settings: Any) -> None:
+        self.root = root
+        self.redis = EmbeddedRedis(root / "redis")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.n_workers = workers
+        self.n_gateways = gateways
+        self.settings_overrides = settings
+        self.gateway_urls: list[str] = []
+        self.control_url = ""
+        self.admin_key = ""
+        self.keys: dict[str, str] = {}
+
+    # lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Stack:
+        url = self.redis.start()
+        self.settings = Settings(
+            data_dir=self.root, redis_url=url, control_port=free_port(), log_level="warning", **self.settings_overrides
+        )
+        self.env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        self.control_url = f"http://127.0.0.1:{self.settings.control_port}"
+        self._spawn("control", ["control"], {})
+        wait_until(lambda: http_ok(f"{self.control_url}/readyz"), 60, "the control plane")
+        self.admin_key = self.settings.admin_key_file.read_text().strip()
+        self.admin = AdminClient(self.control_url, self.admin_key)
+        self.version = self.admin.register(demo.MODEL_NAME, demo.model_bytes())
+        for tenant in ("acme", "globex"):
+            self.keys[tenant] = self.admin.create_key(tenant, "test")["key"]
+        for i in range(self.n_workers):
+            self.start_worker(i)
+        for i in range(self.n_gateways):
+            port = free_port()
+            self._spawn(f"gateway-{i}", ["gateway"], {"BASTION_GATEWAY_PORT": str(port), "BASTION_GATEWAY_ID": f"gw{i}"})
+            self.gateway_urls.append(f"http://127.0.0.1:{port}")
+        for gw in self.gateway_urls:
+            wait_until(lambda gw=gw: http_ok(f"{gw}/readyz"), 60, f"gateway {gw}")
+        return self
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "bastion", *args], env={**self.env, **env}, stdout=log, stderr=log
+        )
+        log.close()
+
+    def start_worker(self, i: int, **env: str) -> None:
+        self._spawn(f"worker-{i}", ["worker"], {"BASTION_WORKER_NAME": f"worker-{i}", **env})
+
+    def signal(self, name: str, signum: int) -> None:
+        self.procs[name].send_signal(signum)
+
+    def wait(self, name: str, timeout_s: float = 20) -> int:
+        return self.procs[name].wait(timeout_s)
+
+    def stop(self) -> None:
+        for _name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if hasattr(self, "admin"):
+            self.admin.close()
+        self.redis.stop()
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    # clients -----------------------------------------------------------------------------
+    @property
+    def gateway(self) -> str:
+        return self.gateway_urls[0]
+
+    def client(self, tenant: str = "acme", gateway: int = 0, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.gateway_urls[gateway],
+            headers={"Authorization": f"Bearer {self.keys[tenant]}"},
+            timeout=kwargs.pop("timeout", 30.0),
+            **kwargs,
+        )
+
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.require_redis_url())

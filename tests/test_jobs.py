@@ -1,0 +1,58 @@
+"""Async jobs: 202 + id, state and result by id, server-sent events until the job ends."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.support import Stack, wait_until
+
+ROW = [1.0] * 30
+
+
+def test_job_lifecycle_and_result(stack: Stack) -> None:
+    with stack.client() as http:
+        r = http.post("/v1/models/breast-cancer/jobs", json={"inputs": [ROW, ROW]})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+        assert job["status"] == "queued"
+
+        def done() -> bool:
+            return http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+        wait_until(done, 10, "the job to succeed")
+        final = http.get(f"/v1/jobs/{job['id']}").json()
+        expected = http.post("/v1/models/breast-cancer/predict", json={"inputs": [ROW, ROW]}).json()["outputs"]
+    assert final["outputs"] == expected
+    assert final["finished_at"] >= final["created_at"]
+
+
+def test_job_events_stream_until_the_result(stack: Stack) -> None:
+    """The SSE stream ends with a ``result`` event carrying the outputs."""
+    with stack.client() as http:
+        job = http.post("/v1/models/breast-cancer/jobs", json={"inputs": [ROW]}).json()
+        events: list[str] = []
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line.removeprefix("event: "))
+                if line.startswith("data: ") and events and events[-1] == "result":
+                    assert '"outputs"' in line
+    assert events[-1] == "result"
+
+
+def test_jobs_need_the_jobs_scope(stack: Stack) -> None:
+    key = stack.admin.create_key("acme", "predict only", ["predict"])["key"]
+    wait_until(lambda: _status(stack, key) != 401, 5, "the new key to reach the gateway")
+    assert _status(stack, key) == 403
+
+
+def _status(stack: Stack, key: str) -> int:
+    r = httpx.post(
+        f"{stack.gateway}/v1/models/breast-cancer/jobs",
+        json={"inputs": [ROW]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    return r.status_code
