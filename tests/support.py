@@ -81,14 +81,16 @@ class Stack:
             self.start_worker(i)
         for i in range(self.n_gateways):
             port = free_port()
-            self._spawn(f"gateway-{i}", ["gateway"], {"BASTION_GATEWAY_PORT": str(port), "BASTION_GATEWAY_ID": f"gw{i}"})
+            self._spawn(
+                f"gateway-{i}", ["gateway"], {"BASTION_GATEWAY_PORT": str(port), "BASTION_GATEWAY_ID": f"gw{i}"}
+            )
             self.gateway_urls.append(f"http://127.0.0.1:{port}")
         for gw in self.gateway_urls:
             wait_until(lambda gw=gw: http_ok(f"{gw}/readyz"), 60, f"gateway {gw}")
         return self
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115
+        log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "bastion", *args], env={**self.env, **env}, stdout=log, stderr=log
         )

@@ -38,16 +38,42 @@ CASES = [
     ("no rows", PREDICT, {"inputs": []}, 400, "dimensions"),
     ("too large for float32", PREDICT, {"inputs": [[1e39] * 30]}, 400, "not a finite"),
     ("unknown named input", PREDICT, {"inputs": {"x": [ROW]}}, 400, "missing ['input']"),
-    ("v2 wrong datatype", INFER, {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "INT64", "data": ROW}]}, 400, "datatype FP32"),
-    ("v2 shape mismatch", INFER, {"inputs": [{"name": "input", "shape": [2, 30], "datatype": "FP32", "data": ROW}]}, 400, "do not fill shape"),
+    (
+        "v2 wrong datatype",
+        INFER,
+        {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "INT64", "data": ROW}]},
+        400,
+        "datatype FP32",
+    ),
+    (
+        "v2 shape mismatch",
+        INFER,
+        {"inputs": [{"name": "input", "shape": [2, 30], "datatype": "FP32", "data": ROW}]},
+        400,
+        "do not fill shape",
+    ),
     ("v2 missing data", INFER, {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32"}]}, 400, "'data'"),
-    ("v2 unknown input", INFER, {"inputs": [{"name": "nope", "shape": [1, 30], "datatype": "FP32", "data": ROW}]}, 400, "unknown input"),
-    ("v2 negative shape", INFER, {"inputs": [{"name": "input", "shape": [-1, 30], "datatype": "FP32", "data": ROW}]}, 400, "non-negative"),
+    (
+        "v2 unknown input",
+        INFER,
+        {"inputs": [{"name": "nope", "shape": [1, 30], "datatype": "FP32", "data": ROW}]},
+        400,
+        "unknown input",
+    ),
+    (
+        "v2 negative shape",
+        INFER,
+        {"inputs": [{"name": "input", "shape": [-1, 30], "datatype": "FP32", "data": ROW}]},
+        400,
+        "non-negative",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "path", "body", "status", "says"), CASES, ids=[c[0] for c in CASES])
-def test_invalid_json_payloads_are_refused(stack: Stack, case: str, path: str, body: Any, status: int, says: str) -> None:
+def test_invalid_json_payloads_are_refused(
+    stack: Stack, case: str, path: str, body: Any, status: int, says: str
+) -> None:
     with stack.client() as http:
         _problem(http.post(path, json=body), status, says)
 

@@ -56,8 +56,10 @@ def test_sigkill_a_worker_mid_burst_loses_no_job(tmp_path: Path) -> None:
         wait_until(all_terminal, 60, "every job to reach a terminal state", interval_s=0.5)
         statuses = [_status(client, i) for i in ids]
         lost = sum(s not in {"succeeded", "failed", "dead_lettered", "expired"} for s in statuses)
-        print(f"jobs={JOBS} lost={lost} succeeded={statuses.count('succeeded')} "
-              f"recovered_within_s={time.monotonic() - killed_at:.1f}")
+        print(
+            f"jobs={JOBS} lost={lost} succeeded={statuses.count('succeeded')} "
+            f"recovered_within_s={time.monotonic() - killed_at:.1f}"
+        )
         assert lost == 0
         assert statuses.count("succeeded") == JOBS
         assert rc.xpending(stream, CONSUMER_GROUP)["pending"] == 0

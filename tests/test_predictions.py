@@ -44,7 +44,12 @@ def test_v2_infer_matches_onnxruntime_for_all_569_rows(stack: Stack) -> None:
                 json={
                     "id": f"chunk-{start}",
                     "inputs": [
-                        {"name": "input", "shape": list(chunk.shape), "datatype": "FP32", "data": chunk.ravel().tolist()}
+                        {
+                            "name": "input",
+                            "shape": list(chunk.shape),
+                            "datatype": "FP32",
+                            "data": chunk.ravel().tolist(),
+                        }
                     ],
                 },
             )

@@ -28,7 +28,9 @@ class AdminClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise AdminError(f"the control plane at {self._http.base_url} is unreachable ({type(exc).__name__})") from exc
+            raise AdminError(
+                f"the control plane at {self._http.base_url} is unreachable ({type(exc).__name__})"
+            ) from exc
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

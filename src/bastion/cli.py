@@ -72,7 +72,7 @@ def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @_settings_options
 def up_command(**options: Any) -> None:
     """Start Bastion on this machine: embedded Redis, SQLite, control plane, gateways, workers."""
-    from bastion.embedded import supervisor  # noqa: PLC0415 - keep start-up of other commands light
+    from bastion.embedded import supervisor
 
     raise typer.Exit(supervisor.run(_settings(options)))
 
@@ -84,7 +84,7 @@ FdOption = Annotated[int | None, typer.Option(help="serve on this inherited list
 @_settings_options
 def gateway_command(fd: FdOption = None, **options: Any) -> None:
     """Run one gateway process (public HTTP)."""
-    from bastion.gateway import server  # noqa: PLC0415
+    from bastion.gateway import server
 
     server.serve(_settings(options), fd)
 
@@ -93,7 +93,7 @@ def gateway_command(fd: FdOption = None, **options: Any) -> None:
 @_settings_options
 def worker_command(**options: Any) -> None:
     """Run one worker process (no listening socket but an optional metrics port)."""
-    from bastion.worker import main as worker_main  # noqa: PLC0415
+    from bastion.worker import main as worker_main
 
     worker_main.run(_settings(options))
 
@@ -102,7 +102,7 @@ def worker_command(**options: Any) -> None:
 @_settings_options
 def control_command(fd: FdOption = None, **options: Any) -> None:
     """Run the control plane (admin API on its own port)."""
-    from bastion.control import server  # noqa: PLC0415
+    from bastion.control import server
 
     server.serve(_settings(options), fd)
 
@@ -118,7 +118,7 @@ DataDir = Annotated[Path | None, typer.Option(envvar="BASTION_DATA_DIR", help="d
 
 
 def _client(control_url: str | None, admin_key: str | None, data_dir: Path | None) -> Any:
-    from bastion.adminclient import AdminClient  # noqa: PLC0415
+    from bastion.adminclient import AdminClient
 
     settings = _settings({"data_dir": data_dir})
     url = control_url or f"http://{settings.host}:{settings.control_port}"
@@ -127,13 +127,17 @@ def _client(control_url: str | None, admin_key: str | None, data_dir: Path | Non
         try:
             key = settings.admin_key_file.read_text().strip()
         except OSError as exc:
-            typer.echo(f"error: no admin key: set BASTION_ADMIN_KEY or run bastion up once (it writes {settings.admin_key_file})", err=True)
+            typer.echo(
+                "error: no admin key: set BASTION_ADMIN_KEY or run bastion up once "
+                f"(it writes {settings.admin_key_file})",
+                err=True,
+            )
             raise typer.Exit(2) from exc
     return AdminClient(url, key)
 
 
 def _run(call: Callable[[], Any]) -> None:
-    from bastion.adminclient import AdminError  # noqa: PLC0415
+    from bastion.adminclient import AdminError
 
     try:
         result = call()
@@ -169,7 +173,9 @@ def models_list(control_url: ControlUrl = None, admin_key: AdminKey = None, data
 def keys_create(
     tenant: Annotated[str, typer.Option(help="tenant the key belongs to (created if new)")],
     name: str = "",
-    scope: Annotated[list[str] | None, typer.Option(help="scope (repeatable); default predict, jobs, models:read")] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option(help="scope (repeatable); default predict, jobs, models:read")
+    ] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,

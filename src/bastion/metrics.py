@@ -11,9 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # gateway
-REQUESTS = Counter(
-    "bastion_gateway_requests_total", "HTTP requests answered by the gateway", ["route", "status"]
-)
+REQUESTS = Counter("bastion_gateway_requests_total", "HTTP requests answered by the gateway", ["route", "status"])
 REQUEST_LATENCY = Histogram(
     "bastion_gateway_request_seconds", "Gateway request latency", ["route"], buckets=_LATENCY_BUCKETS
 )

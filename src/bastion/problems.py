@@ -62,14 +62,12 @@ def from_error(exc: errors.BastionError, instance: str | None = None) -> Respons
     return problem(status, exc.title, exc.detail, headers, instance=instance, **public)
 
 
-async def _bastion_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, errors.BastionError)
+async def _bastion_handler(request: Request, exc: errors.BastionError) -> Response:
     metrics.ERRORS.labels("http", type(exc).__name__).inc()
     return from_error(exc, request.url.path)
 
 
-async def _http_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+async def _http_handler(request: Request, exc: HTTPException) -> Response:
     titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
     title = titles.get(exc.status_code, "HTTP error")
     detail = exc.detail if isinstance(exc.detail, str) else title
@@ -78,8 +76,7 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, title, detail, dict(exc.headers or {}), instance=request.url.path)
 
 
-async def _validation_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+async def _validation_handler(request: Request, exc: RequestValidationError) -> Response:
     found = []
     for err in exc.errors()[:20]:
         loc = ".".join(str(p) for p in err.get("loc", ()))

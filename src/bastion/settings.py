@@ -22,42 +22,80 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BASTION_", extra="ignore")
 
-    environment: Literal["development", "production"] = Field(default="development", description='development or production (production refuses placeholder secrets)')
-    data_dir: Path = Field(default_factory=_default_data_dir, description='directory holding the SQLite database, artifacts, embedded Redis and the admin key')
-    redis_url: str | None = Field(default=None, description='Redis to use (redis://, rediss://, unix://); unset: bastion up starts an embedded one')
-    database_url: str | None = Field(default=None, description='SQLAlchemy URL of the control-plane database; unset: SQLite in the data directory')
-    artifact_dir: Path | None = Field(default=None, description='artifact store directory; unset: <data_dir>/artifacts')
-    log_level: str = Field(default="info", description='log level (debug, info, warning, error)')
+    environment: Literal["development", "production"] = Field(
+        default="development", description="development or production (production refuses placeholder secrets)"
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="directory holding the SQLite database, artifacts, embedded Redis and the admin key",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis to use (redis://, rediss://, unix://); unset: bastion up starts an embedded one",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the control-plane database; unset: SQLite in the data directory"
+    )
+    artifact_dir: Path | None = Field(default=None, description="artifact store directory; unset: <data_dir>/artifacts")
+    log_level: str = Field(default="info", description="log level (debug, info, warning, error)")
 
-    host: str = Field(default="127.0.0.1", description='address the gateway and control plane listen on')
-    gateway_port: int = Field(default=8000, ge=0, le=65535, description='public gateway port')
-    control_port: int = Field(default=8001, ge=0, le=65535, description='admin API (control plane) port')
-    gateways: int = Field(default=1, ge=1, le=64, description='gateway processes sharing the gateway port')
-    workers: int = Field(default=1, ge=1, le=256, description='worker processes')
-    gateway_id: str | None = Field(default=None, description='id of this gateway process (names its reply stream); unset: generated')
+    host: str = Field(default="127.0.0.1", description="address the gateway and control plane listen on")
+    gateway_port: int = Field(default=8000, ge=0, le=65535, description="public gateway port")
+    control_port: int = Field(default=8001, ge=0, le=65535, description="admin API (control plane) port")
+    gateways: int = Field(default=1, ge=1, le=64, description="gateway processes sharing the gateway port")
+    workers: int = Field(default=1, ge=1, le=256, description="worker processes")
+    gateway_id: str | None = Field(
+        default=None, description="id of this gateway process (names its reply stream); unset: generated"
+    )
 
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description='largest request body the gateway reads')
-    max_upload_bytes: int = Field(default=256 << 20, ge=1024, description='largest model artifact the control plane accepts')
-    max_rows: int = Field(default=1024, ge=1, description='most rows in one prediction request')
-    request_timeout_s: float = Field(default=30.0, gt=0, description='default and largest deadline of a sync request, seconds')
-    max_queue_sync: int = Field(default=10_000, ge=1, description='sync-lane queue length beyond which requests get 503 + Retry-After')
-    max_queue_batch: int = Field(default=200_000, ge=1, description='async-lane queue length beyond which job submissions get 503')
-    result_ttl_s: int = Field(default=86_400, ge=1, description='how long an async job result is kept, seconds')
-    sync_result_ttl_s: int = Field(default=120, ge=1, description='how long a sync job outcome is kept for redelivery idempotency, seconds')
-    snapshot_refresh_s: float = Field(default=5.0, gt=0, description='how often gateways and workers re-check the snapshot without a notice, seconds')
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body the gateway reads")
+    max_upload_bytes: int = Field(
+        default=256 << 20, ge=1024, description="largest model artifact the control plane accepts"
+    )
+    max_rows: int = Field(default=1024, ge=1, description="most rows in one prediction request")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="default and largest deadline of a sync request, seconds"
+    )
+    max_queue_sync: int = Field(
+        default=10_000, ge=1, description="sync-lane queue length beyond which requests get 503 + Retry-After"
+    )
+    max_queue_batch: int = Field(
+        default=200_000, ge=1, description="async-lane queue length beyond which job submissions get 503"
+    )
+    result_ttl_s: int = Field(default=86_400, ge=1, description="how long an async job result is kept, seconds")
+    sync_result_ttl_s: int = Field(
+        default=120, ge=1, description="how long a sync job outcome is kept for redelivery idempotency, seconds"
+    )
+    snapshot_refresh_s: float = Field(
+        default=5.0, gt=0, description="how often gateways and workers re-check the snapshot without a notice, seconds"
+    )
 
-    max_batch: int = Field(default=64, ge=1, description='most jobs a worker runs in one model call')
-    max_wait_ms: float = Field(default=2.0, ge=0, description='how long a worker waits to fill a batch, milliseconds')
-    visibility_timeout_s: float = Field(default=30.0, gt=0, description='idle time after which another worker reclaims a pending job, seconds')
-    max_deliveries: int = Field(default=3, ge=1, description='deliveries after which a job goes to the dead-letter stream')
-    ort_intra_threads: int = Field(default=1, ge=0, description='onnxruntime intra-op threads per session (0: onnxruntime decides)')
-    ort_inter_threads: int = Field(default=1, ge=0, description='onnxruntime inter-op threads per session (0: onnxruntime decides)')
-    worker_metrics_port: int = Field(default=0, ge=0, le=65535, description='first worker metrics port (worker i listens on port+i); 0: off')
-    worker_models: str = Field(default="", description='comma-separated models a worker serves; empty: all')
-    worker_name: str | None = Field(default=None, description='consumer name of this worker in the stream groups; unset: host-pid')
+    max_batch: int = Field(default=64, ge=1, description="most jobs a worker runs in one model call")
+    max_wait_ms: float = Field(default=2.0, ge=0, description="how long a worker waits to fill a batch, milliseconds")
+    visibility_timeout_s: float = Field(
+        default=30.0, gt=0, description="idle time after which another worker reclaims a pending job, seconds"
+    )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="deliveries after which a job goes to the dead-letter stream"
+    )
+    ort_intra_threads: int = Field(
+        default=1, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides)"
+    )
+    ort_inter_threads: int = Field(
+        default=1, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides)"
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="first worker metrics port (worker i listens on port+i); 0: off"
+    )
+    worker_models: str = Field(default="", description="comma-separated models a worker serves; empty: all")
+    worker_name: str | None = Field(
+        default=None, description="consumer name of this worker in the stream groups; unset: host-pid"
+    )
 
-    admin_key: SecretStr | None = Field(default=None, description='an extra admin key accepted by the control plane (secret; prefer a file)')
-    docs_enabled: bool = Field(default=False, description='serve /docs and /openapi.json')
+    admin_key: SecretStr | None = Field(
+        default=None, description="an extra admin key accepted by the control plane (secret; prefer a file)"
+    )
+    docs_enabled: bool = Field(default=False, description="serve /docs and /openapi.json")
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -18,9 +18,9 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import KeyCreate
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
-from bastion.responses import json_response
 from bastion.registry import db
 from bastion.registry.service import Registry
+from bastion.responses import json_response
 from bastion.security import apikeys
 from bastion.settings import Settings
 
@@ -122,12 +122,19 @@ async def register_version(
 async def create_key(body: KeyCreate, request: Request) -> Response:
     """Create an API key. The key itself is in this response only; it is stored as a hash."""
     plane = _plane(request)
-    row, plaintext = await run_in_threadpool(plane.registry.create_key, body.tenant, body.name, body.scopes, body.expires_at)
+    row, plaintext = await run_in_threadpool(
+        plane.registry.create_key, body.tenant, body.name, body.scopes, body.expires_at
+    )
     await run_in_threadpool(plane.publish)
     log.info("key_created", key_id=row.id, tenant=body.tenant)
     return json_response(
-        {"id": row.id, "tenant": body.tenant, "scopes": row.scopes, "key": plaintext,
-         "expires_at": body.expires_at.isoformat() if body.expires_at else None},
+        {
+            "id": row.id,
+            "tenant": body.tenant,
+            "scopes": row.scopes,
+            "key": plaintext,
+            "expires_at": body.expires_at.isoformat() if body.expires_at else None,
+        },
         status_code=201,
     )
 
@@ -178,7 +185,7 @@ async def prometheus_metrics() -> Response:
 def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        control = plane or await run_in_threadpool(ControlPlane, settings)
+        control: ControlPlane = plane if plane is not None else await run_in_threadpool(ControlPlane, settings)
         app.state.control = control
         await run_in_threadpool(ensure_admin_key, control.registry, settings.admin_key_file)
         await run_in_threadpool(control.publish)

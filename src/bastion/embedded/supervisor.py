@@ -9,6 +9,7 @@ first, then workers (which finish their batch), then the control plane and Redis
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -66,7 +67,7 @@ class Child:
     extra: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             self.argv, env=self.env, pass_fds=self.pass_fds, stdout=out, stderr=out, start_new_session=True
         )
@@ -78,8 +79,7 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def signal(self, signum: int) -> None:
-        if self.alive():
-            assert self.process is not None
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
 
@@ -132,7 +132,15 @@ class Supervisor:
         for child in self.children[1:]:
             child.start()
         self._wait_ready(f"http://{self._client_host()}:{s.gateway_port}/readyz", "gateway")
+        self._write_pids()
         return banner
+
+    def _write_pids(self) -> None:
+        """Record the process ids in ``<data dir>/processes.json`` for operators and tests."""
+        pids = {c.name: c.process.pid for c in self.children if c.process is not None}
+        if self.redis is not None and self.redis.process is not None:
+            pids["redis"] = self.redis.process.pid
+        (self.settings.data_dir / "processes.json").write_text(json.dumps(pids, indent=2))
 
     def _client_host(self) -> str:
         host = self.settings.host
@@ -147,7 +155,9 @@ class Supervisor:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise Unavailable(f"the {what} did not become ready in {timeout_s:.0f} s; see {self.settings.data_dir / 'logs'}")
+        raise Unavailable(
+            f"the {what} did not become ready in {timeout_s:.0f} s; see {self.settings.data_dir / 'logs'}"
+        )
 
     def _wait_for_admin_key(self, control: Child) -> str:
         self._wait_ready(f"http://{self._client_host()}:{self.settings.control_port}/readyz", "control plane")
@@ -185,6 +195,7 @@ class Supervisor:
             if self.redis is not None and not self.redis.alive():
                 log.error("embedded_redis_exited_restarting")
                 self.redis.start()
+                self._write_pids()
             for child in self.children:
                 if child.alive() or self.stopping:
                     continue
@@ -199,6 +210,7 @@ class Supervisor:
                     child.next_start = 0.0
                     child.restarts += 1
                     child.start()
+                    self._write_pids()
                     log.info("process_restarted", process=child.name, restarts=child.restarts)
             time.sleep(0.2)
 
@@ -228,6 +240,7 @@ class Supervisor:
             sock.close()
         if self.redis is not None:
             self.redis.stop()
+        (self.settings.data_dir / "processes.json").unlink(missing_ok=True)
 
 
 def run(settings: Settings) -> int:
@@ -237,13 +250,13 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, supervisor.stop)
     try:
         banner = supervisor.start()
-        print(banner, flush=True)  # noqa: T201 - the one thing a user must see
-        print("Press Ctrl-C to stop.", flush=True)  # noqa: T201
+        print(banner, flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
         supervisor.supervise()
     except BastionError as exc:
-        print(f"bastion up: {exc.detail}", file=sys.stderr, flush=True)  # noqa: T201
+        print(f"bastion up: {exc.detail}", file=sys.stderr, flush=True)
         return 2
     finally:
         supervisor.shutdown()
-    print("Bastion stopped.", flush=True)  # noqa: T201
+    print("Bastion stopped.", flush=True)
     return 0

@@ -78,9 +78,7 @@ async def run_sync(
         try:
             reply = await asyncio.wait_for(future, wait_s)
         except TimeoutError as exc:
-            raise DeadlineExceeded(
-                f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id
-            ) from exc
+            raise DeadlineExceeded(f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id) from exc
     finally:
         state.replies.forget(job_id)
         metrics.INFLIGHT_SYNC.dec()

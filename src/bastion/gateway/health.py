@@ -7,8 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from bastion import __version__
-from bastion.responses import json_response
 from bastion.gateway.state import GatewayState
+from bastion.responses import json_response
 
 router = APIRouter()
 
@@ -17,7 +17,7 @@ async def _ready(state: GatewayState) -> tuple[bool, dict[str, bool]]:
     checks = {"snapshot": state.snapshots.loaded, "replies": state.replies.healthy, "draining": state.draining}
     try:
         checks["redis"] = bool(await state.redis.ping())
-    except Exception:  # noqa: BLE001 - any failure means not ready
+    except Exception:
         checks["redis"] = False
     ok = checks["snapshot"] and checks["replies"] and checks["redis"] and not state.draining
     return ok, checks

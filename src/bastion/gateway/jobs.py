@@ -21,8 +21,8 @@ from bastion.errors import NotFound
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
 from bastion.gateway.dispatch import redis_errors
-from bastion.responses import json_response
 from bastion.gateway.state import GatewayState
+from bastion.responses import json_response
 
 router = APIRouter()
 

@@ -71,42 +71,52 @@ def v2_inputs(doc: Any, signature: Signature, max_rows: int) -> tuple[dict[str, 
         raise InvalidInput("the body must have a non-empty 'inputs' array")
     tensors: dict[str, np.ndarray] = {}
     for index, item in enumerate(items):
-        item = _object(item, _V2_INPUT_FIELDS, f"inputs[{index}]")
-        for field in ("name", "shape", "datatype", "data"):
-            if field not in item:
-                raise InvalidInput(f"inputs[{index}] is missing the required field {field!r}")
-        name = item["name"]
-        if not isinstance(name, str):
-            raise InvalidInput(f"inputs[{index}].name must be a string")
-        spec = signature.input(name)
+        name, tensor = _v2_tensor(index, item, signature, max_rows)
         if name in tensors:
             raise InvalidInput(f"input {name!r} is given twice")
-        expected = NUMPY_TO_V2.get(spec.dtype)
-        if item["datatype"] != expected:
-            raise InvalidInput(f"input {name!r} must have datatype {expected}, got {str(item['datatype'])[:20]!r}")
-        shape = item["shape"]
-        if (
-            not isinstance(shape, list)
-            or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 31 for d in shape)
-        ):
-            raise InvalidInput(f"inputs[{index}].shape must be a list of at most 8 non-negative integers")
-        tensors[name] = to_tensor(spec, item["data"], max_rows, flat_shape=shape)
+        tensors[name] = tensor
     missing = [s.name for s in signature.inputs if s.name not in tensors]
     if missing:
         raise InvalidInput(f"'inputs' is missing {missing}")
     _same_rows(tensors)
-    wanted = None
-    if doc.get("outputs") is not None:
-        outs = doc["outputs"]
-        if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
-            raise InvalidInput("'outputs' must be a list of objects with a 'name'")
-        known = {o.name for o in signature.outputs}
-        wanted = [o["name"] for o in outs]
-        unknown = sorted(set(wanted) - known)
-        if unknown:
-            raise InvalidInput(f"unknown outputs {unknown[:5]}; the model has {sorted(known)}")
-    return tensors, wanted, request_id
+    return tensors, _v2_wanted(doc.get("outputs"), signature), request_id
+
+
+def _v2_tensor(index: int, item: Any, signature: Signature, max_rows: int) -> tuple[str, np.ndarray]:
+    item = _object(item, _V2_INPUT_FIELDS, f"inputs[{index}]")
+    for field in ("name", "shape", "datatype", "data"):
+        if field not in item:
+            raise InvalidInput(f"inputs[{index}] is missing the required field {field!r}")
+    name = item["name"]
+    if not isinstance(name, str):
+        raise InvalidInput(f"inputs[{index}].name must be a string")
+    spec = signature.input(name)
+    expected = NUMPY_TO_V2.get(spec.dtype)
+    if item["datatype"] != expected:
+        raise InvalidInput(f"input {name!r} must have datatype {expected}, got {str(item['datatype'])[:20]!r}")
+    shape = item["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 31 for d in shape)
+    ):
+        raise InvalidInput(f"inputs[{index}].shape must be a list of at most 8 non-negative integers")
+    return name, to_tensor(spec, item["data"], max_rows, flat_shape=shape)
+
+
+def _v2_wanted(outputs: Any, signature: Signature) -> list[str] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+    known = {o.name for o in signature.outputs}
+    wanted = [o["name"] for o in outputs]
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise InvalidInput(f"unknown outputs {unknown[:5]}; the model has {sorted(known)}")
+    return wanted
 
 
 def _same_rows(tensors: dict[str, np.ndarray]) -> None:
@@ -135,7 +145,11 @@ def v2_outputs(outputs: dict[str, np.ndarray], wanted: list[str] | None) -> list
 def v2_tensor_metadata(signature: Signature, which: str) -> list[dict[str, Any]]:
     specs = signature.inputs if which == "inputs" else signature.outputs
     return [
-        {"name": s.name, "datatype": NUMPY_TO_V2.get(s.dtype, "BYTES"), "shape": [-1 if d is None else d for d in s.shape]}
+        {
+            "name": s.name,
+            "datatype": NUMPY_TO_V2.get(s.dtype, "BYTES"),
+            "shape": [-1 if d is None else d for d in s.shape],
+        }
         for s in specs
     ]
 

@@ -71,7 +71,7 @@ class ReplyRouter:
             try:
                 if not await self.redis.expire(self.key, _STREAM_TTL_S):
                     await self._claim_stream()  # Redis lost it (restart without persistence)
-            except Exception as exc:  # noqa: BLE001 - keep trying while Redis is away
+            except Exception as exc:
                 log.warning("reply_stream_keepalive_failed", error_type=type(exc).__name__)
 
     async def _read_loop(self) -> None:
@@ -81,7 +81,7 @@ class ReplyRouter:
                 self.healthy = True
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: retry, waiting callers time out
+            except Exception as exc:
                 self.healthy = False
                 log.warning("reply_read_failed", error_type=type(exc).__name__)
                 await asyncio.sleep(0.5)

@@ -11,8 +11,8 @@ from bastion import metrics
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
 from bastion.gateway.dispatch import resolve, run_sync, submit_async, timeout_s
-from bastion.responses import json_response
 from bastion.gateway.state import GatewayState
+from bastion.responses import json_response
 
 router = APIRouter()
 

@@ -56,7 +56,7 @@ class SnapshotWatcher:
                     await self.reload()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - Redis away: keep the last snapshot, retry
+            except Exception as exc:
                 log.warning("snapshot_watch_failed", error_type=type(exc).__name__)
                 await asyncio.sleep(0.5)
             finally:

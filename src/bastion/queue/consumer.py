@@ -71,21 +71,23 @@ class Consumer:
         reply = self.client.xreadgroup(CONSUMER_GROUP, self.name, streams, count=count, block=block_ms)  # type: ignore[arg-type]
         return _jobs(reply)
 
-    def reclaim(self, models: list[str], min_idle_ms: int, max_deliveries: int, count: int = 100) -> tuple[list[Job], list[Job]]:
+    def reclaim(
+        self, models: list[str], min_idle_ms: int, max_deliveries: int, count: int = 100
+    ) -> tuple[list[Job], list[Job]]:
         """Claim entries idle past the visibility timeout: (to run again, to dead-letter)."""
         run: list[Job] = []
         dead: list[Job] = []
         for model in models:
             for lane in LANES:
                 stream = queue_key(model, lane)
-                pending = self.client.xpending_range(
+                pending: Any = self.client.xpending_range(
                     stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms
                 )
                 if not pending:
                     continue
                 ids = [p["message_id"] for p in pending]
                 times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-                claimed = self.client.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
+                claimed: Any = self.client.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
                 for entry_id, fields in claimed:
                     if fields is None:
                         continue

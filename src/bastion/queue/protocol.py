@@ -53,8 +53,24 @@ class Job:
 def entry_fields(
     job_id: str, tenant: str, model: str, version: int, deadline_ms: int, reply_to: str, created_ms: int, blob: bytes
 ) -> list[str | bytes]:
-    return ["j", job_id, "t", tenant, "m", model, "v", str(version), "d", str(deadline_ms), "r", reply_to,
-            "c", str(created_ms), "x", blob]
+    return [
+        "j",
+        job_id,
+        "t",
+        tenant,
+        "m",
+        model,
+        "v",
+        str(version),
+        "d",
+        str(deadline_ms),
+        "r",
+        reply_to,
+        "c",
+        str(created_ms),
+        "x",
+        blob,
+    ]
 
 
 def script(name: str) -> str:

@@ -11,6 +11,7 @@ import signal
 import time
 from collections import defaultdict
 from types import FrameType
+from typing import Any
 
 import redis
 
@@ -41,7 +42,7 @@ class Worker:
         self.stopping = False
         self._next_refresh = 0.0
         self._next_reclaim = 0.0
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
 
     # lifecycle ---------------------------------------------------------------------------
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -105,7 +106,7 @@ class Worker:
 
     def refresh(self, force: bool = False) -> bool:
         self._next_refresh = time.monotonic() + self.settings.snapshot_refresh_s
-        raw = self.client.get(SNAPSHOT_KEY)
+        raw: Any = self.client.get(SNAPSHOT_KEY)
         if raw is None:
             return False
         snapshot = Snapshot.parse(raw)
@@ -164,7 +165,7 @@ class Worker:
         try:
             results = run_batch(loaded, [j.blob for j in jobs])
             outcomes = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(jobs, results, strict=True)]
-        except Exception:  # noqa: BLE001 - isolate the job that breaks the batch
+        except Exception:
             outcomes = [self._run_one(loaded, j) for j in jobs]
         elapsed = time.perf_counter() - started
         metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(elapsed)
@@ -177,7 +178,7 @@ class Worker:
             return Outcome(job, STATUS_SUCCEEDED, result=result)
         except InvalidInput as exc:
             return Outcome(job, STATUS_FAILED, error=exc.detail)
-        except Exception as exc:  # noqa: BLE001 - a model error fails this job only
+        except Exception as exc:
             metrics.ERRORS.labels("worker", "inference").inc()
             log.warning("inference_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
             return Outcome(job, STATUS_FAILED, error=f"the model could not run this input ({type(exc).__name__})")

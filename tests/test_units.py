@@ -1,0 +1,59 @@
+"""Pure pieces: the tensor codec, signature validation, and the content-addressed store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion import codec
+from bastion.artifacts.store import ArtifactStore
+from bastion.errors import IntegrityError, InvalidInput
+from bastion.signature import TensorSpec, to_tensor
+
+
+def test_codec_round_trips_tensors_exactly() -> None:
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], dtype=np.int64)}
+    back = codec.decode(codec.encode(tensors))
+    assert set(back) == {"a", "b"}
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value)
+        assert back[name].dtype == value.dtype
+
+
+def test_codec_refuses_truncated_and_foreign_blobs() -> None:
+    blob = codec.encode({"a": np.ones((4, 4), np.float32)})
+    with pytest.raises(InvalidInput, match="truncated"):
+        codec.decode(blob[:-3])
+    with pytest.raises(InvalidInput, match="dtype"):
+        codec.decode(b'[["a", "object", [1]]]\n' + b"\x00" * 8)
+
+
+SPEC = TensorSpec("x", "float32", (None, 3))
+
+
+def test_to_tensor_accepts_ints_for_floats_and_checks_rows() -> None:
+    arr = to_tensor(SPEC, [[1, 2, 3]], max_rows=2)
+    assert arr.dtype == np.float32
+    with pytest.raises(InvalidInput, match="limit is 2"):
+        to_tensor(SPEC, [[1, 2, 3]] * 3, max_rows=2)
+
+
+def test_to_tensor_refuses_floats_for_ints_and_out_of_range() -> None:
+    spec = TensorSpec("n", "int32", (None,))
+    with pytest.raises(InvalidInput, match="int32"):
+        to_tensor(spec, [1.5], max_rows=10)
+    with pytest.raises(InvalidInput, match="out of range"):
+        to_tensor(spec, [2**40], max_rows=10)
+
+
+def test_store_verifies_digest_on_every_read(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    digest = store.put(b"model bytes")
+    assert store.open(digest) == b"model bytes"
+    path = store.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"model bytez")
+    with pytest.raises(IntegrityError, match="does not match"):
+        store.open(digest)

@@ -1,0 +1,164 @@
+"""``bastion up``: one command starts everything, prints a working key, supervises, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion.embedded.redis_server import free_port
+from tests.support import wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still answers kill(0); treat it as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+class Up:
+    def __init__(self, data_dir: Path, gateway_port: int, control_port: int) -> None:
+        self.data_dir = data_dir
+        self.gateway_port = gateway_port
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bastion",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--gateway-port",
+                str(gateway_port),
+                "--control-port",
+                str(control_port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out = ""
+
+    def read_banner(self, timeout_s: float = 90) -> str:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while "Press Ctrl-C" not in self.out:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(
+                    f"bastion up exited: {self.out}\n{self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            self.out += line
+            assert time.monotonic() < deadline, self.out
+        return self.out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(60)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+    def pids(self) -> dict[str, int]:
+        return dict(json.loads((self.data_dir / "processes.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    instance = Up(tmp_path_factory.mktemp("up"), free_port(), free_port())
+    try:
+        instance.read_banner()
+        yield instance
+    finally:
+        instance.stop()
+
+
+def _curl_from_banner(banner: str) -> list[str]:
+    start = banner.index("curl -s")
+    command = banner[start:].split("\n\n")[0].replace("\\\n", " ")
+    return shlex.split(command)
+
+
+def test_the_printed_curl_returns_a_prediction(up: Up) -> None:
+    args = _curl_from_banner(up.out)
+    assert args[0] == "curl"
+    url = args[2]
+    headers = dict(h.split(": ", 1) for h in (args[i + 1] for i, a in enumerate(args) if a == "-H"))
+    body = args[args.index("-d") + 1]
+    r = httpx.post(url, headers=headers, content=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"]["label"] == [0]
+    assert re.search(r"bst_[A-Za-z0-9]+_[A-Za-z0-9_-]+", up.out)
+
+
+def test_a_taken_gateway_port_is_reported_clearly(up: Up, tmp_path: Path) -> None:
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bastion",
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--gateway-port",
+            str(up.gateway_port),
+            "--control-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert f"port {up.gateway_port}" in second.stderr and "--gateway-port" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_a_crashed_worker_is_restarted(up: Up) -> None:
+    before = up.pids()["worker-0"]
+    os.kill(before, signal.SIGKILL)
+    wait_until(lambda: up.pids().get("worker-0", before) != before, 30, "the worker to be restarted")
+    key = re.search(r"Bearer (bst_\S+?)'", up.out).group(1)  # type: ignore[union-attr]
+    r = httpx.post(
+        f"http://127.0.0.1:{up.gateway_port}/v1/models/breast-cancer/predict",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"inputs": [[1.0] * 30]},
+        timeout=30,
+    )
+    assert r.status_code == 200
+
+
+def test_ctrl_c_stops_every_process(up: Up) -> None:
+    pids = up.pids()
+    assert up.stop() == 0
+    wait_until(lambda: not any(_alive(p) for p in pids.values()), 10, "all processes to exit")
+    assert not (up.data_dir / "processes.json").exists()
+
+
+def test_a_second_start_reuses_the_data_and_does_not_print_a_new_key(up: Up) -> None:
+    again = Up(up.data_dir, free_port(), free_port())
+    try:
+        banner = again.read_banner()
+        assert "bst_" not in banner
+        assert "bastion keys create" in banner
+    finally:
+        assert again.stop() == 0

@@ -1,0 +1,146 @@
+"""Worker semantics on a real Redis: deadlines, idempotent outcomes, reclaim, dead letters, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from bastion import codec, demo, snapshot
+from bastion.artifacts import onnx_check
+from bastion.artifacts.store import ArtifactStore
+from bastion.constants import CONSUMER_GROUP, dead_letter_key, job_key, queue_key
+from bastion.queue.consumer import Consumer, Outcome
+from bastion.queue.protocol import entry_fields
+from bastion.runtime.onnx import OnnxRuntime
+from bastion.settings import Settings
+from bastion.worker.models import ModelCache
+from bastion.worker.service import Worker
+from tests.support import Stack, wait_until
+
+MODEL = "breast-cancer"
+BLOB = codec.encode({"input": np.ones((1, 30), np.float32)})
+
+
+def _publish(client: redis.Redis, store: ArtifactStore) -> None:
+    data = demo.model_bytes()
+    digest = store.put(data)
+    sig = onnx_check.inspect(data, 1 << 20).to_dict()
+    snapshot.publish(
+        client, {"keys": {}, "models": {MODEL: {"current": 1, "versions": {"1": {"sha256": digest, "signature": sig}}}}}
+    )
+
+
+def _enqueue(client: redis.Redis, job_id: str, deadline_ms: int = 0, lane: str = "batch") -> None:
+    fields = entry_fields(job_id, "acme", MODEL, 1, deadline_ms, "", int(time.time() * 1000), BLOB)
+    client.xadd(queue_key(MODEL, lane), dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
+
+
+def _worker(client: redis.Redis, tmp_path: Path, name: str, **settings: object) -> Worker:
+    s = Settings(data_dir=tmp_path, redis_url="redis://unused", **settings)  # type: ignore[arg-type]
+    cache = ModelCache(ArtifactStore(tmp_path / "artifacts"), OnnxRuntime())
+    worker = Worker(s, client, cache, name)
+    assert worker.refresh(force=True)
+    return worker
+
+
+def _status(client: redis.Redis, job_id: str) -> str:
+    return (client.hget(job_key(job_id), "status") or b"").decode()
+
+
+def test_a_job_past_its_deadline_is_dropped_with_a_clear_result(redis_client: redis.Redis, tmp_path: Path) -> None:
+    _publish(redis_client, ArtifactStore(tmp_path / "artifacts"))
+    worker = _worker(redis_client, tmp_path, "w1")
+    _enqueue(redis_client, "late", deadline_ms=int(time.time() * 1000) - 1)
+    _enqueue(redis_client, "fine")
+    worker.step()
+    assert _status(redis_client, "late") == "expired"
+    assert b"deadline" in redis_client.hget(job_key("late"), "error")  # type: ignore[operator]
+    assert _status(redis_client, "fine") == "succeeded"
+
+
+def test_the_first_outcome_wins_on_redelivery(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Completing the same job twice (a redelivery) keeps the first stored result."""
+    _publish(redis_client, ArtifactStore(tmp_path / "artifacts"))
+    consumer = Consumer(redis_client, "c1", result_ttl_s=60, sync_result_ttl_s=60)
+    consumer.ensure_groups([MODEL])
+    _enqueue(redis_client, "twice")
+    (job,) = consumer.read([MODEL], 10, None)
+    assert consumer.complete([Outcome(job, "succeeded", result=b"first")]) == ["succeeded"]
+    assert consumer.complete([Outcome(job, "failed", error="second")]) == ["succeeded"]
+    assert redis_client.hget(job_key("twice"), "result") == b"first"
+    assert redis_client.ttl(job_key("twice")) > 0
+
+
+def test_an_abandoned_job_is_reclaimed_then_dead_lettered(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A job claimed by a consumer that never acknowledges it is retried, then dead-lettered."""
+    _publish(redis_client, ArtifactStore(tmp_path / "artifacts"))
+    ghost = Consumer(redis_client, "ghost", result_ttl_s=60, sync_result_ttl_s=60)
+    ghost.ensure_groups([MODEL])
+    _enqueue(redis_client, "poison")
+    stream = queue_key(MODEL, "batch")
+    assert len(ghost.read([MODEL], 10, None)) == 1  # delivery 1, never acknowledged
+    # Two more deliveries that also die without acknowledging:
+    for _ in range(2):
+        time.sleep(0.06)
+        run, dead = ghost.reclaim([MODEL], min_idle_ms=50, max_deliveries=3)
+        assert (len(run), len(dead)) == (1, 0)
+    time.sleep(0.06)
+    worker = _worker(redis_client, tmp_path, "w1", visibility_timeout_s=0.05, max_deliveries=3)
+    worker.reclaim()
+    assert _status(redis_client, "poison") == "dead_lettered"
+    dead_entries = redis_client.xrange(dead_letter_key(MODEL))
+    assert len(dead_entries) == 1 and dead_entries[0][1][b"j"] == b"poison"
+    assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_job_held_by_a_dead_consumer_is_run_by_another(redis_client: redis.Redis, tmp_path: Path) -> None:
+    _publish(redis_client, ArtifactStore(tmp_path / "artifacts"))
+    ghost = Consumer(redis_client, "ghost", result_ttl_s=60, sync_result_ttl_s=60)
+    ghost.ensure_groups([MODEL])
+    _enqueue(redis_client, "orphan")
+    assert len(ghost.read([MODEL], 10, None)) == 1
+    time.sleep(0.06)
+    worker = _worker(redis_client, tmp_path, "w1", visibility_timeout_s=0.05)
+    worker.reclaim()
+    assert _status(redis_client, "orphan") == "succeeded"
+
+
+def test_a_tampered_artifact_is_refused_and_the_job_fails_clearly(redis_client: redis.Redis, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    _publish(redis_client, store)
+    path = next(p for p in (tmp_path / "artifacts").rglob("*") if p.is_file())
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    worker = _worker(redis_client, tmp_path, "w1")
+    _enqueue(redis_client, "tampered")
+    worker.step()
+    assert _status(redis_client, "tampered") == "failed"
+    assert b"does not match its digest" in redis_client.hget(job_key("tampered"), "error")  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_claimed_work_and_exits(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, workers=1).start()
+    try:
+        with stack.client() as http:
+            ids = [
+                http.post("/v1/models/breast-cancer/jobs", json={"inputs": [[1.0] * 30]}).json()["id"]
+                for _ in range(50)
+            ]
+            stack.signal("worker-0", signal.SIGTERM)
+            assert stack.wait("worker-0", 20) == 0
+            rc = stack.redis_client()
+            assert rc.xpending(queue_key(MODEL, "batch"), CONSUMER_GROUP)["pending"] == 0
+            stack.start_worker(0)
+            wait_until(
+                lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "succeeded" for i in ids), 30, "all jobs"
+            )
+    finally:
+        stack.stop()
