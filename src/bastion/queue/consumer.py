@@ -23,7 +23,11 @@ from bastion.constants import (
     queue_key,
     reply_key,
 )
-from bastion.queue.protocol import Job, script
+from bastion.queue.protocol import Job
+from bastion.queue.scripts import Lua, run_pipeline
+
+_COMPLETE = Lua("complete")
+_START = Lua("start")
 
 
 @dataclass(slots=True)
@@ -47,8 +51,6 @@ class Consumer:
     ) -> None:
         self.client = client
         self.name = name
-        self._complete = client.register_script(script("complete"))
-        self._start = client.register_script(script("start"))
         self._result_ttl_s = result_ttl_s
         self._sync_result_ttl_s = sync_result_ttl_s
         self._reply_cap = reply_cap
@@ -104,8 +106,9 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for job in jobs:
             if job.stream.endswith(":" + LANE_BATCH):
-                self._start(keys=[job_key(job.job_id)], args=[self.name, now_ms], client=pipe)
-        pipe.execute()
+                _START.queue(pipe, [job_key(job.job_id)], [self.name, now_ms])
+        if pipe.command_stack:
+            run_pipeline(self.client, pipe, [_START])
 
     def complete(self, outcomes: list[Outcome]) -> list[str]:
         """Store outcomes, reply to waiting gateways, acknowledge - one round trip."""
@@ -138,8 +141,8 @@ class Consumer:
                 o.dead_reason,
                 *extra,
             ]
-            self._complete(keys=keys, args=args, client=pipe)
-        return [_s(s) for s in pipe.execute()]
+            _COMPLETE.queue(pipe, keys, args)
+        return [_s(s) for s in run_pipeline(self.client, pipe, [_COMPLETE])]
 
     def dead_letter(self, jobs: list[Job], max_deliveries: int) -> None:
         self.complete(

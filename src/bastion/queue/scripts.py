@@ -1,0 +1,81 @@
+"""Lua scripts called by their SHA, loaded once per server.
+
+redis-py's ``Script`` objects re-check ``SCRIPT EXISTS`` on every pipeline execute, one extra
+round trip per batch; this calls ``EVALSHA`` directly and loads the script again only when the
+server answers ``NOSCRIPT`` (after a restart). Re-running a whole pipeline is safe because
+every script here is idempotent per job id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from bastion.queue.protocol import script
+
+
+class Lua:
+    """A script by file name; its source is read on first use, not at import."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @cached_property
+    def source(self) -> str:
+        return script(self.name)
+
+    @cached_property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        """Add one call to a pipeline (run it with ``run_pipeline``)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    def call(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def acall(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+def run_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
+    """Execute a non-transactional pipeline of script calls, loading scripts on NOSCRIPT."""
+    commands = list(pipe.command_stack)
+    results: list[Any] = pipe.execute(raise_on_error=False)
+    if any(isinstance(r, NoScriptError) for r in results):
+        for lua in scripts:
+            client.script_load(lua.source)
+        retry = client.pipeline(transaction=False)
+        for args, options in commands:
+            retry.execute_command(*args, **options)
+        results = retry.execute(raise_on_error=False)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+async def arun_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
+    """``run_pipeline`` for redis-py's asyncio client; errors are returned per call, not raised."""
+    commands = list(pipe.command_stack)
+    results: list[Any] = await pipe.execute(raise_on_error=False)
+    if any(isinstance(r, NoScriptError) for r in results):
+        for lua in scripts:
+            await client.script_load(lua.source)
+        retry = client.pipeline(transaction=False)
+        for args, options in commands:
+            retry.execute_command(*args, **options)
+        results = await retry.execute(raise_on_error=False)
+    return results
