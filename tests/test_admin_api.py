@@ -1,0 +1,80 @@
+"""The admin API over HTTP and the CLI that drives it: registration of safe and unsafe artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from bastion import demo
+from tests.support import Stack
+
+# A pickle stream that would call os.system("id") if anything unpickled it.
+PICKLE = (
+    b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x02id\x94\x85\x94R\x94."
+)
+
+
+def _admin(stack: Stack) -> httpx.Client:
+    return httpx.Client(base_url=stack.control_url, headers={"Authorization": f"Bearer {stack.admin_key}"})
+
+
+def test_a_pickle_renamed_onnx_is_refused_with_a_problem(stack: Stack, tmp_path: Path) -> None:
+    with _admin(stack) as http:
+        r = http.post(
+            "/admin/v1/models/evil/versions", content=PICKLE, headers={"Content-Type": "application/octet-stream"}
+        )
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "pickle" in r.json()["detail"]
+        assert http.get("/admin/v1/models/evil").status_code == 404
+    evil = tmp_path / "model.onnx"
+    evil.write_bytes(PICKLE)
+    cli = subprocess.run(
+        [sys.executable, "-m", "bastion", "models", "register", "evil", str(evil), "--control-url", stack.control_url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BASTION_ADMIN_KEY": stack.admin_key},
+        timeout=60,
+    )
+    assert cli.returncode == 1
+    assert "422" in cli.stderr and "pickle" in cli.stderr
+    assert "Traceback" not in cli.stderr
+
+
+def test_upload_needs_the_octet_stream_content_type(stack: Stack) -> None:
+    with _admin(stack) as http:
+        r = http.post("/admin/v1/models/m/versions", content=demo.model_bytes(), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_cli_registers_lists_and_manages_keys(stack: Stack, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(demo.model_bytes())
+    env = {**os.environ, "BASTION_ADMIN_KEY": stack.admin_key, "BASTION_CONTROL_URL": stack.control_url}
+
+    def bastion(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "bastion", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert '"version": 1' in bastion("models", "register", "second-model", str(model))
+    assert "second-model" in bastion("models", "list")
+    created = bastion("keys", "create", "--tenant", "initech", "--scope", "predict")
+    assert '"key": "bst_' in created
+    key_id = created.split('"id": "')[1].split('"')[0]
+    assert '"revoked": true' in bastion("keys", "revoke", key_id)
+    assert "bst_" not in bastion("keys", "list", "--tenant", "initech")
+
+
+def test_invalid_key_request_is_a_problem(stack: Stack) -> None:
+    with _admin(stack) as http:
+        r = http.post("/admin/v1/keys", json={"tenant": "acme", "scopes": ["root"], "extra": 1})
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/problem+json"
