@@ -1,14 +1,16 @@
 """Benchmark Bastion's sync predict endpoint against two naive FastAPI baselines, in one run.
 
-    .venv/bin/python benchmarks/bench_predict.py [--duration 8] [--gateways N] [--workers N] [--json PATH]
+    .venv/bin/python benchmarks/bench_predict.py [--duration 8] [--gateways 2] [--workers 1] [--json PATH]
 
 1. starts ``bastion up`` in a temporary data directory on free ports, reads the first API key
-   from its stdout and waits for the gateway's ``/readyz``;
+   from its stdout and waits for the gateway's ``/readyz`` (``--gateways 1,2`` measures each
+   configuration in turn, in the same run);
 2. warms it up, then runs ``loadgen.py`` (a subprocess pinned to one CPU) at each concurrency
    against ``POST /v1/models/breast-cancer/predict`` with the demo sample body;
 3. stops it (SIGINT, as Ctrl-C would) and measures ``baseline_server.py --mode def`` and
    ``--mode async`` the same way, one after the other;
-4. prints one table and the ratios at the highest concurrency (64 by default).
+4. prints one table (with the CPU each server process used, sampled from /proc) and the
+   ratios at the highest concurrency (64 by default).
 
 Every figure comes from this one run: the machine is shared and noisy, so compare the rows of
 one table, not figures from different runs. Arguments this script does not know are passed to
@@ -48,6 +50,9 @@ MODEL = "breast-cancer"
 PREDICT_PATH = f"/v1/models/{MODEL}/predict"
 KEY_RE = re.compile(r"bst_[A-Za-z0-9_-]+")
 HOST = "127.0.0.1"
+# Chosen on the 2-core development machine: see README.md ("Choosing the defaults").
+DEFAULT_GATEWAYS = 2
+DEFAULT_WORKERS = 1
 
 
 class BenchError(Exception):
@@ -60,6 +65,7 @@ class Target:
 
     name: str
     port: int
+    pid: int  # the server's root process: its CPU time and its descendants' are sampled
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -167,6 +173,40 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+_ROLES = (("redis-server", "redis"), ("bastion gateway", "gw"), ("bastion worker", "wk"), ("bastion control", "ctl"))
+
+
+def _role(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        for needle, role in _ROLES:
+            if needle in cmdline:
+                return role
+    return "main"
+
+
+def cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) of ``root`` and its descendants: pid -> (role, seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for pid in [root, *_descendants(root)]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (_role(pid), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_shares(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float
+) -> dict[str, float]:
+    """Per role, the share of one core used between two ``cpu_seconds`` samples (1.0 = a whole core)."""
+    shares: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used = seconds - before.get(pid, (role, 0.0))[1]
+        shares[role] = shares.get(role, 0.0) + used / wall_s
+    return {role: round(share, 3) for role, share in sorted(shares.items())}
+
+
 def stop_process(process: subprocess.Popen[bytes], signum: int, timeout_s: float) -> int | None:
     """Send ``signum``, wait; kill the process and its descendants if it does not exit in time."""
     if process.poll() is not None:
@@ -228,7 +268,11 @@ class BastionStack:
         threading.Thread(target=self._pump, daemon=True).start()
         key = self._read_key(timeout_s)
         wait_ready(self.port, self.process, "bastion up")
-        return Target(f"bastion ({self.gateways}g/{self.workers}w)", self.port, {"Authorization": f"Bearer {key}"})
+        return Target(self.name, self.port, self.process.pid, {"Authorization": f"Bearer {key}"})
+
+    @property
+    def name(self) -> str:
+        return f"bastion {self.gateways}g/{self.workers}w"
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -274,7 +318,7 @@ class Baseline:
         argv = [sys.executable, str(BASELINE), "--mode", self.mode, "--port", str(self.port)]
         self.process = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL, start_new_session=True)
         wait_ready(self.port, self.process, f"baseline {self.mode}")
-        return Target(f"baseline-{self.mode}", self.port)
+        return Target(f"baseline-{self.mode}", self.port, self.process.pid)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -296,7 +340,9 @@ def measure(target: Target, args: argparse.Namespace, body_file: Path) -> list[d
     run_loadgen(target, body_file, 16, args.warmup_s, 0.0, args.loadgen_cpu)
     rows = []
     for concurrency in args.concurrency:
+        before, started = cpu_seconds(target.pid), time.monotonic()
         result = run_loadgen(target, body_file, concurrency, args.duration, args.run_warmup_s, args.loadgen_cpu)
+        result["server_cpu"] = cpu_shares(before, cpu_seconds(target.pid), time.monotonic() - started)
         result["server"] = target.name
         rows.append(result)
         print(
@@ -316,33 +362,60 @@ def bench_server(
         return measure(target, args, body_file)
 
 
+def _cpu_text(shares: dict[str, float]) -> str:
+    return " ".join(f"{role} {share:.0%}" for role, share in shares.items() if share >= 0.005)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'server':<22} | {'conc':>4} | {'req/s':>8} | {'p50 ms':>8} | {'p99 ms':>8} | {'errors':>6} | "
-        f"{'client cpu':>10}"
+        f"{'server':<17} | {'conc':>4} | {'req/s':>7} | {'p50 ms':>7} | {'p99 ms':>7} | {'errors':>6} | "
+        f"{'client':>6} | server cpu (share of one core)"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         errors = r["errors"] + r["non_200"]
         lines.append(
-            f"{r['server']:<22} | {r['concurrency']:>4} | {r['requests_per_s']:>8.0f} | {r['p50_ms']:>8.2f} | "
-            f"{r['p99_ms']:>8.2f} | {errors:>6} | {r['client_cpu_share']:>9.0%}"
+            f"{r['server']:<17} | {r['concurrency']:>4} | {r['requests_per_s']:>7.0f} | {r['p50_ms']:>7.2f} | "
+            f"{r['p99_ms']:>7.2f} | {errors:>6} | {r['client_cpu_share']:>6.0%} | {_cpu_text(r['server_cpu'])}"
         )
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict[str, Any]], bastion_name: str, concurrency: int) -> dict[str, float]:
+def ratios(rows: list[dict[str, Any]], concurrency: int) -> dict[str, dict[str, float]]:
+    """For each Bastion configuration at ``concurrency``: its p99 and its req/s over each baseline's."""
     at = {r["server"]: r for r in rows if r["concurrency"] == concurrency}
-    out: dict[str, float] = {}
-    mine = at.get(bastion_name)
-    if mine is None:
-        return out
-    out["bastion_p99_ms"] = mine["p99_ms"]
-    for mode in ("def", "async"):
-        base = at.get(f"baseline-{mode}")
-        if base and base["requests_per_s"] > 0:
-            out[f"bastion_over_{mode}_rps"] = mine["requests_per_s"] / base["requests_per_s"]
+    out: dict[str, dict[str, float]] = {}
+    for name, mine in at.items():
+        if not name.startswith("bastion"):
+            continue
+        entry = {"bastion_p99_ms": mine["p99_ms"], "bastion_rps": mine["requests_per_s"]}
+        for mode in ("def", "async"):
+            base = at.get(f"baseline-{mode}")
+            if base and base["requests_per_s"] > 0:
+                entry[f"bastion_over_{mode}_rps"] = mine["requests_per_s"] / base["requests_per_s"]
+        out[name] = entry
     return out
+
+
+def format_ratios(summary: dict[str, dict[str, float]], concurrency: int) -> str:
+    lines = [f"at concurrency {concurrency}:"]
+    for name, entry in summary.items():
+        lines.append(f"  {name}:")
+        for mode in ("def", "async"):
+            if f"bastion_over_{mode}_rps" in entry:
+                lines.append(f"    Bastion / {mode}-baseline req/s: {entry[f'bastion_over_{mode}_rps']:.2f}x")
+        lines.append(f"    Bastion p99: {entry['bastion_p99_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -350,24 +423,32 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         description="Bastion vs naive FastAPI baselines; unknown --flags are passed to 'bastion up'.",
     )
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
+    parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64], help="list (default 1,16,64)")
     parser.add_argument(
-        "--concurrency",
-        type=lambda s: [int(c) for c in s.split(",")],
-        default=[1, 16, 64],
-        help="comma-separated concurrencies (default 1,16,64)",
+        "--gateways",
+        type=_int_list,
+        default=[DEFAULT_GATEWAYS],
+        help=f"bastion up --gateways; a list runs each (default {DEFAULT_GATEWAYS})",
     )
-    parser.add_argument("--gateways", type=int, default=1, help="bastion up --gateways (default 1)")
-    parser.add_argument("--workers", type=int, default=1, help="bastion up --workers (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=_int_list,
+        default=[DEFAULT_WORKERS],
+        help=f"bastion up --workers; a list runs each (default {DEFAULT_WORKERS})",
+    )
     parser.add_argument("--servers", default="bastion,def,async", help="which to run (default bastion,def,async)")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured load per server first (default 2)")
     parser.add_argument("--run-warmup-s", type=float, default=1.0, help="unmeasured start of each run (default 1)")
     parser.add_argument("--loadgen-cpu", type=int, default=0, help="CPU the load generator is pinned to (default 0)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--keep-data", action="store_true", help="keep bastion's data directory (logs)")
+    parser.add_argument("--keep-data", action="store_true", help="keep bastion's data directories (logs)")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if a.startswith("-") and not a.startswith("--")]
     if bad:
         parser.error(f"unknown short options {bad}; only --flags are passed to bastion up")
+    unknown = set(args.servers.split(",")) - {"bastion", "def", "async"}
+    if unknown:
+        parser.error(f"unknown servers {sorted(unknown)}; choose from bastion, def, async")
     return args, extra
 
 
@@ -379,36 +460,34 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up as on Ctrl-C
     body = SAMPLE.read_bytes().strip()
-    wanted = [s.strip() for s in args.servers.split(",")]
+    wanted = args.servers.split(",")
     started = time.time()
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     answers: dict[str, Any] = {}
-    stack = BastionStack(args.gateways, args.workers, extra, args.keep_data)
-    bastion_name = f"bastion ({args.gateways}g/{args.workers}w)"
+    exit_codes: dict[str, int | None] = {}
     if "bastion" in wanted:
-        rows += bench_server(stack, args, body, SAMPLE, answers)
+        for gateways in args.gateways:
+            for workers in args.workers:
+                stack = BastionStack(gateways, workers, extra, args.keep_data)
+                rows += bench_server(stack, args, body, SAMPLE, answers)
+                exit_codes[stack.name] = stack.exit_code
     for mode in ("def", "async"):
         if mode in wanted:
             rows += bench_server(Baseline(mode), args, body, SAMPLE, answers)
+    load_after = os.getloadavg()
     top = max(args.concurrency)
-    summary = ratios(rows, bastion_name, top)
+    summary = ratios(rows, top)
     print()
     print(format_table(rows))
     print()
-    print(f"at concurrency {top}:")
-    for mode in ("def", "async"):
-        if f"bastion_over_{mode}_rps" in summary:
-            print(f"  Bastion / {mode}-baseline req/s: {summary[f'bastion_over_{mode}_rps']:.2f}x")
-    if "bastion_p99_ms" in summary:
-        print(f"  Bastion p99: {summary['bastion_p99_ms']:.2f} ms")
+    print(format_ratios(summary, top))
     labels = {name: a.get("label") for name, a in answers.items()}
     if len({json.dumps(v) for v in labels.values()}) > 1:
         print(f"warning: the servers disagree on the sample's label: {labels}")
-    load_after = os.getloadavg()
     print(
-        f"(load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
-        f"{os.cpu_count()} CPUs; loadgen pinned to CPU {args.loadgen_cpu})"
+        f"(load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; {os.cpu_count()} CPUs; "
+        f"loadgen pinned to CPU {args.loadgen_cpu}; extra bastion up args: {extra or 'none'})"
     )
     if args.json:
         report = {
@@ -424,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "bastion_extra_args": extra,
             },
-            "bastion_exit_code": stack.exit_code,
+            "bastion_exit_codes": exit_codes,
             "answers": answers,
             "rows": rows,
-            f"at_concurrency_{top}": summary,
+            "at_top_concurrency": {"concurrency": top, **summary},
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

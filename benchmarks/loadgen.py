@@ -305,7 +305,6 @@ async def run_load(
         raise ValueError("concurrency must be >= 1 and duration_s > 0")
     run = _Run(build_request(path, headers, body), concurrency, warmup_s, duration_s, timeout_s)
     tasks = [asyncio.create_task(_connection_loop(run, port)) for _ in range(concurrency)]
-    cpu_at_start = 0.0
     await asyncio.sleep(max(run.window_start - time.perf_counter(), 0))
     cpu_at_start = time.process_time()
     await asyncio.sleep(max(run.window_end - time.perf_counter(), 0))
