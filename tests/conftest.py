@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from bastion.embedded.redis_server import EmbeddedRedis
+from bastion.redisconn import sync_client
 from tests.support import Stack
 
 PG_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -28,7 +29,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     yield client
     client.close()
 

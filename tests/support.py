@@ -21,6 +21,7 @@ import redis
 from bastion import demo
 from bastion.adminclient import AdminClient
 from bastion.embedded.redis_server import EmbeddedRedis, free_port
+from bastion.redisconn import sync_client
 from bastion.settings import Settings
 
 
@@ -136,4 +137,4 @@ class Stack:
         )
 
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.require_redis_url())
+        return sync_client(self.settings.require_redis_url())

@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     )
 
     max_batch: int = Field(default=64, ge=1, description="most jobs a worker runs in one model call")
-    max_wait_ms: float = Field(default=2.0, ge=0, description="how long a worker waits to fill a batch, milliseconds")
+    max_wait_ms: float = Field(
+        default=0.0, ge=0, description="how long a worker waits to fill a batch, milliseconds (0: batch what is queued)"
+    )
     visibility_timeout_s: float = Field(
         default=30.0, gt=0, description="idle time after which another worker reclaims a pending job, seconds"
     )

@@ -18,6 +18,7 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import KeyCreate
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
+from bastion.redisconn import sync_client
 from bastion.registry import db
 from bastion.registry.service import Registry
 from bastion.responses import json_response
@@ -37,7 +38,7 @@ class ControlPlane:
         self.registry = Registry(
             db.session_factory(engine), ArtifactStore(settings.resolved_artifact_dir), settings.max_upload_bytes
         )
-        self.redis = redis.Redis.from_url(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
+        self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
 
     def publish(self) -> int:
         try:

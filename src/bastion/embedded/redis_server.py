@@ -20,6 +20,7 @@ from urllib.parse import quote
 import redis
 
 from bastion.errors import Unavailable
+from bastion.redisconn import sync_client
 
 _MAX_SOCKET_PATH = 100
 
@@ -86,7 +87,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops Redis last
         )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = sync_client(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -34,22 +34,35 @@ class PortInUse(BastionError):
     title = "Port in use"
 
 
-def bind_port(host: str, port: int, flag: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
+def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.socket]:
+    """Bind ``count`` listening sockets on one port (SO_REUSEPORT when more than one).
+
+    The port is first probed without SO_REUSEPORT, so a port that anything else holds is
+    reported instead of silently shared. With one socket per gateway process, the kernel
+    spreads new connections evenly across the processes.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"port {port} on {host} is already in use; choose another with {flag} "
+                    f"or BASTION_{flag.removeprefix('--').replace('-', '_').upper()}"
+                ) from exc
+            raise
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if count > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(
-                f"port {port} on {host} is already in use; choose another with {flag} "
-                f"or BASTION_{flag.removeprefix('--').replace('-', '_').upper()}"
-            ) from exc
-        raise
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
 
 
 @dataclass
@@ -107,9 +120,9 @@ class Supervisor:
         """Start everything; return the first-run banner text."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        gateway_sock = bind_port(s.host, s.gateway_port, "--gateway-port")
-        control_sock = bind_port(s.host, s.control_port, "--control-port")
-        self.sockets = [gateway_sock, control_sock]
+        gateway_socks = bind_port(s.host, s.gateway_port, "--gateway-port", s.gateways)
+        (control_sock,) = bind_port(s.host, s.control_port, "--control-port")
+        self.sockets = [*gateway_socks, control_sock]
         redis_url = s.redis_url
         if not redis_url:
             self.redis = EmbeddedRedis(s.data_dir / "redis")
@@ -126,8 +139,8 @@ class Supervisor:
             if s.worker_metrics_port:
                 wenv["BASTION_WORKER_METRICS_PORT"] = str(s.worker_metrics_port + i)
             self.children.append(self._child(f"worker-{i}", ["worker"], wenv))
-        for i in range(s.gateways):
-            fd = gateway_sock.fileno()
+        for i, sock in enumerate(gateway_socks):
+            fd = sock.fileno()
             self.children.append(self._child(f"gateway-{i}", ["gateway", "--fd", str(fd)], env, (fd,)))
         for child in self.children[1:]:
             child.start()

@@ -8,7 +8,6 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from bastion import __version__, logs, middleware, problems
@@ -17,6 +16,7 @@ from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
 from bastion.queue.producer import Producer
+from bastion.redisconn import async_client
 from bastion.settings import Settings
 
 log = logs.get("bastion.gateway")
@@ -27,7 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(
+        client = async_client(
             settings.require_redis_url(), socket_connect_timeout=1, socket_timeout=5, health_check_interval=0
         )
         state = GatewayState(

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bastion import codec, metrics
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
+from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
 from bastion.snapshot import KeyInfo, VersionInfo
 
@@ -75,10 +76,7 @@ async def run_sync(
                 deadline_ms=deadline_ms,
                 reply_to=state.gateway_id,
             )
-        try:
-            reply = await asyncio.wait_for(future, wait_s)
-        except TimeoutError as exc:
-            raise DeadlineExceeded(f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id) from exc
+        reply = await _await_reply(future, wait_s, job_id)
     finally:
         state.replies.forget(job_id)
         metrics.INFLIGHT_SYNC.dec()
@@ -87,6 +85,26 @@ async def run_sync(
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=job_id)
+
+
+async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str) -> Reply:
+    """Await the reply; a timer that cancels the future is cheaper than ``asyncio.wait_for``."""
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        future.cancel()
+
+    timer = asyncio.get_running_loop().call_later(wait_s, expire)
+    try:
+        return await future
+    except asyncio.CancelledError as exc:
+        if expired:
+            raise DeadlineExceeded(f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id) from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 async def submit_async(state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray]) -> str:

@@ -131,7 +131,7 @@ class Consumer:
                 o.status,
                 o.result,
                 o.error,
-                self._result_ttl_s if is_async else self._sync_result_ttl_s,
+                self._result_ttl_s if is_async else self._sync_ttl(job, now_ms),
                 job.job_id,
                 "0" if is_async else "1",
                 self._reply_cap,
@@ -143,6 +143,12 @@ class Consumer:
             ]
             _COMPLETE.queue(pipe, keys, args)
         return [_s(s) for s in run_pipeline(self.client, pipe, [_COMPLETE])]
+
+    def _sync_ttl(self, job: Job, now_ms: int) -> int:
+        """A sync outcome is needed only until its caller's deadline (plus a margin for clocks)."""
+        if not job.deadline_ms:
+            return self._sync_result_ttl_s
+        return max(1, min(self._sync_result_ttl_s, (job.deadline_ms - now_ms) // 1000 + 5))
 
     def dead_letter(self, jobs: list[Job], max_deliveries: int) -> None:
         self.complete(

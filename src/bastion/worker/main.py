@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import socket
 
-import redis
 from prometheus_client import start_http_server
 
 from bastion import logs
 from bastion.artifacts.store import ArtifactStore
+from bastion.redisconn import sync_client
 from bastion.runtime.onnx import OnnxRuntime
 from bastion.settings import Settings
 from bastion.worker.models import ModelCache
@@ -21,7 +21,7 @@ def run(settings: Settings) -> None:
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
-    client = redis.Redis.from_url(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
+    client = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
     cache = ModelCache(
         ArtifactStore(settings.resolved_artifact_dir),
         OnnxRuntime(settings.ort_intra_threads, settings.ort_inter_threads),

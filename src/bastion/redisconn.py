@@ -1,0 +1,31 @@
+"""Redis clients built one way for every process.
+
+``CLIENT SETINFO`` is turned off: Redis 6.2 (the embedded one) does not know it and would fail
+two commands on every new connection. redis-py ≥ 7 spells that ``driver_info=None``; older
+releases ``lib_name=None, lib_version=None``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.connection import AbstractConnection
+
+
+@cache
+def _no_setinfo() -> dict[str, Any]:
+    if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
+def sync_client(url: str, **options: Any) -> redis.Redis:
+    return redis.Redis.from_url(url, **_no_setinfo(), **options)
+
+
+def async_client(url: str, **options: Any) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, **_no_setinfo(), **options)
