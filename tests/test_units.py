@@ -57,3 +57,15 @@ def test_store_verifies_digest_on_every_read(tmp_path: Path) -> None:
     path.write_bytes(b"model bytez")
     with pytest.raises(IntegrityError, match="does not match"):
         store.open(digest)
+
+
+def test_gateway_openapi_documents_every_public_route(tmp_path: Path) -> None:
+    from bastion.gateway.app import create_app
+    from bastion.settings import Settings
+
+    schema = create_app(Settings(data_dir=tmp_path, docs_enabled=True)).openapi()
+    paths = schema["paths"]
+    for path in ("/v1/models/{name}/predict", "/v1/models/{name}/jobs", "/v2/models/{name}/infer", "/v1/jobs/{job_id}"):
+        assert path in paths, path
+    assert paths["/v1/models/{name}/predict"]["post"]["security"] == [{"apiKey": []}]
+    assert "apiKey" in schema["components"]["securitySchemes"]

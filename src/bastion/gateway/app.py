@@ -7,6 +7,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -65,8 +66,27 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         exception_handlers=problems.EXCEPTION_HANDLERS,
     )
+    app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
     middleware.install(app, settings.max_body_bytes)
+    _document(app)
     return app
+
+
+def _document(app: FastAPI) -> None:
+    """Add the plain Starlette routes and the API-key scheme to the generated OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("paths", {}).update(routes.OPENAPI_PATHS)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "a Bastion API key (bst_...)"}
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -31,6 +31,7 @@ def resolve(state: GatewayState, name: str) -> VersionInfo:
 
 
 def new_job_id() -> str:
+    """An unguessable id for a job a client will hold on to (async jobs)."""
     return secrets.token_urlsafe(16)
 
 
@@ -60,7 +61,7 @@ async def run_sync(
     state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray], wait_s: float
 ) -> tuple[str, dict[str, np.ndarray]]:
     """Queue on the sync lane and await the reply; returns (job id, outputs)."""
-    job_id = new_job_id()
+    job_id = state.replies.new_id()
     deadline_ms = int((time.time() + wait_s) * 1000)
     future = state.replies.expect(job_id)
     metrics.INFLIGHT_SYNC.inc()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,16 @@ class ReplyRouter:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
+        self._prefix = "s" + secrets.token_hex(6)
+        self._ids = itertools.count()
         self.healthy = False
+
+    def new_id(self) -> str:
+        """A unique id for a sync job: a random per-process prefix and a counter, no syscall.
+
+        Sync ids only name a reply in flight; access to any job is checked by tenant anyway.
+        """
+        return f"{self._prefix}{next(self._ids):x}"
 
     async def start(self) -> None:
         self._last_id = (await self._claim_stream()).decode()
