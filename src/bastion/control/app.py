@@ -13,8 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from bastion import __version__, logs, middleware, problems, snapshot
+from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
+from bastion.asgi import new_app
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import KeyCreate
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
@@ -194,16 +195,9 @@ def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI
         yield
         control.redis.close()
 
-    app = FastAPI(
-        title="Bastion control plane",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url=None,
-        openapi_url="/openapi.json" if settings.docs_enabled else None,
-        exception_handlers=problems.EXCEPTION_HANDLERS,
+    app = new_app(
+        "Bastion control plane", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_upload_bytes
     )
     app.include_router(router)
     app.include_router(health)
-    middleware.install(app, settings.max_upload_bytes)
     return app

@@ -11,7 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from bastion import __version__, logs, middleware, problems
+from bastion import logs
+from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
@@ -57,20 +58,13 @@ def create_app(settings: Settings) -> FastAPI:
             await client.aclose()
             log.info("gateway_stopped", gateway_id=gateway_id)
 
-    app = FastAPI(
-        title="Bastion gateway",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url=None,
-        openapi_url="/openapi.json" if settings.docs_enabled else None,
-        exception_handlers=problems.EXCEPTION_HANDLERS,
+    app = new_app(
+        "Bastion gateway", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_body_bytes
     )
     app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
-    middleware.install(app, settings.max_body_bytes)
     _document(app)
     return app
 

@@ -14,6 +14,7 @@ from bastion.gateway.auth import authenticate
 from bastion.gateway.dispatch import resolve, run_sync, submit_async, timeout_s
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
+from bastion.snapshot import KeyInfo, VersionInfo
 
 router = APIRouter()
 
@@ -79,15 +80,22 @@ def _state(request: Request) -> GatewayState:
     return state
 
 
+async def _admit(request: Request, scope: str) -> tuple[GatewayState, KeyInfo, VersionInfo, Any]:
+    """Authenticate, resolve the model, then read and parse the body: in that order, so an
+    unauthenticated or misdirected request never has its body read."""
+    state = _state(request)
+    key = authenticate(request, state, scope)
+    version = resolve(state, request.path_params["name"])
+    doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
+    return state, key, version, doc
+
+
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
-    name = request.path_params["name"]
     with _LATENCY_V1.time():
-        state = _state(request)
-        key = authenticate(request, state, "predict")
-        version = resolve(state, name)
-        wait = timeout_s(state, request.headers.get("x-bastion-timeout-ms"))
-        doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
+        wait_header = request.headers.get("x-bastion-timeout-ms")
+        state, key, version, doc = await _admit(request, "predict")
+        wait = timeout_s(state, wait_header)
         tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
         job_id, outputs = await run_sync(state, key, version, tensors, wait)
         return json_response(
@@ -98,11 +106,7 @@ async def predict(request: Request) -> Response:
 
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
-    name = request.path_params["name"]
-    state = _state(request)
-    key = authenticate(request, state, "jobs")
-    version = resolve(state, name)
-    doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
+    state, key, version, doc = await _admit(request, "jobs")
     tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
     job_id = await submit_async(state, key, version, tensors)
     location = f"/v1/jobs/{job_id}"
@@ -121,13 +125,10 @@ async def submit_job(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
-    name = request.path_params["name"]
     with _LATENCY_V2.time():
-        state = _state(request)
-        key = authenticate(request, state, "predict")
-        version = resolve(state, name)
-        wait = timeout_s(state, request.headers.get("x-bastion-timeout-ms"))
-        doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
+        wait_header = request.headers.get("x-bastion-timeout-ms")
+        state, key, version, doc = await _admit(request, "predict")
+        wait = timeout_s(state, wait_header)
         tensors, wanted, request_id = payloads.v2_inputs(doc, version.signature, state.settings.max_rows)
         job_id, outputs = await run_sync(state, key, version, tensors, wait)
         body: dict[str, Any] = {
