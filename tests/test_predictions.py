@@ -96,4 +96,4 @@ def test_metrics_are_exported(stack: Stack) -> None:
         http.post("/v1/models/breast-cancer/predict", json={"inputs": [[1.0] * 30]})
         text = http.get("/metrics").text
     assert "bastion_gateway_request_seconds_count" in text
-    assert 'route="v1_predict"' in text
+    assert 'route="predict",status="200"' in text

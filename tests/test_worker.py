@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -142,5 +143,24 @@ def test_sigterm_finishes_claimed_work_and_exits(tmp_path: Path) -> None:
             wait_until(
                 lambda: all(http.get(f"/v1/jobs/{i}").json()["status"] == "succeeded" for i in ids), 30, "all jobs"
             )
+    finally:
+        stack.stop()
+
+
+@pytest.mark.slow
+def test_worker_exports_batch_inference_and_queue_metrics(tmp_path: Path) -> None:
+    from bastion.embedded.redis_server import free_port
+
+    port = free_port()
+    stack = Stack(tmp_path, workers=1, worker_metrics_port=port).start()
+    try:
+        with stack.client() as http:
+            for _ in range(3):
+                assert http.post("/v1/models/breast-cancer/predict", json={"inputs": [[1.0] * 30]}).status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'bastion_worker_batch_rows_count{model="breast-cancer"}' in text
+        assert "bastion_worker_inference_seconds_bucket" in text
+        assert 'bastion_worker_jobs_total{model="breast-cancer",status="succeeded"} 3.0' in text
+        assert 'bastion_queue_depth{lane="sync",model="breast-cancer"}' in text
     finally:
         stack.stop()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from typing import Any
 
+import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import problems
+from bastion import metrics, problems
 from bastion.errors import PayloadTooLarge
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -76,6 +78,7 @@ class RequestId:
                 break
         request_id = request_id or secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -116,8 +119,40 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class RequestMetrics:
+    """Count responses by route and status, and time them by route.
+
+    The route label is the matched endpoint's name (bounded), or ``unmatched``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            endpoint = scope.get("endpoint")
+            route = getattr(endpoint, "__name__", "unmatched")
+            metrics.REQUESTS.labels(route, str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
 def install(app: Any, max_body_bytes: int) -> None:
-    """Wrap ``app`` (outermost last): security headers ← request id ← body-size limit."""
+    """Wrap ``app`` (outermost last): security headers ← request id ← metrics ← body-size limit."""
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)
     app.add_middleware(SecurityHeaders)

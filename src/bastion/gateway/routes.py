@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion import metrics
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
 from bastion.gateway.dispatch import resolve, run_sync, submit_async, timeout_s
@@ -71,10 +70,6 @@ _V2_BODY: dict[str, Any] = {
 }
 
 
-_LATENCY_V1 = metrics.REQUEST_LATENCY.labels("v1_predict")
-_LATENCY_V2 = metrics.REQUEST_LATENCY.labels("v2_infer")
-
-
 def _state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
@@ -92,16 +87,15 @@ async def _admit(request: Request, scope: str) -> tuple[GatewayState, KeyInfo, V
 
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
-    with _LATENCY_V1.time():
-        wait_header = request.headers.get("x-bastion-timeout-ms")
-        state, key, version, doc = await _admit(request, "predict")
-        wait = timeout_s(state, wait_header)
-        tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
-        job_id, outputs = await run_sync(state, key, version, tensors, wait)
-        return json_response(
-            {"id": job_id, "model": version.model, "version": version.version, "outputs": outputs},
-            headers={"X-Bastion-Model-Version": str(version.version)},
-        )
+    wait_header = request.headers.get("x-bastion-timeout-ms")
+    state, key, version, doc = await _admit(request, "predict")
+    wait = timeout_s(state, wait_header)
+    tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
+    job_id, outputs = await run_sync(state, key, version, tensors, wait)
+    return json_response(
+        {"id": job_id, "model": version.model, "version": version.version, "outputs": outputs},
+        headers={"X-Bastion-Model-Version": str(version.version)},
+    )
 
 
 async def submit_job(request: Request) -> Response:
@@ -125,19 +119,18 @@ async def submit_job(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
-    with _LATENCY_V2.time():
-        wait_header = request.headers.get("x-bastion-timeout-ms")
-        state, key, version, doc = await _admit(request, "predict")
-        wait = timeout_s(state, wait_header)
-        tensors, wanted, request_id = payloads.v2_inputs(doc, version.signature, state.settings.max_rows)
-        job_id, outputs = await run_sync(state, key, version, tensors, wait)
-        body: dict[str, Any] = {
-            "model_name": version.model,
-            "model_version": str(version.version),
-            "id": request_id or job_id,
-            "outputs": payloads.v2_outputs(outputs, wanted),
-        }
-        return json_response(body, headers={"X-Bastion-Model-Version": str(version.version)})
+    wait_header = request.headers.get("x-bastion-timeout-ms")
+    state, key, version, doc = await _admit(request, "predict")
+    wait = timeout_s(state, wait_header)
+    tensors, wanted, request_id = payloads.v2_inputs(doc, version.signature, state.settings.max_rows)
+    job_id, outputs = await run_sync(state, key, version, tensors, wait)
+    body: dict[str, Any] = {
+        "model_name": version.model,
+        "model_version": str(version.version),
+        "id": request_id or job_id,
+        "outputs": payloads.v2_outputs(outputs, wanted),
+    }
+    return json_response(body, headers={"X-Bastion-Model-Version": str(version.version)})
 
 
 @router.get("/v2/models/{name}", tags=["open inference protocol"])

@@ -101,6 +101,14 @@ class Consumer:
                         run.append(job)
         return run, dead
 
+    def depths(self, models: list[str]) -> list[tuple[str, str, int]]:
+        """(model, lane, entries waiting or in progress) for each stream."""
+        pipe = self.client.pipeline(transaction=False)
+        pairs = [(m, lane) for m in models for lane in LANES]
+        for model, lane in pairs:
+            pipe.xlen(queue_key(model, lane))
+        return [(m, lane, int(n)) for (m, lane), n in zip(pairs, pipe.execute(), strict=True)]
+
     def mark_running(self, jobs: list[Job]) -> None:
         now_ms = int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)

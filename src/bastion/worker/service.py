@@ -79,6 +79,7 @@ class Worker:
         now = time.monotonic()
         if now >= self._next_refresh or self._pubsub.get_message(timeout=0.0) is not None:
             self.refresh()
+            self._report_depth()
         if now >= self._next_reclaim:
             self._next_reclaim = now + max(self.settings.visibility_timeout_s / 4, 0.05)
             self.reclaim()
@@ -116,7 +117,12 @@ class Worker:
         wanted = [m.strip() for m in self.settings.worker_models.split(",") if m.strip()]
         self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
         self.consumer.ensure_groups(self.models)
+        self._report_depth()
         return True
+
+    def _report_depth(self) -> None:
+        for model, lane, depth in self.consumer.depths(self.models):
+            metrics.QUEUE_DEPTH.labels(model, lane).set(depth)
 
     def reclaim(self) -> None:
         idle_ms = int(self.settings.visibility_timeout_s * 1000)
