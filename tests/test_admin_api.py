@@ -78,3 +78,12 @@ def test_invalid_key_request_is_a_problem(stack: Stack) -> None:
         r = http.post("/admin/v1/keys", json={"tenant": "acme", "scopes": ["root"], "extra": 1})
     assert r.status_code == 400
     assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_key_expiry_needs_a_time_zone(stack: Stack) -> None:
+    with _admin(stack) as http:
+        naive = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "2030-01-01T00:00:00"})
+        aware = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "2030-01-01T00:00:00Z"})
+    assert naive.status_code == 400, naive.text
+    assert naive.headers["content-type"] == "application/problem+json"
+    assert aware.status_code == 201, aware.text

@@ -30,6 +30,7 @@ CASES = [
     ("ragged rows", PREDICT, {"inputs": [ROW, [1.0] * 3]}, 400, "rectangular"),
     ("strings", PREDICT, {"inputs": [["1.0"] * 30]}, 400, "got strings"),
     ("booleans", PREDICT, {"inputs": [[True] * 30]}, 400, "got booleans"),
+    ("a boolean among numbers", PREDICT, {"inputs": [[True] + [1.0] * 29]}, 400, "got booleans"),
     ("null", PREDICT, {"inputs": [[None] * 30]}, 400, "float32"),
     ("object row", PREDICT, {"inputs": [{"a": 1}]}, 400, "float32"),
     ("missing key", PREDICT, {"rows": [ROW]}, 400, "unknown fields"),
@@ -157,10 +158,11 @@ def test_another_tenants_job_is_404(stack: Stack) -> None:
         _problem(acme.get("/v1/jobs/" + "x" * 500), 404, "no such job")
 
 
-def test_bad_timeout_header_is_400(stack: Stack) -> None:
+@pytest.mark.parametrize("value", ["soon", "0.001", "0", "-5", "99999999"])
+def test_bad_timeout_header_is_400(stack: Stack, value: str) -> None:
     with stack.client() as http:
-        r = http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Timeout-Ms": "soon"})
-        _problem(r, 400, "milliseconds")
+        r = http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Timeout-Ms": value})
+        _problem(r, 400, "X-Bastion-Timeout-Ms")
 
 
 def test_unknown_route_and_method_are_problems(stack: Stack) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import httpx
 
 from tests.support import Stack, wait_until
@@ -56,3 +58,22 @@ def _status(stack: Stack, key: str) -> int:
         headers={"Authorization": f"Bearer {key}"},
     )
     return r.status_code
+
+
+def test_a_sync_call_past_its_deadline_is_504_and_its_job_stays_expired(stack: Stack) -> None:
+    """After a 504 the job's stored outcome is 'expired'; a late worker cannot store another answer."""
+    stack.signal("worker-0", signal.SIGSTOP)
+    try:
+        with stack.client() as http:
+            r = http.post(
+                "/v1/models/breast-cancer/predict", json={"inputs": [ROW]}, headers={"X-Bastion-Timeout-Ms": "200"}
+            )
+            assert r.status_code == 504, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            job_id = r.json()["job_id"]
+            assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "expired"
+    finally:
+        stack.signal("worker-0", signal.SIGCONT)
+    with stack.client() as http:
+        assert http.post("/v1/models/breast-cancer/predict", json={"inputs": [ROW]}).status_code == 200
+        assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "expired"

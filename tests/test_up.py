@@ -32,7 +32,7 @@ def _alive(pid: int) -> bool:
 
 
 class Up:
-    def __init__(self, data_dir: Path, gateway_port: int, control_port: int) -> None:
+    def __init__(self, data_dir: Path, gateway_port: int, control_port: int, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.gateway_port = gateway_port
         self.proc = subprocess.Popen(
@@ -53,6 +53,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.out = ""
 
@@ -155,10 +156,53 @@ def test_ctrl_c_stops_every_process(up: Up) -> None:
 
 
 def test_a_second_start_reuses_the_data_and_does_not_print_a_new_key(up: Up) -> None:
-    again = Up(up.data_dir, free_port(), free_port())
+    """Restarted on the same data directory: no new key; the admin key reaches only the control plane."""
+    admin_key = "test-admin-key-" + "x" * 32
+    again = Up(up.data_dir, free_port(), free_port(), env={"BASTION_ADMIN_KEY": admin_key})
     try:
         banner = again.read_banner()
         assert "bst_" not in banner
         assert "bastion keys create" in banner
+        pids = again.pids()
+        assert admin_key.encode() in _environ(pids["control"])
+        for role in ("gateway-0", "worker-0"):
+            assert admin_key.encode() not in _environ(pids[role]), role
+            assert b"BASTION_DATABASE_URL" not in _environ(pids[role]), role
+        third = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bastion",
+                "up",
+                "--data-dir",
+                str(up.data_dir),
+                "--gateway-port",
+                str(free_port()),
+                "--control-port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert third.returncode == 2
+        assert "another bastion up is running" in third.stderr
     finally:
         assert again.stop() == 0
+
+
+def test_sighup_stops_every_process(tmp_path: Path) -> None:
+    """Closing the terminal (SIGHUP) stops the children too; none is left holding the port."""
+    instance = Up(tmp_path, free_port(), free_port())
+    try:
+        instance.read_banner()
+        pids = instance.pids()
+        instance.proc.send_signal(signal.SIGHUP)
+        assert instance.proc.wait(60) == 0
+        wait_until(lambda: not any(_alive(p) for p in pids.values()), 10, "all processes to exit")
+    finally:
+        instance.stop()
+
+
+def _environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 import redis
 
@@ -123,7 +124,9 @@ def test_a_tampered_artifact_is_refused_and_the_job_fails_clearly(redis_client: 
     _enqueue(redis_client, "tampered")
     worker.step()
     assert _status(redis_client, "tampered") == "failed"
-    assert b"does not match its digest" in redis_client.hget(job_key("tampered"), "error")  # type: ignore[operator]
+    error = redis_client.hget(job_key("tampered"), "error") or b""
+    assert b"failed its integrity check" in error
+    assert b"sha" not in error and b"found" not in error  # digests stay in the worker's log
 
 
 @pytest.mark.slow
@@ -158,9 +161,72 @@ def test_worker_exports_batch_inference_and_queue_metrics(tmp_path: Path) -> Non
             for _ in range(3):
                 assert http.post("/v1/models/breast-cancer/predict", json={"inputs": [[1.0] * 30]}).status_code == 200
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert 'bastion_worker_batch_rows_count{model="breast-cancer"}' in text
+        assert 'bastion_worker_batch_jobs_count{model="breast-cancer"}' in text
         assert "bastion_worker_inference_seconds_bucket" in text
         assert 'bastion_worker_jobs_total{model="breast-cancer",status="succeeded"} 3.0' in text
         assert 'bastion_queue_depth{lane="sync",model="breast-cancer"}' in text
     finally:
         stack.stop()
+
+
+def _graph_model(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], output: onnx.ValueInfoProto) -> bytes:
+    graph = onnx.helper.make_graph([node], "g", inputs, [output])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _publish_models(client: redis.Redis, store: ArtifactStore, models: dict[str, bytes]) -> None:
+    published = {}
+    for name, data in models.items():
+        sig = onnx_check.inspect(data, 1 << 20).to_dict()
+        published[name] = {"current": 1, "versions": {"1": {"sha256": store.put(data), "signature": sig}}}
+    snapshot.publish(client, {"keys": {}, "models": published})
+
+
+def _enqueue_to(client: redis.Redis, model: str, job_id: str, tensors: dict[str, np.ndarray], tenant: str) -> None:
+    fields = entry_fields(job_id, tenant, model, 1, 0, "", int(time.time() * 1000), codec.encode(tensors))
+    client.xadd(queue_key(model, "batch"), dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
+
+
+def test_a_model_onnxruntime_cannot_load_fails_its_jobs_and_the_worker_keeps_serving(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    f = onnx.TensorProto.FLOAT
+    broken = _graph_model(  # passes onnx.checker, refused by onnxruntime (Add of float and int64)
+        onnx.helper.make_node("Add", ["a", "b"], ["y"]),
+        [
+            onnx.helper.make_tensor_value_info("a", f, [None, 2]),
+            onnx.helper.make_tensor_value_info("b", onnx.TensorProto.INT64, [None, 2]),
+        ],
+        onnx.helper.make_tensor_value_info("y", f, [None, 2]),
+    )
+    _publish_models(redis_client, ArtifactStore(tmp_path / "artifacts"), {MODEL: demo.model_bytes(), "broken": broken})
+    worker = _worker(redis_client, tmp_path, "w1")
+    _enqueue_to(
+        redis_client, "broken", "b1", {"a": np.ones((1, 2), np.float32), "b": np.ones((1, 2), np.int64)}, "acme"
+    )
+    _enqueue(redis_client, "good")
+    worker.step()
+    assert _status(redis_client, "b1") == "failed"
+    assert b"could not be loaded" in redis_client.hget(job_key("b1"), "error")  # type: ignore[operator]
+    assert _status(redis_client, "good") == "succeeded"
+
+
+def test_outputs_that_mix_rows_are_never_split_across_tenants(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A model whose output is not one row per input row runs each job alone."""
+    f = onnx.TensorProto.FLOAT
+    reduce_sum = _graph_model(
+        onnx.helper.make_node("ReduceSum", ["x"], ["y"], keepdims=1),
+        [onnx.helper.make_tensor_value_info("x", f, [None, 2])],
+        onnx.helper.make_tensor_value_info("y", f, [None, 1]),
+    )
+    _publish_models(redis_client, ArtifactStore(tmp_path / "artifacts"), {"summer": reduce_sum})
+    worker = _worker(redis_client, tmp_path, "w1")
+    _enqueue_to(redis_client, "summer", "acme-job", {"x": np.array([[1, 2]], np.float32)}, "acme")
+    _enqueue_to(redis_client, "summer", "globex-job", {"x": np.array([[100, 200]], np.float32)}, "globex")
+    worker.step()
+    for job_id, expected in (("acme-job", 3.0), ("globex-job", 300.0)):
+        assert _status(redis_client, job_id) == "succeeded"
+        result = codec.decode(redis_client.hget(job_key(job_id), "result"))  # type: ignore[arg-type]
+        assert result["y"].ravel().tolist() == [expected]

@@ -20,9 +20,9 @@ QUEUE_DEPTH = Gauge("bastion_queue_depth", "Entries in a model's job stream", ["
 INFLIGHT_SYNC = Gauge("bastion_gateway_inflight_sync", "Sync requests awaiting a reply")
 
 # worker
-BATCH_SIZE = Histogram(
-    "bastion_worker_batch_rows",
-    "Rows per batched model call",
+BATCH_JOBS = Histogram(
+    "bastion_worker_batch_jobs",
+    "Jobs per model call (1 when the model is not batchable)",
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )

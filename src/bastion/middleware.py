@@ -10,8 +10,10 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import metrics, problems
+from bastion import logs, metrics, problems
 from bastion.errors import PayloadTooLarge
+
+log = logs.get("bastion.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -150,9 +152,44 @@ class RequestMetrics:
             metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
 
 
+class UnexpectedErrors:
+    """Answer an unexpected exception with a bare 500 problem inside our middleware.
+
+    Starlette's own last-resort handler sits outside every middleware (so its response would
+    miss the request id and security headers) and re-raises; here the error is logged once,
+    with the request id, and the connection stays usable.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            metrics.ERRORS.labels("http", "unexpected").inc()
+            log.error("unexpected_error", path=scope.get("path", ""), error_type=type(exc).__name__, exc_info=exc)
+            if started:
+                raise
+            response = problems.problem(500, "Internal error", "an unexpected error occurred; it has been logged")
+            await response(scope, receive, send)
+
+
 def install(app: Any, max_body_bytes: int) -> None:
-    """Wrap ``app`` (outermost last): security headers ← request id ← metrics ← body-size limit."""
+    """Wrap ``app`` (outermost last): security headers ← request id ← metrics ← errors ← body limit."""
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)
     app.add_middleware(SecurityHeaders)

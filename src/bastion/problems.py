@@ -14,9 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion import errors, logs, metrics
-
-log = logs.get("bastion.problems")
+from bastion import errors, metrics
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -85,15 +83,8 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     return problem(400, "Invalid input", f"the request is invalid: {summary}", errors=found, instance=request.url.path)
 
 
-async def _unexpected_handler(request: Request, exc: Exception) -> Response:
-    metrics.ERRORS.labels("http", "unexpected").inc()
-    log.error("unexpected_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
-    return problem(500, "Internal error", "an unexpected error occurred; it has been logged", instance=request.url.path)
-
-
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     errors.BastionError: _bastion_handler,
     HTTPException: _http_handler,
     RequestValidationError: _validation_handler,
-    Exception: _unexpected_handler,
 }

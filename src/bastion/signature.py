@@ -7,6 +7,7 @@ request against it before anything is queued: shape, element type, finite number
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,13 @@ class Signature:
             tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
         )
 
+    @property
+    def batchable(self) -> bool:
+        """Rows of different requests may share one model call (judged by shapes only)."""
+        return all(len(s.shape) >= 2 and s.shape[0] is None for s in self.inputs) and all(
+            len(s.shape) >= 1 and s.shape[0] is None for s in self.outputs
+        )
+
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:
             if spec.name == name:
@@ -89,8 +97,10 @@ def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] 
             raise InvalidInput(
                 f"input {spec.name!r} must hold {spec.dtype} values, got {_describe_kind(raw.dtype.kind)}"
             )
+    if np.dtype(spec.dtype).kind != "b" and raw.dtype.kind != "b" and _holds_bool(data):
+        raise InvalidInput(f"input {spec.name!r} must hold {spec.dtype} values, got booleans")
     if flat_shape is not None:
-        expected = int(np.prod(flat_shape)) if flat_shape else 1
+        expected = math.prod(flat_shape)  # Python ints: no overflow
         if raw.size != expected:
             raise InvalidInput(f"input {spec.name!r}: {raw.size} values do not fill shape {flat_shape}")
         raw = raw.reshape(flat_shape)
@@ -102,6 +112,19 @@ def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] 
     if arr.dtype.kind in "iu" and raw.dtype != arr.dtype and not np.array_equal(raw, arr):
         raise InvalidInput(f"input {spec.name!r} holds a value out of range for {spec.dtype}")
     return arr
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """True when a nested list holds a JSON boolean anywhere (NumPy would turn it into 1 or 0)."""
+    stack: list[Any] = [data]
+    while stack:
+        items = stack.pop()
+        for item in items:
+            if item is True or item is False:
+                return True
+            if isinstance(item, list):
+                stack.append(item)
+    return False
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_rows: int) -> None:

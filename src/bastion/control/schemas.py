@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
 class KeyCreate(BaseModel):
@@ -13,4 +11,4 @@ class KeyCreate(BaseModel):
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: ["predict", "jobs", "models:read"], min_length=1, max_length=16)
-    expires_at: datetime | None = None
+    expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")

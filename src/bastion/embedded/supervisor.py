@@ -8,7 +8,9 @@ first, then workers (which finish their batch), then the control plane and Redis
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -32,6 +34,27 @@ log = logs.get("bastion.up")
 
 class PortInUse(BastionError):
     title = "Port in use"
+
+
+class AlreadyRunning(BastionError):
+    title = "Already running"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM if the supervisor dies, however it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# Settings a role must not receive: gateways and workers hold no SQL credentials or admin key.
+_WITHHELD = {
+    "gateway": {"database_url", "admin_key"},
+    "worker": {"database_url", "admin_key"},
+    "control": set(),
+}
 
 
 def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.socket]:
@@ -82,7 +105,13 @@ class Child:
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            self.argv, env=self.env, pass_fds=self.pass_fds, stdout=out, stderr=out, start_new_session=True
+            self.argv,
+            env=self.env,
+            pass_fds=self.pass_fds,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         if self.log_path:
             out.close()  # type: ignore[union-attr]
@@ -116,10 +145,32 @@ class Supervisor:
             log_path=logs_dir / f"{name}.log",
         )
 
+    def _lock(self) -> None:
+        """One ``bastion up`` per data directory: a second would share the Redis AOF and SQLite."""
+        path = self.settings.data_dir / "bastion.lock"
+        self._lock_file = open(path, "a+")
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock_file.close()
+            raise AlreadyRunning(
+                f"another bastion up is running on {self.settings.data_dir}; stop it or use another --data-dir"
+            ) from exc
+
+    def _env(self, role: str, redis_url: str) -> dict[str, str]:
+        """The child's environment: ours without BASTION_*, plus only the settings its role may hold."""
+        settings = self.settings.model_copy(update={"redis_url": redis_url})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        withheld = {f"BASTION_{name.upper()}" for name in _WITHHELD[role]}
+        env.update({k: v for k, v in settings.to_env().items() if k not in withheld})
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
     def start(self) -> str:
         """Start everything; return the first-run banner text."""
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock()
         gateway_socks = bind_port(s.host, s.gateway_port, "--gateway-port", s.gateways)
         (control_sock,) = bind_port(s.host, s.control_port, "--control-port")
         self.sockets = [*gateway_socks, control_sock]
@@ -127,21 +178,25 @@ class Supervisor:
         if not redis_url:
             self.redis = EmbeddedRedis(s.data_dir / "redis")
             redis_url = self.redis.start()
-        env = {**os.environ, **s.model_copy(update={"redis_url": redis_url}).to_env()}
-        env["PYTHONUNBUFFERED"] = "1"
-        control = self._child("control", ["control", "--fd", str(control_sock.fileno())], env, (control_sock.fileno(),))
+        control = self._child(
+            "control",
+            ["control", "--fd", str(control_sock.fileno())],
+            self._env("control", redis_url),
+            (control_sock.fileno(),),
+        )
         control.start()
         self.children.append(control)
         admin_key = self._wait_for_admin_key(control)
         banner = self._first_run(admin_key)
         for i in range(s.workers):
-            wenv = {**env, "BASTION_WORKER_NAME": f"worker-{i}"}
+            wenv = {**self._env("worker", redis_url), "BASTION_WORKER_NAME": f"worker-{i}"}
             if s.worker_metrics_port:
                 wenv["BASTION_WORKER_METRICS_PORT"] = str(s.worker_metrics_port + i)
             self.children.append(self._child(f"worker-{i}", ["worker"], wenv))
         for i, sock in enumerate(gateway_socks):
             fd = sock.fileno()
-            self.children.append(self._child(f"gateway-{i}", ["gateway", "--fd", str(fd)], env, (fd,)))
+            genv = self._env("gateway", redis_url)
+            self.children.append(self._child(f"gateway-{i}", ["gateway", "--fd", str(fd)], genv, (fd,)))
         for child in self.children[1:]:
             child.start()
         self._wait_ready(f"http://{self._client_host()}:{s.gateway_port}/readyz", "gateway")
@@ -259,8 +314,8 @@ class Supervisor:
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level, "up")
     supervisor = Supervisor(settings)
-    signal.signal(signal.SIGTERM, supervisor.stop)
-    signal.signal(signal.SIGINT, supervisor.stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, supervisor.stop)
     try:
         banner = supervisor.start()
         print(banner, flush=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from bastion import codec, metrics
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
@@ -40,21 +40,21 @@ def timeout_s(state: GatewayState, header: str | None) -> float:
     if header is None:
         return limit
     try:
-        value = float(header) / 1000
+        millis = float(header)
     except ValueError as exc:
         raise InvalidInput("X-Bastion-Timeout-Ms must be a number of milliseconds") from exc
-    if not 0 < value <= limit:
+    if not 1 <= millis <= limit * 1000:
         raise InvalidInput(f"X-Bastion-Timeout-Ms must be between 1 and {int(limit * 1000)}")
-    return value
+    return millis / 1000
 
 
 @asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (RedisError, OSError) as exc:  # unreachable, or refusing writes (OOM, READONLY)
         metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
-        raise Unavailable("the job queue is unreachable; retry shortly", retry_after=1) from exc
+        raise Unavailable("the job queue is unavailable; retry shortly", retry_after=1) from exc
 
 
 async def run_sync(
@@ -77,7 +77,11 @@ async def run_sync(
                 deadline_ms=deadline_ms,
                 reply_to=state.gateway_id,
             )
-        reply = await _await_reply(future, wait_s, job_id)
+        try:
+            reply = await _await_reply(future, wait_s, job_id)
+        except DeadlineExceeded:
+            await _abandon(state, key, version, job_id)
+            raise
     finally:
         state.replies.forget(job_id)
         metrics.INFLIGHT_SYNC.dec()
@@ -86,6 +90,18 @@ async def run_sync(
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=job_id)
+
+
+async def _abandon(state: GatewayState, key: KeyInfo, version: VersionInfo, job_id: str) -> None:
+    """Store 'expired' as the job's outcome, so a late worker result is never shown for it."""
+    with contextlib.suppress(RedisError, OSError):  # the 504 stands; a late result then stays unseen
+        await state.producer.abandon(
+            job_id=job_id,
+            tenant=key.tenant,
+            model=version.model,
+            error="the caller's deadline passed before a result arrived",
+            ttl_s=state.settings.sync_result_ttl_s,
+        )
 
 
 async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str) -> Reply:

@@ -113,6 +113,8 @@ def _v2_wanted(outputs: Any, signature: Signature) -> list[str] | None:
         raise InvalidInput("'outputs' must be a list of objects with a 'name'")
     known = {o.name for o in signature.outputs}
     wanted = [o["name"] for o in outputs]
+    if len(set(wanted)) != len(wanted):
+        raise InvalidInput("'outputs' names an output more than once")
     unknown = sorted(set(wanted) - known)
     if unknown:
         raise InvalidInput(f"unknown outputs {unknown[:5]}; the model has {sorted(known)}")
@@ -127,6 +129,11 @@ def _same_rows(tensors: dict[str, np.ndarray]) -> None:
 
 def v1_outputs(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     return {name: value.tolist() for name, value in outputs.items()}
+
+
+def v1_response_outputs(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Outputs for a response body: arrays serialise natively; a 0-d array becomes a number."""
+    return {name: value.item() if value.ndim == 0 else value for name, value in outputs.items()}
 
 
 def v2_outputs(outputs: dict[str, np.ndarray], wanted: list[str] | None) -> list[dict[str, Any]]:

@@ -97,6 +97,10 @@ class ReplyRouter:
                 log.warning("reply_read_failed", error_type=type(exc).__name__)
                 await asyncio.sleep(0.5)
                 continue
+            if response:
+                # Replies read are dropped at once: the stream holds only what is in flight.
+                with contextlib.suppress(Exception):
+                    await self.redis.xtrim(self.key, minid=response[0][1][-1][0], approximate=False)
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()

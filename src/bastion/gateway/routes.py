@@ -93,7 +93,12 @@ async def predict(request: Request) -> Response:
     tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
     job_id, outputs = await run_sync(state, key, version, tensors, wait)
     return json_response(
-        {"id": job_id, "model": version.model, "version": version.version, "outputs": outputs},
+        {
+            "id": job_id,
+            "model": version.model,
+            "version": version.version,
+            "outputs": payloads.v1_response_outputs(outputs),
+        },
         headers={"X-Bastion-Model-Version": str(version.version)},
     )
 

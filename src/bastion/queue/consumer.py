@@ -63,10 +63,12 @@ class Consumer:
                 except redis.ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+                # Visible in XINFO CONSUMERS from the start, not only after a first delivery.
+                self.client.xgroup_createconsumer(queue_key(model, lane), CONSUMER_GROUP, self.name)
 
-    def read(self, models: list[str], count: int, block_ms: int | None, own_pending: bool = False) -> list[Job]:
-        """New entries (or, with ``own_pending``, this consumer's unacknowledged ones)."""
-        streams = {queue_key(m, lane): "0" if own_pending else ">" for m in models for lane in LANES}
+    def read(self, models: list[str], count: int, block_ms: int | None) -> list[Job]:
+        """New entries, up to ``count`` per stream."""
+        streams = {queue_key(m, lane): ">" for m in models for lane in LANES}
         if not streams:
             time.sleep((block_ms or 0) / 1000)
             return []
@@ -74,7 +76,12 @@ class Consumer:
         return _jobs(reply)
 
     def reclaim(
-        self, models: list[str], min_idle_ms: int, max_deliveries: int, count: int = 100
+        self,
+        models: list[str],
+        min_idle_ms: int,
+        max_deliveries: int,
+        count: int = 100,
+        only_consumer: str | None = None,
     ) -> tuple[list[Job], list[Job]]:
         """Claim entries idle past the visibility timeout: (to run again, to dead-letter)."""
         run: list[Job] = []
@@ -83,7 +90,7 @@ class Consumer:
             for lane in LANES:
                 stream = queue_key(model, lane)
                 pending: Any = self.client.xpending_range(
-                    stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms
+                    stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms, consumername=only_consumer
                 )
                 if not pending:
                     continue
@@ -91,7 +98,8 @@ class Consumer:
                 times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
                 claimed: Any = self.client.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
                 for entry_id, fields in claimed:
-                    if fields is None:
+                    if not fields:  # deleted while pending: nothing to run, stop tracking it
+                        self.client.xack(stream, CONSUMER_GROUP, entry_id)
                         continue
                     job = Job.from_entry(stream, _s(entry_id), fields)
                     # XPENDING counted the earlier deliveries; XCLAIM just added one more.

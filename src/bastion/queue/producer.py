@@ -16,6 +16,7 @@ from bastion.queue.protocol import entry_fields
 from bastion.queue.scripts import Lua, arun_pipeline
 
 _ENQUEUE = Lua("enqueue")
+_ABANDON = Lua("abandon")
 
 
 class Producer:
@@ -53,6 +54,11 @@ class Producer:
             raise Overloaded(
                 f"model {model!r} has {detail} jobs waiting on the {lane} lane; retry later", retry_after=1
             )
+
+    async def abandon(self, *, job_id: str, tenant: str, model: str, error: str, ttl_s: int) -> bool:
+        """Record that the caller stopped waiting; False when the job already had an outcome."""
+        args = [tenant, model, error, ttl_s, int(time.time() * 1000)]
+        return bool(await _ABANDON.acall(self.redis, [job_key(job_id)], args))
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []

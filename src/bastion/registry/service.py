@@ -49,7 +49,7 @@ class Registry:
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise InvalidInput(f"unknown or missing scopes {unknown}; allowed: {list(SCOPES)}")
-        if expires_at is not None and expires_at <= datetime.now(UTC):
+        if expires_at is not None and _aware(expires_at) <= datetime.now(UTC):
             raise InvalidInput("expires_at is in the past")
         owner = self.ensure_tenant(tenant)
         new = apikeys.generate()

@@ -1,4 +1,11 @@
-"""Run a batch of jobs of one model version as one model call, and split the outputs."""
+"""Run jobs of one model version: as one batched model call where that is safe, else one by one.
+
+Batching concatenates the jobs' rows, so it is only used when every input has a dynamic first
+(row) dimension and rank ≥ 2, and every output has a dynamic first dimension; after the call,
+every output must have exactly one row per input row, or the jobs are run one by one instead.
+A model whose outputs mix rows (e.g. a softmax across the batch) cannot be detected from its
+shapes; such a model must not be served with batching (see ``Signature.batchable``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,10 @@ import numpy as np
 
 from bastion import codec
 from bastion.runtime.base import LoadedModel
+
+
+class Unsplittable(Exception):
+    """The batched outputs do not have one row per input row."""
 
 
 def run_batch(model: LoadedModel, blobs: list[bytes]) -> list[bytes]:
@@ -17,8 +28,15 @@ def run_batch(model: LoadedModel, blobs: list[bytes]) -> list[bytes]:
     rows = [len(d[names[0]]) for d in decoded]
     batch = {name: np.concatenate([d[name] for d in decoded], axis=0) for name in names}
     outputs = model.run(batch)
+    total = sum(rows)
+    if any(value.ndim == 0 or value.shape[0] != total for value in outputs.values()):
+        raise Unsplittable("the model's outputs do not have one row per input row")
     bounds = np.cumsum([0, *rows])
     return [
         codec.encode({name: value[bounds[i] : bounds[i + 1]] for name, value in outputs.items()})
         for i in range(len(decoded))
     ]
+
+
+def run_each(model: LoadedModel, blob: bytes) -> bytes:
+    return codec.encode(model.run(codec.decode(blob)))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 from bastion import logs, metrics
 from bastion.artifacts.store import ArtifactStore
-from bastion.errors import IntegrityError, NotFound
+from bastion.errors import IntegrityError, JobFailed, NotFound
 from bastion.runtime.base import LoadedModel, Runtime
 from bastion.snapshot import Snapshot
 
 log = logs.get("bastion.worker")
+
+
+_RETRY_REFUSED_S = 30.0
 
 
 class ModelCache:
@@ -16,7 +21,7 @@ class ModelCache:
         self.store = store
         self.runtime = runtime
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
-        self._refused: dict[tuple[str, int], str] = {}
+        self._refused: dict[tuple[str, int], tuple[float, str]] = {}
 
     def get(self, snapshot: Snapshot, model: str, version: int) -> LoadedModel:
         """The loaded model, or ``NotFound`` / ``IntegrityError`` saying why it cannot run."""
@@ -27,14 +32,28 @@ class ModelCache:
         info = snapshot.versions.get(key)
         if info is None:
             raise NotFound(f"model {model!r} version {version} is not registered")
+        refused = self._refused.get(key)
+        if refused is not None and time.monotonic() - refused[0] < _RETRY_REFUSED_S:
+            raise JobFailed(refused[1])
         try:
-            artifact = self.store.open(info.sha256)
+            loaded = self.runtime.load(self.store.open(info.sha256))
         except IntegrityError as exc:
             metrics.ERRORS.labels("worker", "artifact_integrity").inc()
             log.error("artifact_refused", model=model, version=version, sha256=info.sha256, reason=exc.detail)
-            raise
-        loaded = self.runtime.load(artifact)
+            raise self._refuse(key, f"model {model!r} version {version} failed its integrity check") from exc
+        except Exception as exc:
+            metrics.ERRORS.labels("worker", "model_load").inc()
+            log.error(
+                "model_load_failed", model=model, version=version, sha256=info.sha256, error_type=type(exc).__name__
+            )
+            raise self._refuse(key, f"model {model!r} version {version} could not be loaded") from exc
+        self._refused.pop(key, None)
         self._loaded[key] = loaded
         metrics.MODELS_LOADED.set(len(self._loaded))
         log.info("model_loaded", model=model, version=version, sha256=info.sha256)
         return loaded
+
+    def _refuse(self, key: tuple[str, int], message: str) -> JobFailed:
+        """Remember a refusal for a while, so a broken version is not reloaded on every batch."""
+        self._refused[key] = (time.monotonic(), message + "; it is not served")
+        return JobFailed(self._refused[key][1])

@@ -20,9 +20,10 @@ from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY, STATUS_EXPIRED, ST
 from bastion.errors import BastionError, InvalidInput
 from bastion.queue.consumer import Consumer, Outcome
 from bastion.queue.protocol import Job
+from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
-from bastion.worker.batching import run_batch
+from bastion.worker.batching import run_batch, run_each
 from bastion.worker.models import ModelCache
 
 log = logs.get("bastion.worker")
@@ -59,18 +60,23 @@ class Worker:
         while not self.stopping and not self.refresh(force=True):
             time.sleep(0.2)  # no snapshot published yet
         log.info("worker_started", worker=self.name, models=self.models)
-        # Jobs this consumer name had claimed before a crash come back first.
-        while not self.stopping:
-            jobs = self.consumer.read(self.models, self.settings.max_batch, None, own_pending=True)
-            if not jobs:
-                break
-            self.process(jobs)
+        # Jobs this consumer name had claimed before a crash come back first (counted as a
+        # delivery, so a job that keeps killing its worker is dead-lettered, not replayed forever).
+        recovered = False
         while not self.stopping:
             try:
+                if not recovered:
+                    self.reclaim(idle_ms=0, own=True)
+                    recovered = True
                 self.step()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Redis is away: nothing was acknowledged, so nothing is lost; retry.
                 log.warning("redis_unavailable", worker=self.name, error_type=type(exc).__name__)
+                time.sleep(0.5)
+            except Exception as exc:
+                # Unacknowledged jobs stay pending and come back through reclaim, counted.
+                metrics.ERRORS.labels("worker", "loop").inc()
+                log.error("worker_step_failed", worker=self.name, error_type=type(exc).__name__, exc_info=exc)
                 time.sleep(0.5)
         self._pubsub.close()
         log.info("worker_stopped", worker=self.name)
@@ -124,9 +130,13 @@ class Worker:
         for model, lane, depth in self.consumer.depths(self.models):
             metrics.QUEUE_DEPTH.labels(model, lane).set(depth)
 
-    def reclaim(self) -> None:
-        idle_ms = int(self.settings.visibility_timeout_s * 1000)
-        run, dead = self.consumer.reclaim(self.models, idle_ms, self.settings.max_deliveries)
+    def reclaim(self, idle_ms: int | None = None, own: bool = False) -> None:
+        """Claim jobs idle past the visibility timeout (or, with ``own``, this consumer's own)."""
+        if idle_ms is None:
+            idle_ms = int(self.settings.visibility_timeout_s * 1000)
+        run, dead = self.consumer.reclaim(
+            self.models, idle_ms, self.settings.max_deliveries, only_consumer=self.name if own else None
+        )
         if dead:
             for job in dead:
                 metrics.DEAD_LETTERED.labels(job.model).inc()
@@ -157,34 +167,36 @@ class Worker:
 
     def _run_group(self, model: str, version: int, jobs: list[Job]) -> list[Outcome]:
         try:
-            loaded = self.cache.get(self.snapshot, model, version)
+            loaded = self._load(model, version)
         except BastionError as exc:
-            if (model, version) not in self.snapshot.versions:
-                self.refresh(force=True)
-                try:
-                    loaded = self.cache.get(self.snapshot, model, version)
-                except BastionError as again:
-                    return [Outcome(j, STATUS_FAILED, error=again.detail) for j in jobs]
-            else:
-                return [Outcome(j, STATUS_FAILED, error=exc.detail) for j in jobs]
-        started = time.perf_counter()
-        try:
-            results = run_batch(loaded, [j.blob for j in jobs])
-            outcomes = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(jobs, results, strict=True)]
-        except Exception:
-            outcomes = [self._run_one(loaded, j) for j in jobs]
-        elapsed = time.perf_counter() - started
-        metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(elapsed)
-        metrics.BATCH_SIZE.labels(model).observe(len(jobs))
+            return [Outcome(j, STATUS_FAILED, error=exc.detail) for j in jobs]
+        info = self.snapshot.versions.get((model, version))
+        batchable = info is not None and info.signature.batchable
+        outcomes: list[Outcome] = []
+        size = self.settings.max_batch if batchable else 1
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            started = time.perf_counter()
+            try:
+                results = run_batch(loaded, [j.blob for j in chunk])
+                outcomes += [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
+            except Exception:  # one bad job, or unsplittable outputs: run the jobs one by one
+                outcomes += [self._run_one(loaded, j) for j in chunk]
+            metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(time.perf_counter() - started)
+            metrics.BATCH_JOBS.labels(model).observe(len(chunk))
         return outcomes
 
-    def _run_one(self, loaded: object, job: Job) -> Outcome:
+    def _load(self, model: str, version: int) -> LoadedModel:
+        if (model, version) not in self.snapshot.versions:
+            self.refresh(force=True)  # a version registered after our last snapshot
+        return self.cache.get(self.snapshot, model, version)
+
+    def _run_one(self, loaded: LoadedModel, job: Job) -> Outcome:
         try:
-            (result,) = run_batch(loaded, [job.blob])  # type: ignore[arg-type]
-            return Outcome(job, STATUS_SUCCEEDED, result=result)
+            return Outcome(job, STATUS_SUCCEEDED, result=run_each(loaded, job.blob))
         except InvalidInput as exc:
             return Outcome(job, STATUS_FAILED, error=exc.detail)
         except Exception as exc:
             metrics.ERRORS.labels("worker", "inference").inc()
             log.warning("inference_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
-            return Outcome(job, STATUS_FAILED, error=f"the model could not run this input ({type(exc).__name__})")
+            return Outcome(job, STATUS_FAILED, error="the model could not run this input")
