@@ -69,3 +69,31 @@ def test_gateway_openapi_documents_every_public_route(tmp_path: Path) -> None:
         assert path in paths, path
     assert paths["/v1/models/{name}/predict"]["post"]["security"] == [{"apiKey": []}]
     assert "apiKey" in schema["components"]["securitySchemes"]
+
+
+def test_an_unexpected_error_becomes_a_bare_problem_with_our_headers() -> None:
+    """An exception no handler knows is logged and answered 500 problem+json, with no internals."""
+    import asyncio
+
+    from bastion.middleware import RequestId, RequestMetrics, SecurityHeaders
+
+    async def broken_app(scope: object, receive: object, send: object) -> None:
+        raise RuntimeError("secret internal detail /etc/bastion")
+
+    app = SecurityHeaders(RequestId(RequestMetrics(broken_app)))
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    start, body = sent[0], sent[1]
+    assert start["status"] == 500
+    headers = dict(start["headers"])  # type: ignore[arg-type]
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert b"x-request-id" in headers and b"x-content-type-options" in headers
+    assert b"secret" not in body["body"] and b"RuntimeError" not in body["body"]  # type: ignore[operator]

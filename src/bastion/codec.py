@@ -6,6 +6,8 @@ raw little-endian bytes in header order. It carries numbers only: nothing in it 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import orjson
 
@@ -36,7 +38,7 @@ def decode(blob: bytes) -> dict[str, np.ndarray]:
         if dtype not in _ALLOWED_DTYPES:
             raise InvalidInput(f"tensor blob names an unsupported dtype {dtype!r}")
         dt = np.dtype(dtype)
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         nbytes = count * dt.itemsize
         if offset + nbytes > len(body):
             raise InvalidInput("tensor blob is truncated")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import time
@@ -62,10 +63,15 @@ class BodySizeLimit:
 
 
 class RequestId:
-    """Give every request an id (the client's ``X-Request-ID`` when well-formed) and echo it."""
+    """Give every request an id (the client's ``X-Request-ID`` when well-formed) and echo it.
+
+    Generated ids are a random per-process prefix and a counter: unique, and no syscall per request.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._prefix = secrets.token_hex(4)
+        self._counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +84,7 @@ class RequestId:
                 if _REQUEST_ID.match(candidate):
                     request_id = candidate
                 break
-        request_id = request_id or secrets.token_hex(8)
+        request_id = request_id or f"{self._prefix}{next(self._counter):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         header = (b"x-request-id", request_id.encode())
@@ -114,7 +120,7 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
+                present = {k for k, _ in message.get("headers", [])}  # ASGI header names are lower case
                 message["headers"] = [*message.get("headers", []), *(h for h in self.headers if h[0] not in present)]
             await send(message)
 
@@ -122,9 +128,13 @@ class SecurityHeaders:
 
 
 class RequestMetrics:
-    """Count responses by route and status, and time them by route.
+    """Count and time every response by route and status; turn an unexpected exception into a 500.
 
-    The route label is the matched endpoint's name (bounded), or ``unmatched``.
+    The route label is the matched endpoint's name (bounded), or ``unmatched``. Starlette's own
+    last-resort handler sits outside every middleware (its response would miss the request id and
+    security headers) and re-raises; here the error is logged once, with the request id, answered
+    with a bare problem, and the connection stays usable. (One class for both: each middleware
+    layer costs every request a wrapped ``send``.)
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -135,7 +145,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 0
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -145,51 +155,23 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_with_status)
-        finally:
-            endpoint = scope.get("endpoint")
-            route = getattr(endpoint, "__name__", "unmatched")
-            metrics.REQUESTS.labels(route, str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
-
-
-class UnexpectedErrors:
-    """Answer an unexpected exception with a bare 500 problem inside our middleware.
-
-    Starlette's own last-resort handler sits outside every middleware (so its response would
-    miss the request id and security headers) and re-raises; here the error is logged once,
-    with the request id, and the connection stays usable.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
         except Exception as exc:
             metrics.ERRORS.labels("http", "unexpected").inc()
             log.error("unexpected_error", path=scope.get("path", ""), error_type=type(exc).__name__, exc_info=exc)
-            if started:
+            if status:
                 raise
+            status = 500
             response = problems.problem(500, "Internal error", "an unexpected error occurred; it has been logged")
             await response(scope, receive, send)
+        finally:
+            route = getattr(scope.get("endpoint"), "__name__", "unmatched")
+            metrics.REQUESTS.labels(route, str(status or 500)).inc()
+            metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
 
 
 def install(app: Any, max_body_bytes: int) -> None:
-    """Wrap ``app`` (outermost last): security headers ← request id ← metrics ← errors ← body limit."""
+    """Wrap ``app`` (outermost last): security headers ← request id ← metrics and errors ← body limit."""
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    app.add_middleware(UnexpectedErrors)
     app.add_middleware(RequestMetrics)
     app.add_middleware(RequestId)
     app.add_middleware(SecurityHeaders)

@@ -19,6 +19,7 @@ from bastion.constants import reply_key
 log = logs.get("bastion.gateway.replies")
 
 _STREAM_TTL_S = 60
+_TRIM_EVERY = 512  # replies read between two trims of the reply stream
 
 
 @dataclass(slots=True)
@@ -35,6 +36,7 @@ class ReplyRouter:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
+        self._unread_trimmed = 0
         self._prefix = "s" + secrets.token_hex(6)
         self._ids = itertools.count()
         self.healthy = False
@@ -98,9 +100,12 @@ class ReplyRouter:
                 await asyncio.sleep(0.5)
                 continue
             if response:
-                # Replies read are dropped at once: the stream holds only what is in flight.
-                with contextlib.suppress(Exception):
-                    await self.redis.xtrim(self.key, minid=response[0][1][-1][0], approximate=False)
+                self._unread_trimmed += len(response[0][1])
+                if self._unread_trimmed >= _TRIM_EVERY:
+                    # Drop replies already read, so the stream holds little more than what is in flight.
+                    self._unread_trimmed = 0
+                    with contextlib.suppress(Exception):
+                        await self.redis.xtrim(self.key, minid=response[0][1][-1][0], approximate=True)
             for _stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode()
