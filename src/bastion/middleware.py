@@ -8,7 +8,6 @@ import secrets
 import time
 from typing import Any
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems
@@ -86,7 +85,6 @@ class RequestId:
                 break
         request_id = request_id or f"{self._prefix}{next(self._counter):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
         header = (b"x-request-id", request_id.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -139,6 +137,15 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def _observe(self, route: str, status: int, seconds: float) -> None:
+        series = self._series.get((route, status))
+        if series is None:  # label lookups take a lock; keep the children (bounded: routes × statuses)
+            series = (metrics.REQUESTS.labels(route, str(status)), metrics.REQUEST_LATENCY.labels(route))
+            self._series[(route, status)] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,7 +164,13 @@ class RequestMetrics:
             await self.app(scope, receive, send_with_status)
         except Exception as exc:
             metrics.ERRORS.labels("http", "unexpected").inc()
-            log.error("unexpected_error", path=scope.get("path", ""), error_type=type(exc).__name__, exc_info=exc)
+            log.error(
+                "unexpected_error",
+                path=scope.get("path", ""),
+                request_id=scope.get("state", {}).get("request_id", ""),
+                error_type=type(exc).__name__,
+                exc_info=exc,
+            )
             if status:
                 raise
             status = 500
@@ -165,8 +178,7 @@ class RequestMetrics:
             await response(scope, receive, send)
         finally:
             route = getattr(scope.get("endpoint"), "__name__", "unmatched")
-            metrics.REQUESTS.labels(route, str(status or 500)).inc()
-            metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - started)
+            self._observe(route, status or 500, time.perf_counter() - started)
 
 
 def install(app: Any, max_body_bytes: int) -> None:

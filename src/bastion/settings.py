@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     gateways: int = Field(default=1, ge=1, le=64, description="gateway processes sharing the gateway port")
     workers: int = Field(default=1, ge=1, le=256, description="worker processes")
     gateway_id: str | None = Field(
-        default=None, description="id of this gateway process (names its reply stream); unset: generated"
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="id of this gateway process (names its reply stream); unset: generated",
     )
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body the gateway reads")

@@ -1,16 +1,14 @@
 """What a job looks like on a stream, and the scripts that move it.
 
-Stream entry fields (short names keep entries small):
+A stream entry has two fields (few fields keep packing and parsing cheap on the hot path):
 
-====  =================================================================
-j     job id (random, unguessable)
-t     tenant
-m     model    v  version
-d     deadline, ms since epoch (0: none) - the worker drops jobs past it
-r     reply gateway id ('' for async jobs: the outcome is only stored)
-c     created, ms since epoch
+====  =================================================================================
+h     ``job id|tenant|model|version|deadline ms|reply gateway|created ms`` - the
+      deadline is ms since the epoch (0: none), the worker drops jobs past it; the
+      reply gateway is '' for async jobs, whose outcome is only stored. No part can
+      hold '|': ids are URL-safe, names match ``[a-z0-9._-]``.
 x     input tensors (``bastion.codec`` blob)
-====  =================================================================
+====  =================================================================================
 """
 
 from __future__ import annotations
@@ -35,16 +33,20 @@ class Job:
 
     @classmethod
     def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
+        parts = fields.get(b"h", b"").decode().split("|")
+        if len(parts) != 7:
+            parts = ["", "", "", "0", "0", "", "0"]  # malformed: it fails as an unknown model version
+        job_id, tenant, model, version, deadline, reply_to, created = parts
         return cls(
             stream=stream,
             entry_id=entry_id,
-            job_id=fields.get(b"j", b"").decode(),
-            tenant=fields.get(b"t", b"").decode(),
-            model=fields.get(b"m", b"").decode(),
-            version=int(fields.get(b"v", b"0") or 0),
-            deadline_ms=int(fields.get(b"d", b"0") or 0),
-            reply_to=fields.get(b"r", b"").decode(),
-            created_ms=int(fields.get(b"c", b"0") or 0),
+            job_id=job_id,
+            tenant=tenant,
+            model=model,
+            version=int(version or 0),
+            deadline_ms=int(deadline or 0),
+            reply_to=reply_to,
+            created_ms=int(created or 0),
             blob=fields.get(b"x", b""),
             fields=fields,
         )
@@ -53,24 +55,8 @@ class Job:
 def entry_fields(
     job_id: str, tenant: str, model: str, version: int, deadline_ms: int, reply_to: str, created_ms: int, blob: bytes
 ) -> list[str | bytes]:
-    return [
-        "j",
-        job_id,
-        "t",
-        tenant,
-        "m",
-        model,
-        "v",
-        str(version),
-        "d",
-        str(deadline_ms),
-        "r",
-        reply_to,
-        "c",
-        str(created_ms),
-        "x",
-        blob,
-    ]
+    header = f"{job_id}|{tenant}|{model}|{version}|{deadline_ms}|{reply_to}|{created_ms}"
+    return ["h", header, "x", blob]
 
 
 def script(name: str) -> str:
