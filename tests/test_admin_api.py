@@ -71,6 +71,13 @@ def test_cli_registers_lists_and_manages_keys(stack: Stack, tmp_path: Path) -> N
     key_id = created.split('"id": "')[1].split('"')[0]
     assert '"revoked": true' in bastion("keys", "revoke", key_id)
     assert "bst_" not in bastion("keys", "list", "--tenant", "initech")
+    assert '"version": 2' in bastion("models", "register", "second-model", str(model), "--no-activate")
+    deployed = bastion("deploy", "set", "second-model", "--route", "1:90", "--route", "2:10:canary")
+    assert '"role": "canary"' in deployed and '"weight": 10' in deployed
+    shown = bastion("deploy", "show", "second-model")
+    assert '"version": 1' in shown and '"disabled": false' in shown
+    assert '"disabled": true' in bastion("deploy", "disable", "second-model")
+    assert '"disabled": false' in bastion("deploy", "enable", "second-model")
 
 
 def test_invalid_key_request_is_a_problem(stack: Stack) -> None:

@@ -68,3 +68,21 @@ class AdminClient:
     def revoke_key(self, key_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("DELETE", f"/admin/v1/keys/{key_id}")
         return result
+
+    def deployment(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/deployment")
+        return result
+
+    def deploy(self, model: str, routes: list[dict[str, Any]], fallback: int | None = None) -> dict[str, Any]:
+        body = {"routes": routes, "fallback_version": fallback}
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/deployment", json=body)
+        return result
+
+    def rollback(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/rollback")
+        return result
+
+    def set_enabled(self, model: str, enabled: bool) -> dict[str, Any]:
+        action = "enable" if enabled else "disable"
+        result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/{action}")
+        return result

@@ -27,6 +27,8 @@ models_app = typer.Typer(help="Register and list models.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
+deploy_app = typer.Typer(help="Route traffic between versions, roll back, and the kill switch.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
@@ -201,6 +203,71 @@ def keys_revoke(
     """Revoke key KEY_ID; gateways refuse it once they see the new snapshot (well under a second)."""
     client = _client(control_url, admin_key, data_dir)
     _run(lambda: client.revoke_key(key_id))
+
+
+def _route(text: str) -> dict[str, Any]:
+    """``VERSION[:WEIGHT[:ROLE]]``, e.g. ``2:10:canary``."""
+    parts = text.split(":")
+    try:
+        route: dict[str, Any] = {"version": int(parts[0])}
+        if len(parts) > 1:
+            route["weight"] = int(parts[1])
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not VERSION[:WEIGHT[:ROLE]]") from exc
+    if len(parts) > 2:
+        route["role"] = parts[2]
+    return route
+
+
+@deploy_app.command("set")
+def deploy_set(
+    name: str,
+    route: Annotated[list[str], typer.Option(help="VERSION[:WEIGHT[:ROLE]] (repeatable), e.g. 1:90 2:10:canary")],
+    fallback: Annotated[int | None, typer.Option(help="version that answers while the model is disabled")] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Route NAME's traffic: one primary route and optional weighted canaries (sticky per subject)."""
+    client = _client(control_url, admin_key, data_dir)
+    routes = [_route(r) for r in route]
+    _run(lambda: client.deploy(name, routes, fallback))
+
+
+@deploy_app.command("show")
+def deploy_show(
+    name: str, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Show NAME's routes, fallback and kill-switch state."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.deployment(name))
+
+
+@deploy_app.command("rollback")
+def deploy_rollback(
+    name: str, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """All of NAME's traffic back to its production version (or the one before it)."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.rollback(name))
+
+
+@deploy_app.command("disable")
+def deploy_disable(
+    name: str, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Kill switch: NAME answers 503 (or its fallback version) on every gateway within a second."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.set_enabled(name, False))
+
+
+@deploy_app.command("enable")
+def deploy_enable(
+    name: str, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Serve NAME again after ``deploy disable``."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.set_enabled(name, True))
 
 
 def main() -> None:

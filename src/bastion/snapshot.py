@@ -37,10 +37,30 @@ class VersionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    version: VersionInfo
+    weight: int
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoutes:
+    """How one model's traffic is split now (see ``bastion.registry.deployments``)."""
+
+    routes: tuple[Route, ...]
+    fallback: VersionInfo | None
+    disabled: bool
+
+    @property
+    def total_weight(self) -> int:
+        return sum(r.weight for r in self.routes)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     serial: int
     keys: dict[str, KeyInfo]
-    models: dict[str, VersionInfo | None]  # model -> current version (None: no live version)
+    models: dict[str, ModelRoutes]
     versions: dict[tuple[str, int], VersionInfo]
 
     @classmethod
@@ -55,14 +75,23 @@ class Snapshot:
             for digest, k in data["keys"].items()
         }
         versions: dict[tuple[str, int], VersionInfo] = {}
-        models: dict[str, VersionInfo | None] = {}
+        models: dict[str, ModelRoutes] = {}
         for name, model in data["models"].items():
             for number, v in model["versions"].items():
                 versions[(name, int(number))] = VersionInfo(
                     name, int(number), v["sha256"], Signature.from_dict(v["signature"])
                 )
-            current = model.get("current")
-            models[name] = versions.get((name, int(current))) if current is not None else None
+            routes = tuple(
+                Route(versions[(name, int(r["version"]))], int(r["weight"]), str(r["role"]))
+                for r in model.get("routes", [])
+                if (name, int(r["version"])) in versions
+            )
+            fallback = model.get("fallback")
+            models[name] = ModelRoutes(
+                routes=routes,
+                fallback=versions.get((name, int(fallback))) if fallback is not None else None,
+                disabled=bool(model.get("disabled", False)),
+            )
         return cls(int(data.get("serial", 0)), keys, models, versions)
 
 

@@ -17,7 +17,7 @@ from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
 from bastion.control.bootstrap import ensure_admin_key
-from bastion.control.schemas import KeyCreate
+from bastion.control.schemas import DeploymentSet, KeyCreate
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
 from bastion.redisconn import sync_client
 from bastion.registry import db
@@ -118,6 +118,72 @@ async def register_version(
     await run_in_threadpool(plane.publish)
     log.info("version_registered", model=name, version=view["version"], sha256=view["sha256"], by=admin["id"])
     return json_response(view, status_code=201)
+
+
+@router.get("/models/{name}/deployment", tags=["deployments"])
+async def get_deployment(name: str, request: Request) -> Response:
+    """The model's routes, fallback version and kill-switch state."""
+    return json_response(await run_in_threadpool(_plane(request).registry.deployments.get, name))
+
+
+@router.put("/models/{name}/deployment", tags=["deployments"])
+async def set_deployment(
+    name: str,
+    body: DeploymentSet,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Route traffic: one primary and optional weighted canaries (sticky per subject), and a fallback."""
+    plane = _plane(request)
+    routes = [r.model_dump() for r in body.routes]
+    view = await run_in_threadpool(
+        plane.registry.deployments.deploy, name, routes, body.fallback_version, str(admin["id"])
+    )
+    return await _published(plane, view, "deployment_set", name, admin)
+
+
+@router.post("/models/{name}/rollback", tags=["deployments"])
+async def rollback(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """All traffic back to the production version (canaries dropped), or to the previous one."""
+    plane = _plane(request)
+    view = await run_in_threadpool(plane.registry.deployments.rollback, name, str(admin["id"]))
+    return await _published(plane, view, "deployment_rolled_back", name, admin)
+
+
+@router.post("/models/{name}/disable", tags=["deployments"])
+async def disable(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Kill switch: gateways answer 503 (or the fallback version) for this model at once."""
+    plane = _plane(request)
+    view = await run_in_threadpool(plane.registry.deployments.set_disabled, name, True, str(admin["id"]))
+    return await _published(plane, view, "model_disabled", name, admin)
+
+
+@router.post("/models/{name}/enable", tags=["deployments"])
+async def enable(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    plane = _plane(request)
+    view = await run_in_threadpool(plane.registry.deployments.set_disabled, name, False, str(admin["id"]))
+    return await _published(plane, view, "model_enabled", name, admin)
+
+
+async def _published(
+    plane: ControlPlane, view: dict[str, Any], event: str, model: str, admin: dict[str, Any]
+) -> Response:
+    """Publish the new snapshot (gateways obey on the notice), log the change, answer with it."""
+    await run_in_threadpool(plane.publish)
+    log.info(event, model=model, by=admin["id"], routes=view["routes"], disabled=view["disabled"])
+    return json_response(view)
 
 
 @router.post("/keys", status_code=201, tags=["keys"])

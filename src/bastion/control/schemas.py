@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
@@ -12,3 +14,18 @@ class KeyCreate(BaseModel):
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: ["predict", "jobs", "models:read"], min_length=1, max_length=16)
     expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
+
+
+class RouteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    weight: int = Field(default=100, ge=0, le=10_000)
+    role: Literal["primary", "canary"] = "primary"
+
+
+class DeploymentSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    routes: list[RouteIn] = Field(min_length=1, max_length=16)
+    fallback_version: int | None = Field(default=None, ge=1)

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 from redis.exceptions import RedisError
 
-from bastion import codec, metrics
+from bastion import codec, metrics, routing
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
 from bastion.gateway.replies import Reply
@@ -20,14 +20,20 @@ from bastion.gateway.state import GatewayState
 from bastion.snapshot import KeyInfo, VersionInfo
 
 
-def resolve(state: GatewayState, name: str) -> VersionInfo:
-    """The version that serves ``name`` now, or 404."""
+def resolve(state: GatewayState, name: str, subject: str) -> tuple[VersionInfo, bool]:
+    """The version that answers this subject for ``name`` now, and whether it is the fallback."""
     if len(name) > 64:
         raise NotFound("no such model")
-    version = state.snapshots.current.models.get(name)
-    if version is None:
-        raise NotFound(f"no model {name!r} is being served", model=name[:64])
-    return version
+    return routing.choose(name, state.snapshots.current.models.get(name), subject)
+
+
+def subject_of(header: str | None, tenant: str) -> str:
+    """The routing subject: the client's ``X-Bastion-Subject``, else its tenant."""
+    if header is None:
+        return tenant
+    if not 0 < len(header) <= 256:
+        raise InvalidInput("X-Bastion-Subject must be 1 to 256 characters")
+    return f"{tenant}\x00{header}"
 
 
 def new_job_id() -> str:

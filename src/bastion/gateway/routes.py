@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,7 @@ from starlette.routing import Route
 
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
-from bastion.gateway.dispatch import resolve, run_sync, submit_async, timeout_s
+from bastion.gateway.dispatch import resolve, run_sync, subject_of, submit_async, timeout_s
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
 from bastion.snapshot import KeyInfo, VersionInfo
@@ -75,75 +76,93 @@ def _state(request: Request) -> GatewayState:
     return state
 
 
-async def _admit(request: Request, scope: str) -> tuple[GatewayState, KeyInfo, VersionInfo, Any]:
-    """Authenticate, resolve the model, then read and parse the body: in that order, so an
+@dataclass(slots=True)
+class Admitted:
+    state: GatewayState
+    key: KeyInfo
+    version: VersionInfo
+    fallback: bool
+    doc: Any
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Which version answered, and whether it was the fallback of a disabled model."""
+        headers = {"X-Bastion-Model-Version": str(self.version.version)}
+        if self.fallback:
+            headers["X-Bastion-Fallback"] = "true"
+        return headers
+
+
+async def _admit(request: Request, scope: str) -> Admitted:
+    """Authenticate, route to a version, then read and parse the body: in that order, so an
     unauthenticated or misdirected request never has its body read."""
     state = _state(request)
     key = authenticate(request, state, scope)
-    version = resolve(state, request.path_params["name"])
+    subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
+    version, fallback = resolve(state, request.path_params["name"], subject)
     doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
-    return state, key, version, doc
+    return Admitted(state, key, version, fallback, doc)
 
 
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
-    state, key, version, doc = await _admit(request, "predict")
-    wait = timeout_s(state, wait_header)
-    tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
-    job_id, outputs = await run_sync(state, key, version, tensors, wait)
+    a = await _admit(request, "predict")
+    wait = timeout_s(a.state, wait_header)
+    tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
+    job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
     return json_response(
         {
             "id": job_id,
-            "model": version.model,
-            "version": version.version,
+            "model": a.version.model,
+            "version": a.version.version,
             "outputs": payloads.v1_response_outputs(outputs),
         },
-        headers={"X-Bastion-Model-Version": str(version.version)},
+        headers=a.headers,
     )
 
 
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
-    state, key, version, doc = await _admit(request, "jobs")
-    tensors = payloads.v1_inputs(doc, version.signature, state.settings.max_rows)
-    job_id = await submit_async(state, key, version, tensors)
+    a = await _admit(request, "jobs")
+    tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
+    job_id = await submit_async(a.state, a.key, a.version, tensors)
     location = f"/v1/jobs/{job_id}"
     return json_response(
         {
             "id": job_id,
             "status": "queued",
-            "model": version.model,
-            "version": version.version,
+            "model": a.version.model,
+            "version": a.version.version,
             "links": {"self": location, "events": f"{location}/events"},
         },
         status_code=202,
-        headers={"Location": location},
+        headers={"Location": location, **a.headers},
     )
 
 
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
-    state, key, version, doc = await _admit(request, "predict")
-    wait = timeout_s(state, wait_header)
-    tensors, wanted, request_id = payloads.v2_inputs(doc, version.signature, state.settings.max_rows)
-    job_id, outputs = await run_sync(state, key, version, tensors, wait)
+    a = await _admit(request, "predict")
+    wait = timeout_s(a.state, wait_header)
+    tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
+    job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
     body: dict[str, Any] = {
-        "model_name": version.model,
-        "model_version": str(version.version),
+        "model_name": a.version.model,
+        "model_version": str(a.version.version),
         "id": request_id or job_id,
         "outputs": payloads.v2_outputs(outputs, wanted),
     }
-    return json_response(body, headers={"X-Bastion-Model-Version": str(version.version)})
+    return json_response(body, headers=a.headers)
 
 
 @router.get("/v2/models/{name}", tags=["open inference protocol"])
 async def model_metadata(name: str, request: Request) -> Response:
     """Open Inference Protocol model metadata: versions, inputs and outputs."""
     state = _state(request)
-    authenticate(request, state, "models:read", "predict")
-    version = resolve(state, name)
+    key = authenticate(request, state, "models:read", "predict")
+    version, _ = resolve(state, name, key.tenant)
     versions = sorted(v for (m, v) in state.snapshots.current.versions if m == name)
     return json_response(
         {
@@ -160,8 +179,8 @@ async def model_metadata(name: str, request: Request) -> Response:
 async def model_ready(name: str, request: Request) -> Response:
     """200 when the model has a live version the gateway can route to."""
     state = _state(request)
-    authenticate(request, state, "models:read", "predict")
-    resolve(state, name)
+    key = authenticate(request, state, "models:read", "predict")
+    resolve(state, name, key.tenant)
     return json_response({"name": name, "ready": True})
 
 

@@ -15,7 +15,8 @@ from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore
 from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidInput, NotFound
-from bastion.registry.tables import ApiKey, Model, ModelVersion, Tenant
+from bastion.registry.deployments import Deployments
+from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, Tenant
 from bastion.security import apikeys
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -32,6 +33,7 @@ class Registry:
         self.sessions = sessions
         self.store = store
         self.max_upload_bytes = max_upload_bytes
+        self.deployments = Deployments(sessions)
 
     # tenants and keys -------------------------------------------------------------------
     def ensure_tenant(self, name: str) -> Tenant:
@@ -99,6 +101,15 @@ class Registry:
         check_name("model", model)
         signature = onnx_check.inspect(data, self.max_upload_bytes)
         digest = self.store.put(data)
+        view = self._insert_version(model, data, digest, signature.to_dict(), description, created_by)
+        if activate:
+            route = {"version": view["version"], "weight": 100, "role": "primary"}
+            self.deployments.deploy(model, [route], None, created_by or "registry")
+        return view
+
+    def _insert_version(
+        self, model: str, data: bytes, digest: str, signature: dict[str, Any], description: str, created_by: str
+    ) -> dict[str, Any]:
         for _attempt in range(3):
             try:
                 with self.sessions.begin() as s:
@@ -118,13 +129,11 @@ class Registry:
                         version=(last or 0) + 1,
                         sha256=digest,
                         size_bytes=len(data),
-                        signature=signature.to_dict(),
+                        signature=signature,
                         created_by=created_by[:64],
                     )
                     s.add(version)
                     s.flush()
-                    if activate:
-                        row.current_version = version.version
                     return _version_view(row, version)
             except SqlIntegrityError:
                 continue  # a concurrent upload took the same version number; take the next one
@@ -133,7 +142,9 @@ class Registry:
     def list_models(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
             out = []
+            deployments = {d.model_id: d for d in s.scalars(select(Deployment))}
             for model in s.scalars(select(Model).order_by(Model.name)):
+                dep = deployments.get(model.id)
                 versions = s.scalars(
                     select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
                 ).all()
@@ -142,6 +153,11 @@ class Registry:
                         "name": model.name,
                         "description": model.description,
                         "current_version": model.current_version,
+                        "deployment": {
+                            "routes": dep.routes if dep else [],
+                            "fallback_version": dep.fallback_version if dep else None,
+                            "disabled": dep.disabled if dep else False,
+                        },
                         "versions": [_version_view(model, v) for v in versions],
                     }
                 )
@@ -170,8 +186,12 @@ class Registry:
                 }
         models = {}
         for model in self.list_models():
+            dep = model["deployment"]
             models[model["name"]] = {
                 "current": model["current_version"],
+                "routes": dep["routes"],
+                "fallback": dep["fallback_version"],
+                "disabled": dep["disabled"],
                 "versions": {
                     str(v["version"]): {"sha256": v["sha256"], "signature": v["signature"]} for v in model["versions"]
                 },

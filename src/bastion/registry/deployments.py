@@ -1,0 +1,140 @@
+"""Deployments: which versions of a model take traffic, in what share, and the kill switch.
+
+A deployment is a list of routes ``{version, weight, role}`` with exactly one ``primary``
+(the production version) and any number of ``canary`` routes; weights split the traffic
+(sticky per subject, decided at the gateway). A ``fallback`` version answers while the model
+is disabled. Every change is appended to ``deployment_events``; ``rollback`` reads that history:
+with canaries live it returns all traffic to the primary, otherwise to the primary that served
+before the current one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bastion.errors import Conflict, InvalidInput, NotFound
+from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
+
+ROLES = ("primary", "canary")
+
+
+def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not routes:
+        raise InvalidInput("a deployment needs at least one route")
+    out = []
+    for route in routes:
+        role = route.get("role", "primary")
+        if role not in ROLES:
+            raise InvalidInput(f"route role {role!r} is not one of {list(ROLES)}")
+        version, weight = route.get("version"), route.get("weight", 100)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidInput("route version must be a positive integer")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
+            raise InvalidInput("route weight must be an integer from 0 to 10000")
+        out.append({"version": version, "weight": weight, "role": role})
+    if sum(r["role"] == "primary" for r in out) != 1:
+        raise InvalidInput("a deployment needs exactly one primary route")
+    if len({r["version"] for r in out}) != len(out):
+        raise InvalidInput("a version appears in more than one route")
+    if sum(r["weight"] for r in out) == 0:
+        raise InvalidInput("the route weights add up to zero")
+    return out
+
+
+class Deployments:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def get(self, model: str) -> dict[str, Any]:
+        with self.sessions() as s:
+            row, dep = self._load(s, model)
+            return _view(row, dep)
+
+    def deploy(
+        self, model: str, routes: list[dict[str, Any]], fallback: int | None, by: str, action: str = "deploy"
+    ) -> dict[str, Any]:
+        routes = normalise_routes(routes)
+        with self.sessions.begin() as s:
+            row, found = self._load(s, model)
+            self._check_versions(s, row, [r["version"] for r in routes] + ([fallback] if fallback else []))
+            dep = found or Deployment(model_id=row.id, routes=[], disabled=False)
+            s.add(dep)
+            dep.routes, dep.fallback_version = routes, fallback
+            return self._record(s, row, dep, action, by)
+
+    def set_disabled(self, model: str, disabled: bool, by: str) -> dict[str, Any]:
+        with self.sessions.begin() as s:
+            row, dep = self._load(s, model)
+            if dep is None:
+                raise Conflict(f"model {model!r} has no deployment")
+            dep.disabled = disabled
+            return self._record(s, row, dep, "disable" if disabled else "enable", by)
+
+    def rollback(self, model: str, by: str) -> dict[str, Any]:
+        with self.sessions.begin() as s:
+            row, dep = self._load(s, model)
+            if dep is None:
+                raise Conflict(f"model {model!r} has no deployment")
+            primary = next(r["version"] for r in dep.routes if r["role"] == "primary")
+            if len(dep.routes) > 1:
+                target = primary  # canaries live: all traffic back to the production version
+            else:
+                target = self._previous_primary(s, row, primary)
+            dep.routes = [{"version": target, "weight": 100, "role": "primary"}]
+            dep.disabled = False
+            return self._record(s, row, dep, "rollback", by)
+
+    # helpers -----------------------------------------------------------------------------
+    def _load(self, s: Session, model: str) -> tuple[Model, Deployment | None]:
+        row = s.scalar(select(Model).where(Model.name == model))
+        if row is None:
+            raise NotFound(f"no model {model!r}")
+        return row, s.get(Deployment, row.id)
+
+    def _check_versions(self, s: Session, row: Model, versions: list[int]) -> None:
+        known = set(s.scalars(select(ModelVersion.version).where(ModelVersion.model_id == row.id)))
+        missing = sorted(set(versions) - known)
+        if missing:
+            raise InvalidInput(f"model {row.name!r} has no version(s) {missing}")
+
+    def _previous_primary(self, s: Session, row: Model, current: int) -> int:
+        events = s.scalars(
+            select(DeploymentEvent).where(DeploymentEvent.model_id == row.id).order_by(DeploymentEvent.id.desc())
+        )
+        for event in events:
+            for route in event.routes:
+                if route["role"] == "primary" and route["version"] != current:
+                    return int(route["version"])
+        raise Conflict(f"model {row.name!r} has no earlier production version to roll back to")
+
+    def _record(self, s: Session, row: Model, dep: Deployment, action: str, by: str) -> dict[str, Any]:
+        dep.updated_by, dep.updated_at = by[:64], datetime.now(UTC)
+        row.current_version = next(r["version"] for r in dep.routes if r["role"] == "primary")
+        s.add(
+            DeploymentEvent(
+                model_id=row.id,
+                action=action,
+                routes=list(dep.routes),
+                fallback_version=dep.fallback_version,
+                disabled=dep.disabled,
+                created_by=by[:64],
+            )
+        )
+        s.flush()
+        return _view(row, dep)
+
+
+def _view(row: Model, dep: Deployment | None) -> dict[str, Any]:
+    if dep is None:
+        return {"model": row.name, "routes": [], "fallback_version": None, "disabled": False}
+    return {
+        "model": row.name,
+        "routes": dep.routes,
+        "fallback_version": dep.fallback_version,
+        "disabled": dep.disabled,
+        "updated_by": dep.updated_by,
+    }

@@ -1,0 +1,146 @@
+"""Deployments over real processes: weighted sticky canaries, rollback and the kill switch on two gateways."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion import demo
+from bastion.artifacts.store import ArtifactStore
+from bastion.errors import Conflict, InvalidInput
+from bastion.registry import db
+from bastion.registry.service import Registry
+from tests.support import Stack
+
+ROW = [1.0] * 30
+PREDICT = "/v1/models/breast-cancer/predict"
+
+
+@pytest.fixture(scope="module")
+def two_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("deploy"), workers=1, gateways=2)
+    try:
+        s.start()
+        s.admin.register(demo.MODEL_NAME, demo.model_bytes(), activate=False)  # version 2
+        yield s
+    finally:
+        s.stop()
+
+
+def _version(http: httpx.Client, subject: str) -> int:
+    r = http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Subject": subject})
+    assert r.status_code == 200, r.text
+    return int(r.headers["x-bastion-model-version"])
+
+
+def test_a_90_10_canary_splits_distinct_subjects_and_is_sticky(two_gateways: Stack) -> None:
+    stack = two_gateways
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 90}, {"version": 2, "weight": 10, "role": "canary"}])
+    time.sleep(0.5)
+    clients = [stack.client(gateway=i % 2, limits=httpx.Limits(max_connections=4)) for i in range(16)]
+    try:
+
+        def run(i: int) -> int:
+            return _version(clients[i % 16], f"user-{i}")
+
+        with ThreadPoolExecutor(16) as pool:
+            versions = list(pool.map(run, range(10_000)))
+        share = versions.count(2) / len(versions) * 100
+        print(f"canary share over 10,000 distinct subjects: {share:.2f}%")
+        assert 8.5 <= share <= 11.5
+        # Sticky: the same subject gets the same version on every call and on either gateway.
+        for i in range(0, 10_000, 50):
+            assert _version(clients[(i + 1) % 16], f"user-{i}") == versions[i]
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_rollback_and_kill_switch_are_obeyed_by_both_gateways_within_a_second(two_gateways: Stack) -> None:
+    stack = two_gateways
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 50}, {"version": 2, "weight": 50, "role": "canary"}])
+    time.sleep(0.5)
+    clients = [stack.client(gateway=0), stack.client(gateway=1)]
+    try:
+        canary_subject = next(s for s in (f"s{i}" for i in range(1000)) if _version(clients[0], s) == 2)
+
+        def obeyed_within(check: object) -> float:
+            started = time.monotonic()
+            pending = set(range(len(clients)))
+            while pending and time.monotonic() - started < 5:
+                for i in list(pending):
+                    if check(clients[i]):  # type: ignore[operator]
+                        pending.discard(i)
+            assert not pending, "a gateway never obeyed"
+            return time.monotonic() - started
+
+        stack.admin.rollback(demo.MODEL_NAME)
+        rollback_s = obeyed_within(lambda c: _version(c, canary_subject) == 1)
+        stack.admin.set_enabled(demo.MODEL_NAME, False)
+        disable_s = obeyed_within(lambda c: c.post(PREDICT, json={"inputs": [ROW]}).status_code == 503)
+        r = clients[1].post(PREDICT, json={"inputs": [ROW]})
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "disabled" in r.json()["detail"]
+        stack.admin.set_enabled(demo.MODEL_NAME, True)
+        enable_s = obeyed_within(lambda c: c.post(PREDICT, json={"inputs": [ROW]}).status_code == 200)
+        print(
+            f"obeyed by both gateways: rollback {rollback_s:.3f} s, disable {disable_s:.3f} s, enable {enable_s:.3f} s"
+        )
+        assert max(rollback_s, disable_s, enable_s) < 1.0
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_disabled_model_with_a_fallback_is_answered_by_it_and_labelled(two_gateways: Stack) -> None:
+    stack = two_gateways
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 2}], fallback=1)
+    stack.admin.set_enabled(demo.MODEL_NAME, False)
+    time.sleep(0.5)
+    try:
+        with stack.client() as http:
+            r = http.post(PREDICT, json={"inputs": [ROW]})
+        assert r.status_code == 200
+        assert r.headers["x-bastion-fallback"] == "true"
+        assert r.headers["x-bastion-model-version"] == "1"
+    finally:
+        stack.admin.set_enabled(demo.MODEL_NAME, True)
+    # Promoting v2 then rolling back returns all traffic to v1.
+    assert stack.admin.rollback(demo.MODEL_NAME)["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
+
+
+@pytest.fixture
+def registry(database_url: str, tmp_path: Path) -> Iterator[Registry]:
+    engine = db.engine_for(database_url)
+    db.migrate(engine)
+    yield Registry(db.session_factory(engine), ArtifactStore(tmp_path / "artifacts"), max_upload_bytes=1 << 20)
+    engine.dispose()
+
+
+def test_deployments_are_validated_and_recorded(registry: Registry) -> None:
+    registry.register_version("m", demo.model_bytes())
+    registry.register_version("m", demo.model_bytes(), activate=False)
+    deployments = registry.deployments
+    for routes, says in [
+        ([], "at least one route"),
+        ([{"version": 1, "role": "canary"}], "exactly one primary"),
+        ([{"version": 1}, {"version": 1, "role": "canary"}], "more than one route"),
+        ([{"version": 9}], "no version"),
+        ([{"version": 1, "weight": 0}], "add up to zero"),
+        ([{"version": 1, "role": "shadowy"}], "role"),
+    ]:
+        with pytest.raises(InvalidInput, match=says):
+            deployments.deploy("m", routes, None, "alice")
+    with pytest.raises(Conflict, match="no earlier production version"):
+        deployments.rollback("m", "alice")
+    deployments.deploy("m", [{"version": 2}], None, "alice")
+    assert registry.get_model("m")["current_version"] == 2
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 1
+    snap = registry.snapshot()["models"]["m"]
+    assert snap["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
+    assert snap["disabled"] is False
