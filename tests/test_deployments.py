@@ -144,3 +144,30 @@ def test_deployments_are_validated_and_recorded(registry: Registry) -> None:
     snap = registry.snapshot()["models"]["m"]
     assert snap["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
     assert snap["disabled"] is False
+
+
+def test_a_tampered_canary_is_refused_by_the_worker_while_the_primary_keeps_serving(two_gateways: Stack) -> None:
+    import onnx
+
+    stack = two_gateways
+    variant = onnx.load_model_from_string(demo.model_bytes())
+    variant.doc_string = "a retrained variant (different bytes, different sha256)"
+    v3 = stack.admin.register(demo.MODEL_NAME, variant.SerializeToString(), activate=False)
+    artifact = next(p for p in (stack.root / "artifacts").rglob(v3["sha256"]))
+    artifact.chmod(0o644)
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 50}, {"version": 3, "weight": 50, "role": "canary"}])
+    time.sleep(0.5)
+    with stack.client() as http:
+        answers = [
+            http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Subject": f"t{i}"}) for i in range(40)
+        ]
+    served = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code != 200]
+    assert served and all(r.headers["x-bastion-model-version"] == "1" for r in served), "the primary keeps serving"
+    assert refused and all(r.status_code == 502 for r in refused), "the tampered canary is never served"
+    assert all("failed its integrity check" in r.json()["detail"] for r in refused)
+    assert "artifact_refused" in stack.log("worker-0")
+    stack.admin.rollback(demo.MODEL_NAME)

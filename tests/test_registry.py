@@ -92,3 +92,25 @@ def test_keys_create_list_revoke_and_snapshot(registry: Registry) -> None:
         registry.create_key("acme", "bad", ["root"])
     with pytest.raises(NotFound):
         registry.revoke_key("nope")
+
+
+def test_external_data_pointing_outside_the_artifact_is_refused(registry: Registry) -> None:
+    """An initializer whose bytes live in '../../etc/passwd' is refused whatever the path."""
+    import onnx
+    from onnx import helper
+
+    weight = helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [1.0])
+    weight.ClearField("float_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1])],
+        initializer=[weight],
+    )
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    with pytest.raises(InvalidArtifact, match="external tensor data"):
+        registry.register_version("traversal", data)
