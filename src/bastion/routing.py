@@ -23,6 +23,8 @@ def choose(model: str, routes: ModelRoutes | None, subject: str) -> tuple[Versio
     """(version, answered-by-fallback) for this subject, or NotFound / Unavailable."""
     if routes is None:
         raise NotFound(f"no model {model!r} is being served", model=model)
+    if not routes.disabled and len(routes.routes) == 1:
+        return routes.routes[0].version, False  # the common case: one production version
     if routes.disabled:
         if routes.fallback is not None:
             return routes.fallback, True

@@ -87,10 +87,9 @@ class Admitted:
     @property
     def headers(self) -> dict[str, str]:
         """Which version answered, and whether it was the fallback of a disabled model."""
-        headers = {"X-Bastion-Model-Version": str(self.version.version)}
         if self.fallback:
-            headers["X-Bastion-Fallback"] = "true"
-        return headers
+            return {"X-Bastion-Model-Version": str(self.version.version), "X-Bastion-Fallback": "true"}
+        return {"X-Bastion-Model-Version": str(self.version.version)}
 
 
 async def _admit(request: Request, scope: str) -> Admitted:
