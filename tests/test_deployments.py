@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,45 @@ def test_deployments_are_validated_and_recorded(registry: Registry) -> None:
     snap = registry.snapshot()["models"]["m"]
     assert snap["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
     assert snap["disabled"] is False
+    for rules, says in [
+        ([{"allow": [1]}], "needs a 'jurisdiction' or a 'tenant'"),
+        ([{"jurisdiction": "EU", "allow": "1"}], "list of version numbers"),
+        ([{"jurisdiction": "EU", "allow": [7]}], "no version"),
+        ([{"jurisdiction": "EU", "allow": [1], "consent": True}], "unknown fields"),
+    ]:
+        with pytest.raises(InvalidInput, match=says):
+            deployments.deploy("m", [{"version": 1}], None, "alice", rules=rules)
+    deployments.deploy("m", [{"version": 1}], None, "alice", rules=[{"jurisdiction": "EU", "allow": [2, 1, 1]}])
+    assert registry.snapshot()["models"]["m"]["rules"] == [{"jurisdiction": "EU", "allow": [1, 2]}]
+    registry.create_key("acme", "k", ["predict"])
+    registry.set_tenant("acme", "EU")
+    assert [k["jurisdiction"] for k in registry.snapshot()["keys"].values()] == ["EU"]
+    with pytest.raises(InvalidInput, match="jurisdiction"):
+        registry.set_tenant("acme", "no spaces allowed")
+
+
+def test_migration_0002_gives_existing_models_a_deployment(database_url: str) -> None:
+    """A database created before deployments existed keeps serving its current versions after upgrade."""
+    import sqlalchemy as sa
+
+    engine = db.engine_for(database_url)
+    try:
+        db.migrate(engine, "0001")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO models (name, description, current_version, created_at) "
+                    "VALUES ('old', '', 3, CURRENT_TIMESTAMP)"
+                )
+            )
+        db.migrate(engine)
+        with engine.connect() as conn:
+            routes = conn.execute(sa.text("SELECT routes FROM deployments")).scalar_one()
+        if isinstance(routes, str):
+            routes = json.loads(routes)
+        assert routes == [{"version": 3, "weight": 100, "role": "primary"}]
+    finally:
+        engine.dispose()
 
 
 def test_a_tampered_canary_is_refused_by_the_worker_while_the_primary_keeps_serving(two_gateways: Stack) -> None:
@@ -171,3 +211,32 @@ def test_a_tampered_canary_is_refused_by_the_worker_while_the_primary_keeps_serv
     assert all("failed its integrity check" in r.json()["detail"] for r in refused)
     assert "artifact_refused" in stack.log("worker-0")
     stack.admin.rollback(demo.MODEL_NAME)
+
+
+def test_a_jurisdiction_rule_keeps_eu_tenants_on_eu_approved_versions(two_gateways: Stack) -> None:
+    """EU is an attribute of the tenant (set by operators); no client header can change it."""
+    stack = two_gateways
+    stack.admin.set_tenant("acme", "EU")
+    rule = {"jurisdiction": "EU", "allow": [1]}
+    both = [{"version": 1, "weight": 50}, {"version": 2, "weight": 50, "role": "canary"}]
+    stack.admin.deploy(demo.MODEL_NAME, both, rules=[rule])
+    time.sleep(0.5)
+    try:
+        with stack.client("acme", gateway=0) as eu, stack.client("globex", gateway=1) as other:
+            eu_versions = {_version(eu, f"u{i}") for i in range(200)}
+            other_versions = {_version(other, f"u{i}") for i in range(200)}
+            assert eu_versions == {1}, "an EU tenant reached a version not approved for EU"
+            assert other_versions == {1, 2}
+            forged = eu.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Jurisdiction": "US"})
+            assert forged.headers["x-bastion-model-version"] == "1"
+            # Only an unapproved version deployed: EU callers get a 403 saying why; others are served.
+            stack.admin.deploy(demo.MODEL_NAME, [{"version": 2}], rules=[rule])
+            time.sleep(0.5)
+            refused = eu.post(PREDICT, json={"inputs": [ROW]})
+            assert refused.status_code == 403
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "jurisdiction EU only version(s) [1]" in refused.json()["detail"]
+            assert other.post(PREDICT, json={"inputs": [ROW]}).status_code == 200
+    finally:
+        stack.admin.set_tenant("acme", None)
+        stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])

@@ -73,8 +73,14 @@ class AdminClient:
         result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/deployment")
         return result
 
-    def deploy(self, model: str, routes: list[dict[str, Any]], fallback: int | None = None) -> dict[str, Any]:
-        body = {"routes": routes, "fallback_version": fallback}
+    def deploy(
+        self,
+        model: str,
+        routes: list[dict[str, Any]],
+        fallback: int | None = None,
+        rules: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        body = {"routes": routes, "fallback_version": fallback, "rules": rules or []}
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/deployment", json=body)
         return result
 
@@ -85,4 +91,8 @@ class AdminClient:
     def set_enabled(self, model: str, enabled: bool) -> dict[str, Any]:
         action = "enable" if enabled else "disable"
         result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/{action}")
+        return result
+
+    def set_tenant(self, name: str, jurisdiction: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json={"jurisdiction": jurisdiction})
         return result

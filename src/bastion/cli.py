@@ -224,14 +224,46 @@ def deploy_set(
     name: str,
     route: Annotated[list[str], typer.Option(help="VERSION[:WEIGHT[:ROLE]] (repeatable), e.g. 1:90 2:10:canary")],
     fallback: Annotated[int | None, typer.Option(help="version that answers while the model is disabled")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="policy JURISDICTION=V1,V2 (repeatable): callers there reach only these")
+    ] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Route NAME's traffic: one primary route and optional weighted canaries (sticky per subject)."""
+    """Route NAME's traffic: one primary route, optional weighted canaries (sticky per subject), policy rules."""
     client = _client(control_url, admin_key, data_dir)
     routes = [_route(r) for r in route]
-    _run(lambda: client.deploy(name, routes, fallback))
+    rules = [_rule(a) for a in allow or []]
+    _run(lambda: client.deploy(name, routes, fallback, rules))
+
+
+def _rule(text: str) -> dict[str, Any]:
+    jurisdiction, sep, versions = text.partition("=")
+    try:
+        allowed = [int(v) for v in versions.split(",") if v]
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not JURISDICTION=V1,V2") from exc
+    if not sep or not jurisdiction:
+        raise typer.BadParameter(f"{text!r} is not JURISDICTION=V1,V2")
+    return {"jurisdiction": jurisdiction, "allow": allowed}
+
+
+tenants_app = typer.Typer(help="Tenant attributes (jurisdiction).", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+
+
+@tenants_app.command("set")
+def tenants_set(
+    name: str,
+    jurisdiction: Annotated[str | None, typer.Option(help="e.g. EU; matched by deployment policy rules")] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create or update tenant NAME."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.set_tenant(name, jurisdiction))
 
 
 @deploy_app.command("show")

@@ -1,17 +1,22 @@
-"""Choose the version that answers a request: weighted, sticky per subject, kill switch aware.
+"""Choose the version that answers a request: policy rules, weights sticky per subject, kill switch.
 
-A subject (the ``X-Bastion-Subject`` header, or the tenant when absent) is hashed with the model
-name into a bucket in ``[0, total weight)``; the routes own consecutive bucket ranges in their
-order. The same subject therefore keeps the same version for as long as the weights stand, and
-distinct subjects split in proportion to the weights.
+1. Policy: every rule that applies to the caller (its tenant, or its tenant's jurisdiction, both
+   set by operators, never by a client header) narrows the versions it may reach to the rule's
+   ``allow`` list. A caller no route is allowed for gets the fallback if that is allowed, else a
+   403 problem saying which rule stopped it.
+2. Kill switch: a disabled model answers with its (allowed) fallback, or 503.
+3. Weights: the subject (``X-Bastion-Subject``, or the tenant) is hashed with the model name into
+   a bucket in ``[0, total weight)`` of the allowed routes, which own consecutive ranges in their
+   order. The same subject keeps its version while the weights stand; distinct subjects split in
+   proportion to the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from bastion.errors import NotFound, Unavailable
-from bastion.snapshot import ModelRoutes, VersionInfo
+from bastion.errors import Forbidden, NotFound, Unavailable
+from bastion.snapshot import ModelRoutes, Route, VersionInfo
 
 
 def bucket(model: str, subject: str, total: int) -> int:
@@ -19,22 +24,45 @@ def bucket(model: str, subject: str, total: int) -> int:
     return int.from_bytes(digest, "big") % total
 
 
-def choose(model: str, routes: ModelRoutes | None, subject: str) -> tuple[VersionInfo, bool]:
-    """(version, answered-by-fallback) for this subject, or NotFound / Unavailable."""
+def choose(
+    model: str, routes: ModelRoutes | None, subject: str, tenant: str = "", jurisdiction: str | None = None
+) -> tuple[VersionInfo, bool]:
+    """(version, answered-by-fallback) for this caller, or NotFound / Forbidden / Unavailable."""
     if routes is None:
         raise NotFound(f"no model {model!r} is being served", model=model)
-    if not routes.disabled and len(routes.routes) == 1:
-        return routes.routes[0].version, False  # the common case: one production version
+    if not routes.rules and not routes.disabled and len(routes.routes) == 1:
+        return routes.routes[0].version, False  # the common case: one production version, no policy
+    allowed: frozenset[int] | None = None
+    for rule in routes.rules:
+        if rule.applies(tenant, jurisdiction):
+            allowed = rule.allow if allowed is None else allowed & rule.allow
+    fallback = routes.fallback
+    if allowed is not None and fallback is not None and fallback.version not in allowed:
+        fallback = None
     if routes.disabled:
-        if routes.fallback is not None:
-            return routes.fallback, True
+        if fallback is not None:
+            return fallback, True
         raise Unavailable(f"model {model!r} is disabled by its operators", retry_after=30, model=model)
-    total = routes.total_weight
+    candidates = [r for r in routes.routes if allowed is None or r.version.version in allowed]
+    if not candidates:
+        if fallback is not None:
+            return fallback, True
+        why = f"jurisdiction {jurisdiction}" if jurisdiction else f"tenant {tenant}"
+        raise Forbidden(
+            f"policy allows {why} only version(s) {sorted(allowed or [])} of model {model!r}, "
+            "and none of them is deployed",
+            model=model,
+        )
+    return _weighted(model, candidates, subject), False
+
+
+def _weighted(model: str, routes: list[Route], subject: str) -> VersionInfo:
+    total = sum(r.weight for r in routes)
     if total <= 0:
         raise NotFound(f"no model {model!r} is being served", model=model)
-    point = bucket(model, subject, total) if len(routes.routes) > 1 else 0
-    for route in routes.routes:
+    point = bucket(model, subject, total) if len(routes) > 1 else 0
+    for route in routes:
         if point < route.weight:
-            return route.version, False
+            return route.version
         point -= route.weight
-    return routes.routes[-1].version, False  # unreachable: the weights cover [0, total)
+    return routes[-1].version  # unreachable: the weights cover [0, total)

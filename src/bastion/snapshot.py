@@ -23,6 +23,7 @@ class KeyInfo:
     tenant: str
     scopes: frozenset[str]
     expires_at: float | None
+    jurisdiction: str | None = None
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -44,12 +45,27 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Rule:
+    """A policy rule: callers of this tenant or jurisdiction may reach only ``allow``."""
+
+    jurisdiction: str | None
+    tenant: str | None
+    allow: frozenset[int]
+
+    def applies(self, tenant: str, jurisdiction: str | None) -> bool:
+        return (self.tenant is None or self.tenant == tenant) and (
+            self.jurisdiction is None or self.jurisdiction == jurisdiction
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoutes:
     """How one model's traffic is split now (see ``bastion.registry.deployments``)."""
 
     routes: tuple[Route, ...]
     fallback: VersionInfo | None
     disabled: bool
+    rules: tuple[Rule, ...] = ()
 
     @property
     def total_weight(self) -> int:
@@ -71,7 +87,7 @@ class Snapshot:
     def parse(cls, raw: bytes) -> Snapshot:
         data = orjson.loads(raw)
         keys = {
-            digest: KeyInfo(k["id"], k["tenant"], frozenset(k["scopes"]), k.get("expires_at"))
+            digest: KeyInfo(k["id"], k["tenant"], frozenset(k["scopes"]), k.get("expires_at"), k.get("jurisdiction"))
             for digest, k in data["keys"].items()
         }
         versions: dict[tuple[str, int], VersionInfo] = {}
@@ -91,6 +107,10 @@ class Snapshot:
                 routes=routes,
                 fallback=versions.get((name, int(fallback))) if fallback is not None else None,
                 disabled=bool(model.get("disabled", False)),
+                rules=tuple(
+                    Rule(r.get("jurisdiction"), r.get("tenant"), frozenset(int(v) for v in r["allow"]))
+                    for r in model.get("rules") or []
+                ),
             )
         return cls(int(data.get("serial", 0)), keys, models, versions)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
 from bastion.control.bootstrap import ensure_admin_key
-from bastion.control.schemas import DeploymentSet, KeyCreate
+from bastion.control.schemas import DeploymentSet, KeyCreate, TenantSet
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
 from bastion.redisconn import sync_client
 from bastion.registry import db
@@ -136,8 +137,11 @@ async def set_deployment(
     """Route traffic: one primary and optional weighted canaries (sticky per subject), and a fallback."""
     plane = _plane(request)
     routes = [r.model_dump() for r in body.routes]
+    rules = [r.model_dump(exclude_none=True) for r in body.rules]
     view = await run_in_threadpool(
-        plane.registry.deployments.deploy, name, routes, body.fallback_version, str(admin["id"])
+        functools.partial(
+            plane.registry.deployments.deploy, name, routes, body.fallback_version, str(admin["id"]), rules=rules
+        )
     )
     return await _published(plane, view, "deployment_set", name, admin)
 
@@ -183,6 +187,21 @@ async def _published(
     """Publish the new snapshot (gateways obey on the notice), log the change, answer with it."""
     await run_in_threadpool(plane.publish)
     log.info(event, model=model, by=admin["id"], routes=view["routes"], disabled=view["disabled"])
+    return json_response(view)
+
+
+@router.get("/tenants", tags=["tenants"])
+async def list_tenants(request: Request) -> Response:
+    return json_response({"tenants": await run_in_threadpool(_plane(request).registry.list_tenants)})
+
+
+@router.put("/tenants/{name}", tags=["tenants"])
+async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
+    """Create or update a tenant; its jurisdiction is what policy rules match (clients cannot set it)."""
+    plane = _plane(request)
+    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction)
+    await run_in_threadpool(plane.publish)
+    log.info("tenant_set", tenant=name, jurisdiction=body.jurisdiction)
     return json_response(view)
 
 

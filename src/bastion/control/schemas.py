@@ -24,8 +24,25 @@ class RouteIn(BaseModel):
     role: Literal["primary", "canary"] = "primary"
 
 
+class RuleIn(BaseModel):
+    """Callers of this jurisdiction (or tenant) may reach only the versions in ``allow``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jurisdiction: str | None = Field(default=None, min_length=1, max_length=16)
+    tenant: str | None = Field(default=None, min_length=1, max_length=64)
+    allow: list[int] = Field(max_length=64)
+
+
 class DeploymentSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     routes: list[RouteIn] = Field(min_length=1, max_length=16)
     fallback_version: int | None = Field(default=None, ge=1)
+    rules: list[RuleIn] = Field(default_factory=list, max_length=64)
+
+
+class TenantSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jurisdiction: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,16}$")

@@ -208,7 +208,10 @@ class Supervisor:
         pids = {c.name: c.process.pid for c in self.children if c.process is not None}
         if self.redis is not None and self.redis.process is not None:
             pids["redis"] = self.redis.process.pid
-        (self.settings.data_dir / "processes.json").write_text(json.dumps(pids, indent=2))
+        target = self.settings.data_dir / "processes.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pids, indent=2))
+        os.replace(tmp, target)  # readers never see a half-written file
 
     def _client_host(self) -> str:
         host = self.settings.host

@@ -20,11 +20,11 @@ from bastion.gateway.state import GatewayState
 from bastion.snapshot import KeyInfo, VersionInfo
 
 
-def resolve(state: GatewayState, name: str, subject: str) -> tuple[VersionInfo, bool]:
-    """The version that answers this subject for ``name`` now, and whether it is the fallback."""
+def resolve(state: GatewayState, name: str, subject: str, key: KeyInfo) -> tuple[VersionInfo, bool]:
+    """The version that answers this caller and subject for ``name`` now, and whether it is the fallback."""
     if len(name) > 64:
         raise NotFound("no such model")
-    return routing.choose(name, state.snapshots.current.models.get(name), subject)
+    return routing.choose(name, state.snapshots.current.models.get(name), subject, key.tenant, key.jurisdiction)
 
 
 def subject_of(header: str | None, tenant: str) -> str:

@@ -98,7 +98,7 @@ async def _admit(request: Request, scope: str) -> Admitted:
     state = _state(request)
     key = authenticate(request, state, scope)
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
-    version, fallback = resolve(state, request.path_params["name"], subject)
+    version, fallback = resolve(state, request.path_params["name"], subject, key)
     doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
     return Admitted(state, key, version, fallback, doc)
 
@@ -161,7 +161,7 @@ async def model_metadata(name: str, request: Request) -> Response:
     """Open Inference Protocol model metadata: versions, inputs and outputs."""
     state = _state(request)
     key = authenticate(request, state, "models:read", "predict")
-    version, _ = resolve(state, name, key.tenant)
+    version, _ = resolve(state, name, key.tenant, key)
     versions = sorted(v for (m, v) in state.snapshots.current.versions if m == name)
     return json_response(
         {
@@ -179,7 +179,7 @@ async def model_ready(name: str, request: Request) -> Response:
     """200 when the model has a live version the gateway can route to."""
     state = _state(request)
     key = authenticate(request, state, "models:read", "predict")
-    resolve(state, name, key.tenant)
+    resolve(state, name, key.tenant, key)
     return json_response({"name": name, "ready": True})
 
 

@@ -45,6 +45,29 @@ def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def normalise_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Policy rules: ``{"jurisdiction": "EU", "allow": [1, 3]}`` or ``{"tenant": "acme", "allow": [2]}``.
+
+    A rule applies to a caller whose tenant (or tenant's jurisdiction, set by operators, never by
+    a client header) matches; a caller may reach only the versions every applying rule allows.
+    """
+    out = []
+    for rule in rules:
+        when = {k: rule[k] for k in ("jurisdiction", "tenant") if rule.get(k) is not None}
+        if not when:
+            raise InvalidInput("a policy rule needs a 'jurisdiction' or a 'tenant'")
+        if any(not isinstance(v, str) or not 0 < len(v) <= 64 for v in when.values()):
+            raise InvalidInput("a policy rule's jurisdiction and tenant are short strings")
+        allow = rule.get("allow")
+        if not isinstance(allow, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in allow):
+            raise InvalidInput("a policy rule's 'allow' is a list of version numbers")
+        unknown = set(rule) - {"jurisdiction", "tenant", "allow"}
+        if unknown:
+            raise InvalidInput(f"a policy rule has unknown fields {sorted(unknown)}")
+        out.append({**when, "allow": sorted(set(allow))})
+    return out
+
+
 class Deployments:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
@@ -55,15 +78,23 @@ class Deployments:
             return _view(row, dep)
 
     def deploy(
-        self, model: str, routes: list[dict[str, Any]], fallback: int | None, by: str, action: str = "deploy"
+        self,
+        model: str,
+        routes: list[dict[str, Any]],
+        fallback: int | None,
+        by: str,
+        action: str = "deploy",
+        rules: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         routes = normalise_routes(routes)
+        rules = normalise_rules(rules or [])
         with self.sessions.begin() as s:
             row, found = self._load(s, model)
-            self._check_versions(s, row, [r["version"] for r in routes] + ([fallback] if fallback else []))
+            named = [r["version"] for r in routes] + [v for rule in rules for v in rule["allow"]]
+            self._check_versions(s, row, named + ([fallback] if fallback else []))
             dep = found or Deployment(model_id=row.id, routes=[], disabled=False)
             s.add(dep)
-            dep.routes, dep.fallback_version = routes, fallback
+            dep.routes, dep.fallback_version, dep.rules = routes, fallback, rules
             return self._record(s, row, dep, action, by)
 
     def set_disabled(self, model: str, disabled: bool, by: str) -> dict[str, Any]:
@@ -119,6 +150,7 @@ class Deployments:
                 model_id=row.id,
                 action=action,
                 routes=list(dep.routes),
+                rules=list(dep.rules or []),
                 fallback_version=dep.fallback_version,
                 disabled=dep.disabled,
                 created_by=by[:64],
@@ -130,10 +162,11 @@ class Deployments:
 
 def _view(row: Model, dep: Deployment | None) -> dict[str, Any]:
     if dep is None:
-        return {"model": row.name, "routes": [], "fallback_version": None, "disabled": False}
+        return {"model": row.name, "routes": [], "rules": [], "fallback_version": None, "disabled": False}
     return {
         "model": row.name,
         "routes": dep.routes,
+        "rules": dep.rules or [],
         "fallback_version": dep.fallback_version,
         "disabled": dep.disabled,
         "updated_by": dep.updated_by,

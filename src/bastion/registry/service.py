@@ -45,6 +45,25 @@ class Registry:
                 s.add(tenant)
             return tenant
 
+    def set_tenant(self, name: str, jurisdiction: str | None) -> dict[str, Any]:
+        """Set a tenant's attributes (created if new); the jurisdiction drives policy rules."""
+        if jurisdiction is not None and not re.match(r"^[A-Za-z0-9_-]{1,16}$", jurisdiction):
+            raise InvalidInput("jurisdiction must be 1 to 16 letters, digits, '-' or '_'")
+        ensured = self.ensure_tenant(name)
+        with self.sessions.begin() as s:
+            tenant = s.get(Tenant, ensured.id)
+            if tenant is None:
+                raise NotFound(f"no tenant {name!r}")
+            tenant.jurisdiction = jurisdiction
+            return {"name": tenant.name, "jurisdiction": tenant.jurisdiction}
+
+    def list_tenants(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            return [
+                {"name": t.name, "jurisdiction": t.jurisdiction}
+                for t in s.scalars(select(Tenant).order_by(Tenant.name))
+            ]
+
     def create_key(
         self, tenant: str, name: str, scopes: list[str], expires_at: datetime | None = None
     ) -> tuple[ApiKey, str]:
@@ -155,6 +174,7 @@ class Registry:
                         "current_version": model.current_version,
                         "deployment": {
                             "routes": dep.routes if dep else [],
+                            "rules": (dep.rules or []) if dep else [],
                             "fallback_version": dep.fallback_version if dep else None,
                             "disabled": dep.disabled if dep else False,
                         },
@@ -173,14 +193,16 @@ class Registry:
         """What gateways and workers need, without SQL: keys by digest, models, signatures."""
         now = datetime.now(UTC)
         with self.sessions() as s:
-            tenants = {t.id: t.name for t in s.scalars(select(Tenant))}
+            tenants = {t.id: t for t in s.scalars(select(Tenant))}
             keys = {}
             for key in s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))):
                 if _expired(key.expires_at, now) or "admin" in key.scopes:
                     continue  # admin keys are for the control plane only; gateways never see them
+                owner = tenants.get(key.tenant_id)
                 keys[key.digest] = {
                     "id": key.id,
-                    "tenant": tenants.get(key.tenant_id, ""),
+                    "tenant": owner.name if owner else "",
+                    "jurisdiction": owner.jurisdiction if owner else None,
                     "scopes": key.scopes,
                     "expires_at": _aware(key.expires_at).timestamp() if key.expires_at else None,
                 }
@@ -190,6 +212,7 @@ class Registry:
             models[model["name"]] = {
                 "current": model["current_version"],
                 "routes": dep["routes"],
+                "rules": dep["rules"],
                 "fallback": dep["fallback_version"],
                 "disabled": dep["disabled"],
                 "versions": {

@@ -22,6 +22,7 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
+    jurisdiction: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -69,6 +70,7 @@ class Deployment(Base):
 
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
     routes: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     fallback_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     disabled: Mapped[bool] = mapped_column(default=False)
     updated_by: Mapped[str] = mapped_column(String(64), default="")
@@ -84,6 +86,7 @@ class DeploymentEvent(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
     action: Mapped[str] = mapped_column(String(16))
     routes: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    rules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     fallback_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     disabled: Mapped[bool] = mapped_column(default=False)
     created_by: Mapped[str] = mapped_column(String(64), default="")
