@@ -240,3 +240,39 @@ def test_a_jurisdiction_rule_keeps_eu_tenants_on_eu_approved_versions(two_gatewa
     finally:
         stack.admin.set_tenant("acme", None)
         stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
+
+
+def test_a_shadow_version_records_comparisons_for_the_requests_and_never_answers(two_gateways: Stack) -> None:
+    import onnx
+
+    stack = two_gateways
+    variant = onnx.load_model_from_string(demo.model_bytes())
+    variant.doc_string = "shadow candidate"
+    shadow_v = stack.admin.register(demo.MODEL_NAME, variant.SerializeToString(), activate=False)["version"]
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}, {"version": shadow_v, "weight": 100, "role": "shadow"}])
+    time.sleep(0.5)
+    before = stack.admin.shadow(demo.MODEL_NAME)["versions"].get(str(shadow_v), {}).get("requests", 0)
+    requests = 300
+    try:
+        with stack.client() as http:
+            reference = http.post(PREDICT, json={"inputs": [ROW]}).json()["outputs"]
+            for i in range(requests - 1):
+                r = http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Subject": f"sh{i}"})
+                assert r.status_code == 200
+                assert r.headers["x-bastion-model-version"] == "1"
+                assert r.json()["outputs"] == reference
+
+        def recorded() -> int:
+            figures = stack.admin.shadow(demo.MODEL_NAME)["versions"].get(str(shadow_v), {})
+            return int(figures.get("requests", 0)) - before
+
+        deadline = time.monotonic() + 15
+        while recorded() < requests and time.monotonic() < deadline:
+            time.sleep(0.2)
+        figures = stack.admin.shadow(demo.MODEL_NAME)["versions"][str(shadow_v)]
+        print(f"shadow recorded {recorded()}/{requests}: {figures}")
+        assert recorded() >= 0.99 * requests
+        assert figures["agreement_rate"] == 1.0  # same weights, different bytes
+        assert figures["mean_abs_diff"] == 0.0
+    finally:
+        stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])

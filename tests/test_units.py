@@ -97,3 +97,17 @@ def test_an_unexpected_error_becomes_a_bare_problem_with_our_headers() -> None:
     assert headers[b"content-type"] == b"application/problem+json"
     assert b"x-request-id" in headers and b"x-content-type-options" in headers
     assert b"secret" not in body["body"] and b"RuntimeError" not in body["body"]  # type: ignore[operator]
+
+
+def test_shadow_comparison_counts_agreeing_rows_and_absolute_differences() -> None:
+    from bastion.worker.shadow import compare
+
+    answer = codec.encode(
+        {"label": np.array([0, 1, 1]), "p": np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]], np.float32)}
+    )
+    shadow = codec.encode(
+        {"label": np.array([0, 0, 1]), "p": np.array([[0.8, 0.2], [0.6, 0.4], [0.4, 0.6]], np.float32)}
+    )
+    c = compare(answer, shadow)
+    assert (c.rows, c.agree_rows, c.values) == (3, 2, 6)
+    assert abs(c.abs_diff_sum - 1.0) < 1e-6

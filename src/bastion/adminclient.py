@@ -96,3 +96,7 @@ class AdminClient:
     def set_tenant(self, name: str, jurisdiction: str | None) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json={"jurisdiction": jurisdiction})
         return result
+
+    def shadow(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/shadow")
+        return result

@@ -12,6 +12,8 @@ job:{id}               job state hash (tenant, status, result)     TTL: result_t
                                                                    sync_result_ttl
 snap:current           the published control-plane snapshot        control plane (overwritten)
 snap:notify            pub/sub channel announcing a new snapshot   -
+shadow:{model}:{ver}   shadow comparison counters of one version   control plane (kept with the
+                                                                   model's history; no TTL)
 =====================  ==========================================  ==============================
 """
 
@@ -21,6 +23,7 @@ QUEUE_PREFIX = "q:"
 DEAD_LETTER_PREFIX = "dlq:"
 REPLY_PREFIX = "r:"
 JOB_PREFIX = "job:"
+SHADOW_PREFIX = "shadow:"
 SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
 
@@ -68,3 +71,7 @@ def reply_key(gateway_id: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"{JOB_PREFIX}{job_id}"
+
+
+def shadow_key(model: str, version: int) -> str:
+    return f"{SHADOW_PREFIX}{model}:{version}"

@@ -19,6 +19,11 @@ from bastion.errors import Forbidden, NotFound, Unavailable
 from bastion.snapshot import ModelRoutes, Route, VersionInfo
 
 
+def shadowed(model: str, route: Route, subject: str) -> bool:
+    """Whether this subject's requests are copied to a shadow route (its weight is a percentage)."""
+    return route.weight >= 100 or bucket(f"{model}:shadow:{route.version.version}", subject, 100) < route.weight
+
+
 def bucket(model: str, subject: str, total: int) -> int:
     digest = hashlib.blake2b(f"{model}\x00{subject}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % total
@@ -43,7 +48,7 @@ def choose(
         if fallback is not None:
             return fallback, True
         raise Unavailable(f"model {model!r} is disabled by its operators", retry_after=30, model=model)
-    candidates = [r for r in routes.routes if allowed is None or r.version.version in allowed]
+    candidates = [r for r in routes.routes if r.role != "shadow" and (allowed is None or r.version.version in allowed)]
     if not candidates:
         if fallback is not None:
             return fallback, True

@@ -69,7 +69,11 @@ class ModelRoutes:
 
     @property
     def total_weight(self) -> int:
-        return sum(r.weight for r in self.routes)
+        return sum(r.weight for r in self.routes if r.role != "shadow")
+
+    @property
+    def shadows(self) -> tuple[Route, ...]:
+        return tuple(r for r in self.routes if r.role == "shadow")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
+from bastion.constants import shadow_key
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import DeploymentSet, KeyCreate, TenantSet
 from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
@@ -41,6 +42,28 @@ class ControlPlane:
             db.session_factory(engine), ArtifactStore(settings.resolved_artifact_dir), settings.max_upload_bytes
         )
         self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
+
+    def shadow_totals(self, model: str, versions: list[int]) -> dict[str, dict[str, float | int | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for version in versions:
+            pipe.hgetall(shadow_key(model, version))
+        try:
+            found = pipe.execute()
+        except redis.RedisError as exc:
+            raise Unavailable("shadow figures are unavailable: Redis is unreachable") from exc
+        out: dict[str, dict[str, float | int | None]] = {}
+        for version, raw in zip(versions, found, strict=True):
+            if not raw:
+                continue
+            t = {k.decode(): float(v) for k, v in raw.items()}
+            rows, values = t.get("rows", 0.0), t.get("values", 0.0)
+            out[str(version)] = {
+                "requests": int(t.get("requests", 0)),
+                "rows": int(rows),
+                "agreement_rate": t.get("agree_rows", 0.0) / rows if rows else None,
+                "mean_abs_diff": t.get("abs_diff_sum", 0.0) / values if values else None,
+            }
+        return out
 
     def publish(self) -> int:
         try:
@@ -188,6 +211,15 @@ async def _published(
     await run_in_threadpool(plane.publish)
     log.info(event, model=model, by=admin["id"], routes=view["routes"], disabled=view["disabled"])
     return json_response(view)
+
+
+@router.get("/models/{name}/shadow", tags=["deployments"])
+async def shadow_comparison(name: str, request: Request) -> Response:
+    """Per shadow version: requests copied and compared, label agreement rate, mean absolute difference."""
+    plane = _plane(request)
+    model = await run_in_threadpool(plane.registry.get_model, name)
+    versions = [v["version"] for v in model["versions"]]
+    return json_response({"model": name, "versions": await run_in_threadpool(plane.shadow_totals, name, versions)})
 
 
 @router.get("/tenants", tags=["tenants"])

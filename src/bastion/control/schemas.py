@@ -21,7 +21,7 @@ class RouteIn(BaseModel):
 
     version: int = Field(ge=1)
     weight: int = Field(default=100, ge=0, le=10_000)
-    role: Literal["primary", "canary"] = "primary"
+    role: Literal["primary", "canary", "shadow"] = "primary"
 
 
 class RuleIn(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -53,6 +54,8 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             state.draining = True
+            if state.background:  # let queued shadow copies reach Redis
+                await asyncio.wait(state.background, timeout=5)
             await state.replies.stop()
             await state.snapshots.stop()
             await client.aclose()

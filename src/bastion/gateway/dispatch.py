@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 import numpy as np
 from redis.exceptions import RedisError
 
-from bastion import codec, metrics, routing
+from bastion import codec, logs, metrics, routing
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
 from bastion.snapshot import KeyInfo, VersionInfo
+
+log = logs.get("bastion.gateway")
 
 
 def resolve(state: GatewayState, name: str, subject: str, key: KeyInfo) -> tuple[VersionInfo, bool]:
@@ -96,6 +98,52 @@ async def run_sync(
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=job_id)
+
+
+def copy_to_shadows(
+    state: GatewayState,
+    key: KeyInfo,
+    name: str,
+    subject: str,
+    job_id: str,
+    tensors: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
+) -> None:
+    """Queue a copy of an answered request for each shadow route (batch lane; never answers).
+
+    The copy carries the answer, so the worker can compare without a second lookup. Called after
+    the answer is ready and not awaited: a shadow can neither delay nor change a response.
+    """
+    routes = state.snapshots.current.models.get(name)
+    if routes is None or not routes.shadows:
+        return
+    answer = codec.encode(outputs)
+    blob = codec.encode(tensors)
+    for route in routes.shadows:
+        if routing.shadowed(name, route, subject):
+            state.spawn(
+                _enqueue_shadow(state, key, route.version, f"{job_id}-shadow{route.version.version}", blob, answer)
+            )
+
+
+async def _enqueue_shadow(
+    state: GatewayState, key: KeyInfo, version: VersionInfo, job_id: str, blob: bytes, answer: bytes
+) -> None:
+    try:
+        await state.producer.enqueue(
+            lane=LANE_BATCH,
+            job_id=job_id,
+            tenant=key.tenant,
+            model=version.model,
+            version=version.version,
+            blob=blob,
+            compare=answer,
+        )
+    except Exception as exc:  # a lost shadow copy costs a comparison, never a response
+        metrics.ERRORS.labels("gateway", "shadow_enqueue").inc()
+        log.warning(
+            "shadow_enqueue_failed", model=version.model, version=version.version, error_type=type(exc).__name__
+        )
 
 
 async def _abandon(state: GatewayState, key: KeyInfo, version: VersionInfo, job_id: str) -> None:

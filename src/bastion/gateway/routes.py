@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
-from bastion.gateway.dispatch import resolve, run_sync, subject_of, submit_async, timeout_s
+from bastion.gateway.dispatch import copy_to_shadows, resolve, run_sync, subject_of, submit_async, timeout_s
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
 from bastion.snapshot import KeyInfo, VersionInfo
@@ -83,6 +83,7 @@ class Admitted:
     version: VersionInfo
     fallback: bool
     doc: Any
+    subject: str
 
     @property
     def headers(self) -> dict[str, str]:
@@ -100,7 +101,7 @@ async def _admit(request: Request, scope: str) -> Admitted:
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
     version, fallback = resolve(state, request.path_params["name"], subject, key)
     doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
-    return Admitted(state, key, version, fallback, doc)
+    return Admitted(state, key, version, fallback, doc, subject)
 
 
 async def predict(request: Request) -> Response:
@@ -110,6 +111,7 @@ async def predict(request: Request) -> Response:
     wait = timeout_s(a.state, wait_header)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
+    copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     return json_response(
         {
             "id": job_id,
@@ -147,6 +149,7 @@ async def infer(request: Request) -> Response:
     wait = timeout_s(a.state, wait_header)
     tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
+    copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     body: dict[str, Any] = {
         "model_name": a.version.model,
         "model_version": str(a.version.version),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.gateway.replies import ReplyRouter
@@ -20,3 +21,10 @@ class GatewayState:
     replies: ReplyRouter
     snapshots: SnapshotWatcher
     draining: bool = False
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
+
+    def spawn(self, work: Any) -> None:
+        """Run ``work`` (a coroutine) without making the caller wait; keep it referenced until done."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)

@@ -22,6 +22,7 @@ from bastion.constants import (
     job_key,
     queue_key,
     reply_key,
+    shadow_key,
 )
 from bastion.queue.protocol import Job
 from bastion.queue.scripts import Lua, run_pipeline
@@ -159,6 +160,20 @@ class Consumer:
             ]
             _COMPLETE.queue(pipe, keys, args)
         return [_s(s) for s in run_pipeline(self.client, pipe, [_COMPLETE])]
+
+    def record_shadow(self, totals: dict[tuple[str, int], list[float]]) -> None:
+        """Add shadow comparison counts: (model, version) -> [requests, rows, agree, abs_sum, values]."""
+        if not totals:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for (model, version), (requests, rows, agree, abs_sum, values) in totals.items():
+            key = shadow_key(model, version)
+            pipe.hincrby(key, "requests", int(requests))
+            pipe.hincrby(key, "rows", int(rows))
+            pipe.hincrby(key, "agree_rows", int(agree))
+            pipe.hincrbyfloat(key, "abs_diff_sum", abs_sum)
+            pipe.hincrby(key, "values", int(values))
+        pipe.execute()
 
     def _sync_ttl(self, job: Job, now_ms: int) -> int:
         """A sync outcome is needed only until its caller's deadline (plus a margin for clocks)."""

@@ -38,10 +38,11 @@ class Producer:
         blob: bytes,
         deadline_ms: int = 0,
         reply_to: str = "",
+        compare: bytes = b"",
     ) -> None:
         """Queue a job or raise ``Overloaded`` when the model's queue is over its limit."""
         now_ms = int(time.time() * 1000)
-        fields = entry_fields(job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob)
+        fields = entry_fields(job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob, compare)
         keep_state = "1" if lane == LANE_BATCH else "0"
         args = [self._limits[lane], keep_state, self._result_ttl_s, tenant, model, now_ms, *fields]
         loop = asyncio.get_running_loop()

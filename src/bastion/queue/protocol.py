@@ -8,6 +8,7 @@ h     ``job id|tenant|model|version|deadline ms|reply gateway|created ms`` - the
       reply gateway is '' for async jobs, whose outcome is only stored. No part can
       hold '|': ids are URL-safe, names match ``[a-z0-9._-]``.
 x     input tensors (``bastion.codec`` blob)
+p     only on shadow copies: the outputs the client was answered with, to compare against
 ====  =================================================================================
 """
 
@@ -30,6 +31,7 @@ class Job:
     created_ms: int
     blob: bytes
     fields: dict[bytes, bytes]
+    compare: bytes = b""
 
     @classmethod
     def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -49,14 +51,23 @@ class Job:
             created_ms=int(created or 0),
             blob=fields.get(b"x", b""),
             fields=fields,
+            compare=fields.get(b"p", b""),
         )
 
 
 def entry_fields(
-    job_id: str, tenant: str, model: str, version: int, deadline_ms: int, reply_to: str, created_ms: int, blob: bytes
+    job_id: str,
+    tenant: str,
+    model: str,
+    version: int,
+    deadline_ms: int,
+    reply_to: str,
+    created_ms: int,
+    blob: bytes,
+    compare: bytes = b"",
 ) -> list[str | bytes]:
     header = f"{job_id}|{tenant}|{model}|{version}|{deadline_ms}|{reply_to}|{created_ms}"
-    return ["h", header, "x", blob]
+    return ["h", header, "x", blob, "p", compare] if compare else ["h", header, "x", blob]
 
 
 def script(name: str) -> str:

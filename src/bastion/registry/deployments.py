@@ -2,7 +2,9 @@
 
 A deployment is a list of routes ``{version, weight, role}`` with exactly one ``primary``
 (the production version) and any number of ``canary`` routes; weights split the traffic
-(sticky per subject, decided at the gateway). A ``fallback`` version answers while the model
+(sticky per subject, decided at the gateway). A ``shadow`` route receives a copy of that
+percentage (its weight, 0-100) of answered requests on the batch lane; its outputs are compared
+with the answer's and never returned. A ``fallback`` version answers while the model
 is disabled. Every change is appended to ``deployment_events``; ``rollback`` reads that history:
 with canaries live it returns all traffic to the primary, otherwise to the primary that served
 before the current one.
@@ -19,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bastion.errors import Conflict, InvalidInput, NotFound
 from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
 
-ROLES = ("primary", "canary")
+ROLES = ("primary", "canary", "shadow")
 
 
 def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,8 +42,10 @@ def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise InvalidInput("a deployment needs exactly one primary route")
     if len({r["version"] for r in out}) != len(out):
         raise InvalidInput("a version appears in more than one route")
-    if sum(r["weight"] for r in out) == 0:
+    if sum(r["weight"] for r in out if r["role"] != "shadow") == 0:
         raise InvalidInput("the route weights add up to zero")
+    if any(r["role"] == "shadow" and r["weight"] > 100 for r in out):
+        raise InvalidInput("a shadow route's weight is the percentage of requests copied to it (0 to 100)")
     return out
 
 

@@ -23,6 +23,7 @@ from bastion.queue.protocol import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
+from bastion.worker import shadow
 from bastion.worker.batching import run_batch, run_each
 from bastion.worker.models import ModelCache
 
@@ -164,6 +165,25 @@ class Worker:
         statuses = self.consumer.complete(outcomes)
         for outcome, stored in zip(outcomes, statuses, strict=True):
             metrics.JOBS.labels(outcome.job.model, stored).inc()
+        self._record_shadows(outcomes)
+
+    def _record_shadows(self, outcomes: list[Outcome]) -> None:
+        """Shadow copies carry the answer the client got; compare and add to the version's totals."""
+        totals: dict[tuple[str, int], list[float]] = {}
+        for o in outcomes:
+            if not o.job.compare or o.status != STATUS_SUCCEEDED:
+                continue
+            try:
+                c = shadow.compare(o.job.compare, o.result)
+            except BastionError:
+                continue
+            t = totals.setdefault((o.job.model, o.job.version), [0, 0, 0, 0.0, 0])
+            t[0] += 1
+            t[1] += c.rows
+            t[2] += c.agree_rows
+            t[3] += c.abs_diff_sum
+            t[4] += c.values
+        self.consumer.record_shadow(totals)
 
     def _run_group(self, model: str, version: int, jobs: list[Job]) -> list[Outcome]:
         try:
