@@ -230,3 +230,35 @@ def test_outputs_that_mix_rows_are_never_split_across_tenants(redis_client: redi
         assert _status(redis_client, job_id) == "succeeded"
         result = codec.decode(redis_client.hget(job_key(job_id), "result"))  # type: ignore[arg-type]
         assert result["y"].ravel().tolist() == [expected]
+
+
+def test_a_version_registered_as_not_row_independent_is_never_batched(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Softmax across the batch has row-shaped outputs, so only the uploader's flag can keep it apart."""
+    f = onnx.TensorProto.FLOAT
+    across_rows = _graph_model(
+        onnx.helper.make_node("Softmax", ["x"], ["y"], axis=0),
+        [onnx.helper.make_tensor_value_info("x", f, [None, 1])],
+        onnx.helper.make_tensor_value_info("y", f, [None, 1]),
+    )
+    store = ArtifactStore(tmp_path / "artifacts")
+    sig = onnx_check.inspect(across_rows, 1 << 20)
+    assert sig.batchable  # the shapes alone would allow batching
+    flagged = {**sig.to_dict(), "rows_independent": False}
+    snapshot.publish(
+        redis_client,
+        {
+            "keys": {},
+            "models": {
+                "sm": {"current": 1, "versions": {"1": {"sha256": store.put(across_rows), "signature": flagged}}}
+            },
+        },
+    )
+    worker = _worker(redis_client, tmp_path, "w1")
+    _enqueue_to(redis_client, "sm", "a", {"x": np.array([[1.0]], np.float32)}, "acme")
+    _enqueue_to(redis_client, "sm", "b", {"x": np.array([[5.0]], np.float32)}, "globex")
+    worker.step()
+    for job_id in ("a", "b"):
+        result = codec.decode(redis_client.hget(job_key(job_id), "result"))  # type: ignore[arg-type]
+        assert result["y"].ravel().tolist() == [1.0], "each job ran alone: softmax over its own single row"

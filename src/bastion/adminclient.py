@@ -39,11 +39,18 @@ class AdminClient:
             raise AdminError(f"{response.status_code}: {detail}")
         return response.json()
 
-    def register(self, model: str, data: bytes, description: str = "", activate: bool = True) -> dict[str, Any]:
+    def register(
+        self, model: str, data: bytes, description: str = "", activate: bool = True, rows_independent: bool = True
+    ) -> dict[str, Any]:
+        params = {
+            "description": description,
+            "activate": str(activate).lower(),
+            "rows_independent": str(rows_independent).lower(),
+        }
         result: dict[str, Any] = self._call(
             "POST",
             f"/admin/v1/models/{model}/versions",
-            params={"description": description, "activate": str(activate).lower()},
+            params=params,
             content=data,
             headers={"Content-Type": "application/octet-stream"},
         )

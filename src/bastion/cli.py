@@ -155,13 +155,16 @@ def models_register(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     description: str = "",
     activate: bool = typer.Option(True, help="serve this version right away"),
+    rows_independent: bool = typer.Option(
+        True, help="--no-rows-independent when an output depends on other rows: never batch its requests"
+    ),
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Register FILE (ONNX) as the next version of model NAME."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.register(name, file.read_bytes(), description, activate))
+    _run(lambda: client.register(name, file.read_bytes(), description, activate, rows_independent))
 
 
 @models_app.command("list")

@@ -53,22 +53,32 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    rows_independent: bool = True  # the uploader's word: no output depends on other rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "rows_independent": self.rows_independent,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Signature:
         return cls(
             tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            bool(data.get("rows_independent", True)),
         )
 
     @property
     def batchable(self) -> bool:
-        """Rows of different requests may share one model call (judged by shapes only)."""
-        return all(len(s.shape) >= 2 and s.shape[0] is None for s in self.inputs) and all(
-            len(s.shape) >= 1 and s.shape[0] is None for s in self.outputs
+        """Rows of different requests may share one model call: the uploader did not say otherwise,
+        and the shapes allow it (every input rank ≥ 2 with a dynamic row dimension, every output
+        with a dynamic row dimension)."""
+        return (
+            self.rows_independent
+            and all(len(s.shape) >= 2 and s.shape[0] is None for s in self.inputs)
+            and all(len(s.shape) >= 1 and s.shape[0] is None for s in self.outputs)
         )
 
     def input(self, name: str) -> TensorSpec:

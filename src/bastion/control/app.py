@@ -124,6 +124,9 @@ async def register_version(
     admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
     description: str = Query(default="", max_length=4000),
     activate: bool = Query(default=True),
+    rows_independent: bool = Query(
+        default=True, description="false when an output depends on other rows (e.g. softmax across the batch)"
+    ),
 ) -> Response:
     """Register a new, immutable version from an ONNX file (the raw bytes are the body)."""
     content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
@@ -138,6 +141,7 @@ async def register_version(
         description=description,
         created_by=str(admin["id"]),
         activate=activate,
+        rows_independent=rows_independent,
     )
     await run_in_threadpool(plane.publish)
     log.info("version_registered", model=name, version=view["version"], sha256=view["sha256"], by=admin["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -115,10 +116,22 @@ class Registry:
 
     # models and versions ----------------------------------------------------------------
     def register_version(
-        self, model: str, data: bytes, *, description: str = "", created_by: str = "", activate: bool = True
+        self,
+        model: str,
+        data: bytes,
+        *,
+        description: str = "",
+        created_by: str = "",
+        activate: bool = True,
+        rows_independent: bool = True,
     ) -> dict[str, Any]:
+        """Check, store and record a new version; with ``activate`` it becomes the 100 % primary.
+
+        ``rows_independent=False`` (the uploader's word that an output depends on other rows)
+        keeps workers from ever batching this version's requests together.
+        """
         check_name("model", model)
-        signature = onnx_check.inspect(data, self.max_upload_bytes)
+        signature = replace(onnx_check.inspect(data, self.max_upload_bytes), rows_independent=rows_independent)
         digest = self.store.put(data)
         view = self._insert_version(model, data, digest, signature.to_dict(), description, created_by)
         if activate:
