@@ -94,3 +94,14 @@ def test_key_expiry_needs_a_time_zone(stack: Stack) -> None:
     assert naive.status_code == 400, naive.text
     assert naive.headers["content-type"] == "application/problem+json"
     assert aware.status_code == 201, aware.text
+
+
+def test_a_second_upload_to_the_same_version_is_409(stack: Stack) -> None:
+    with _admin(stack) as http:
+        url = "/admin/v1/models/pinned-api/versions?version=3"
+        headers = {"Content-Type": "application/octet-stream"}
+        assert http.post(url, content=demo.model_bytes(), headers=headers).status_code == 201
+        again = http.post(url, content=demo.model_bytes(), headers=headers)
+    assert again.status_code == 409
+    assert again.headers["content-type"] == "application/problem+json"
+    assert "immutable" in again.json()["detail"]

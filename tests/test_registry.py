@@ -11,7 +11,7 @@ import pytest
 
 from bastion import demo
 from bastion.artifacts.store import ArtifactStore
-from bastion.errors import InvalidArtifact, InvalidInput, NotFound
+from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
 from bastion.registry import db
 from bastion.registry.service import Registry
 
@@ -114,3 +114,16 @@ def test_external_data_pointing_outside_the_artifact_is_refused(registry: Regist
     data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     with pytest.raises(InvalidArtifact, match="external tensor data"):
         registry.register_version("traversal", data)
+
+
+def test_a_named_version_is_immutable(registry: Registry) -> None:
+    """A second upload to an existing version is a conflict; the first one is untouched."""
+    first = registry.register_version("pinned", demo.model_bytes(), version=5)
+    with pytest.raises(Conflict, match="already registered; versions are immutable"):
+        registry.register_version("pinned", b"\x08\x07" + demo.model_bytes()[2:], version=5)
+    with pytest.raises(Conflict):
+        registry.register_version("pinned", demo.model_bytes(), version=5)
+    assert registry.get_model("pinned")["versions"] == [first]
+    assert registry.register_version("pinned", demo.model_bytes())["version"] == 6
+    with pytest.raises(InvalidInput):
+        registry.register_version("pinned", demo.model_bytes(), version=0)

@@ -40,13 +40,21 @@ class AdminClient:
         return response.json()
 
     def register(
-        self, model: str, data: bytes, description: str = "", activate: bool = True, rows_independent: bool = True
+        self,
+        model: str,
+        data: bytes,
+        description: str = "",
+        activate: bool = True,
+        rows_independent: bool = True,
+        version: int | None = None,
     ) -> dict[str, Any]:
         params = {
             "description": description,
             "activate": str(activate).lower(),
             "rows_independent": str(rows_independent).lower(),
         }
+        if version is not None:
+            params["version"] = str(version)
         result: dict[str, Any] = self._call(
             "POST",
             f"/admin/v1/models/{model}/versions",

@@ -158,13 +158,14 @@ def models_register(
     rows_independent: bool = typer.Option(
         True, help="--no-rows-independent when an output depends on other rows: never batch its requests"
     ),
+    version: Annotated[int | None, typer.Option(help="name the version (refused if it exists)")] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Register FILE (ONNX) as the next version of model NAME."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.register(name, file.read_bytes(), description, activate, rows_independent))
+    _run(lambda: client.register(name, file.read_bytes(), description, activate, rows_independent, version))
 
 
 @models_app.command("list")

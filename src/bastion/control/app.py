@@ -124,6 +124,7 @@ async def register_version(
     admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
     description: str = Query(default="", max_length=4000),
     activate: bool = Query(default=True),
+    version: int | None = Query(default=None, ge=1, le=1_000_000, description="name the version (409 if it exists)"),
     rows_independent: bool = Query(
         default=True, description="false when an output depends on other rows (e.g. softmax across the batch)"
     ),
@@ -142,6 +143,7 @@ async def register_version(
         created_by=str(admin["id"]),
         activate=activate,
         rows_independent=rows_independent,
+        version=version,
     )
     await run_in_threadpool(plane.publish)
     log.info("version_registered", model=name, version=view["version"], sha256=view["sha256"], by=admin["id"])

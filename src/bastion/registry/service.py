@@ -124,8 +124,12 @@ class Registry:
         created_by: str = "",
         activate: bool = True,
         rows_independent: bool = True,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """Check, store and record a new version; with ``activate`` it becomes the 100 % primary.
+
+        ``version`` names the version (409 if it exists: versions are immutable); unset, the next
+        number is taken.
 
         ``rows_independent=False`` (the uploader's word that an output depends on other rows)
         keeps workers from ever batching this version's requests together.
@@ -133,14 +137,23 @@ class Registry:
         check_name("model", model)
         signature = replace(onnx_check.inspect(data, self.max_upload_bytes), rows_independent=rows_independent)
         digest = self.store.put(data)
-        view = self._insert_version(model, data, digest, signature.to_dict(), description, created_by)
+        if version is not None and version < 1:
+            raise InvalidInput("version must be a positive integer")
+        view = self._insert_version(model, data, digest, signature.to_dict(), description, created_by, version)
         if activate:
             route = {"version": view["version"], "weight": 100, "role": "primary"}
             self.deployments.deploy(model, [route], None, created_by or "registry")
         return view
 
     def _insert_version(
-        self, model: str, data: bytes, digest: str, signature: dict[str, Any], description: str, created_by: str
+        self,
+        model: str,
+        data: bytes,
+        digest: str,
+        signature: dict[str, Any],
+        description: str,
+        created_by: str,
+        number: int | None = None,
     ) -> dict[str, Any]:
         for _attempt in range(3):
             try:
@@ -158,7 +171,7 @@ class Registry:
                     )
                     version = ModelVersion(
                         model_id=row.id,
-                        version=(last or 0) + 1,
+                        version=number if number is not None else (last or 0) + 1,
                         sha256=digest,
                         size_bytes=len(data),
                         signature=signature,
@@ -167,7 +180,11 @@ class Registry:
                     s.add(version)
                     s.flush()
                     return _version_view(row, version)
-            except SqlIntegrityError:
+            except SqlIntegrityError as exc:
+                if number is not None:
+                    raise Conflict(
+                        f"version {number} of model {model!r} is already registered; versions are immutable"
+                    ) from exc
                 continue  # a concurrent upload took the same version number; take the next one
         raise Conflict(f"could not allocate a version number for model {model!r}; retry")
 
