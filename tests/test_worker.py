@@ -262,3 +262,21 @@ def test_a_version_registered_as_not_row_independent_is_never_batched(
     for job_id in ("a", "b"):
         result = codec.decode(redis_client.hget(job_key(job_id), "result"))  # type: ignore[arg-type]
         assert result["y"].ravel().tolist() == [1.0], "each job ran alone: softmax over its own single row"
+
+
+def test_routed_versions_are_loaded_warm_and_unrouted_ones_unloaded(redis_client: redis.Redis, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    data = demo.model_bytes()
+    sig = onnx_check.inspect(data, 1 << 20).to_dict()
+    versions = {str(v): {"sha256": store.put(data), "signature": sig} for v in (1, 2)}
+
+    def publish(routes: list[dict[str, object]]) -> None:
+        model = {"current": 1, "routes": routes, "versions": versions}
+        snapshot.publish(redis_client, {"keys": {}, "models": {MODEL: model}})
+
+    publish([{"version": 1, "weight": 90, "role": "primary"}, {"version": 2, "weight": 10, "role": "canary"}])
+    worker = _worker(redis_client, tmp_path, "w1")
+    assert worker.cache.loaded_versions() == {(MODEL, 1), (MODEL, 2)}
+    publish([{"version": 1, "weight": 100, "role": "primary"}])
+    worker.refresh()
+    assert worker.cache.loaded_versions() == {(MODEL, 1)}

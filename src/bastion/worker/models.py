@@ -1,8 +1,16 @@
-"""The worker's loaded models: verified against their sha256 before loading, cached by version."""
+"""The worker's loaded models: verified against their sha256 before loading, cached by version.
+
+On every new snapshot the worker ``sync``s its cache with the deployments: versions that any
+route or fallback of its models uses are loaded and warmed up with one inference on zeros (so the
+first real request does not pay for session start-up), and versions nothing routes to are
+unloaded. A job for another version (a job queued before a rollback, say) loads it on demand.
+"""
 
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from bastion import logs, metrics
 from bastion.artifacts.store import ArtifactStore
@@ -52,6 +60,39 @@ class ModelCache:
         metrics.MODELS_LOADED.set(len(self._loaded))
         log.info("model_loaded", model=model, version=version, sha256=info.sha256)
         return loaded
+
+    def sync(self, snapshot: Snapshot, models: list[str]) -> None:
+        """Load and warm up every routed version of ``models``; unload the versions nothing routes to."""
+        wanted: set[tuple[str, int]] = set()
+        for name in models:
+            routes = snapshot.models.get(name)
+            if routes is None:
+                continue
+            wanted |= {(name, r.version.version) for r in routes.routes}
+            if routes.fallback is not None:
+                wanted.add((name, routes.fallback.version))
+        for key in set(self._loaded) - wanted:
+            del self._loaded[key]
+            log.info("model_unloaded", model=key[0], version=key[1])
+        for name, version in sorted(wanted - set(self._loaded)):
+            try:
+                loaded = self.get(snapshot, name, version)
+            except (JobFailed, NotFound):
+                continue  # already logged; its jobs fail with the reason
+            self._warm_up(snapshot, name, version, loaded)
+        metrics.MODELS_LOADED.set(len(self._loaded))
+
+    def loaded_versions(self) -> set[tuple[str, int]]:
+        return set(self._loaded)
+
+    @staticmethod
+    def _warm_up(snapshot: Snapshot, model: str, version: int, loaded: LoadedModel) -> None:
+        signature = snapshot.versions[(model, version)].signature
+        inputs = {s.name: np.zeros([d or 1 for d in s.shape], dtype=s.dtype) for s in signature.inputs}
+        try:
+            loaded.run(inputs)
+        except Exception as exc:  # a model may refuse zeros; real inputs will tell
+            log.warning("warm_up_failed", model=model, version=version, error_type=type(exc).__name__)
 
     def _refuse(self, key: tuple[str, int], message: str) -> JobFailed:
         """Remember a refusal for a while, so a broken version is not reloaded on every batch."""

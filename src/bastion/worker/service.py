@@ -124,6 +124,7 @@ class Worker:
         wanted = [m.strip() for m in self.settings.worker_models.split(",") if m.strip()]
         self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
         self.consumer.ensure_groups(self.models)
+        self.cache.sync(snapshot, self.models)
         self._report_depth()
         return True
 
