@@ -28,13 +28,17 @@ MODEL = "breast-cancer"
 BLOB = codec.encode({"input": np.ones((1, 30), np.float32)})
 
 
+def _publish_models(client: redis.Redis, store: ArtifactStore, models: dict[str, bytes]) -> None:
+    """Publish a snapshot with version 1 of each model (no routes: workers load on demand)."""
+    published = {}
+    for name, data in models.items():
+        sig = onnx_check.inspect(data, 1 << 20).to_dict()
+        published[name] = {"current": 1, "versions": {"1": {"sha256": store.put(data), "signature": sig}}}
+    snapshot.publish(client, {"keys": {}, "models": published})
+
+
 def _publish(client: redis.Redis, store: ArtifactStore) -> None:
-    data = demo.model_bytes()
-    digest = store.put(data)
-    sig = onnx_check.inspect(data, 1 << 20).to_dict()
-    snapshot.publish(
-        client, {"keys": {}, "models": {MODEL: {"current": 1, "versions": {"1": {"sha256": digest, "signature": sig}}}}}
-    )
+    _publish_models(client, store, {MODEL: demo.model_bytes()})
 
 
 def _enqueue(client: redis.Redis, job_id: str, deadline_ms: int = 0, lane: str = "batch") -> None:
@@ -174,14 +178,6 @@ def _graph_model(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], output
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
-
-
-def _publish_models(client: redis.Redis, store: ArtifactStore, models: dict[str, bytes]) -> None:
-    published = {}
-    for name, data in models.items():
-        sig = onnx_check.inspect(data, 1 << 20).to_dict()
-        published[name] = {"current": 1, "versions": {"1": {"sha256": store.put(data), "signature": sig}}}
-    snapshot.publish(client, {"keys": {}, "models": published})
 
 
 def _enqueue_to(client: redis.Redis, model: str, job_id: str, tensors: dict[str, np.ndarray], tenant: str) -> None:

@@ -6,13 +6,15 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from bastion.constants import DEFAULT_TENANT_SCOPES
+
 
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     name: str = Field(default="", max_length=128)
-    scopes: list[str] = Field(default_factory=lambda: ["predict", "jobs", "models:read"], min_length=1, max_length=16)
+    scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_TENANT_SCOPES), min_length=1, max_length=16)
     expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
 
 

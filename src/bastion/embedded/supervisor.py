@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -100,7 +100,6 @@ class Child:
     next_start: float = 0.0
     backoff_s: float = 0.5
     log_path: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -186,7 +185,7 @@ class Supervisor:
         )
         control.start()
         self.children.append(control)
-        admin_key = self._wait_for_admin_key(control)
+        admin_key = self._wait_for_admin_key()
         banner = self._first_run(admin_key)
         for i in range(s.workers):
             wenv = {**self._env("worker", redis_url), "BASTION_WORKER_NAME": f"worker-{i}"}
@@ -230,7 +229,7 @@ class Supervisor:
             f"the {what} did not become ready in {timeout_s:.0f} s; see {self.settings.data_dir / 'logs'}"
         )
 
-    def _wait_for_admin_key(self, control: Child) -> str:
+    def _wait_for_admin_key(self) -> str:
         self._wait_ready(f"http://{self._client_host()}:{self.settings.control_port}/readyz", "control plane")
         if self.settings.admin_key is not None:
             return self.settings.admin_key.get_secret_value()

@@ -36,7 +36,7 @@ class ReplyRouter:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
-        self._unread_trimmed = 0
+        self._read_since_trim = 0
         self._prefix = "s" + secrets.token_hex(6)
         self._ids = itertools.count()
         self.healthy = False
@@ -69,10 +69,6 @@ class ReplyRouter:
     def forget(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     async def _claim_stream(self) -> bytes:
         entry_id: bytes = await self.redis.xadd(self.key, {"hello": "1"}, maxlen=10_000, approximate=True)
         await self.redis.expire(self.key, _STREAM_TTL_S)
@@ -100,10 +96,10 @@ class ReplyRouter:
                 await asyncio.sleep(0.5)
                 continue
             if response:
-                self._unread_trimmed += len(response[0][1])
-                if self._unread_trimmed >= _TRIM_EVERY:
+                self._read_since_trim += len(response[0][1])
+                if self._read_since_trim >= _TRIM_EVERY:
                     # Drop replies already read, so the stream holds little more than what is in flight.
-                    self._unread_trimmed = 0
+                    self._read_since_trim = 0
                     with contextlib.suppress(Exception):
                         await self.redis.xtrim(self.key, minid=response[0][1][-1][0], approximate=True)
             for _stream, entries in response or []:

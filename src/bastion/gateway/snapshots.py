@@ -23,6 +23,7 @@ class SnapshotWatcher:
         self.refresh_s = refresh_s
         self.current = Snapshot.empty()
         self.loaded = False
+        self._raw: bytes | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -40,8 +41,9 @@ class SnapshotWatcher:
         raw = await self.redis.get(SNAPSHOT_KEY)
         if raw is None:
             return
-        if not self.loaded or b'"serial":' + str(self.current.serial).encode() not in raw:
+        if raw != self._raw:
             self.current = Snapshot.parse(raw)
+            self._raw = raw
             self.loaded = True
             log.info("snapshot_loaded", serial=self.current.serial, models=len(self.current.models))
 

@@ -190,34 +190,14 @@ class Registry:
 
     def list_models(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
-            out = []
-            deployments = {d.model_id: d for d in s.scalars(select(Deployment))}
-            for model in s.scalars(select(Model).order_by(Model.name)):
-                dep = deployments.get(model.id)
-                versions = s.scalars(
-                    select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
-                ).all()
-                out.append(
-                    {
-                        "name": model.name,
-                        "description": model.description,
-                        "current_version": model.current_version,
-                        "deployment": {
-                            "routes": dep.routes if dep else [],
-                            "rules": (dep.rules or []) if dep else [],
-                            "fallback_version": dep.fallback_version if dep else None,
-                            "disabled": dep.disabled if dep else False,
-                        },
-                        "versions": [_version_view(model, v) for v in versions],
-                    }
-                )
-            return out
+            return [_model_view(s, model) for model in s.scalars(select(Model).order_by(Model.name))]
 
     def get_model(self, name: str) -> dict[str, Any]:
-        for model in self.list_models():
-            if model["name"] == name:
-                return model
-        raise NotFound(f"no model {name!r}")
+        with self.sessions() as s:
+            model = s.scalar(select(Model).where(Model.name == name))
+            if model is None:
+                raise NotFound(f"no model {name!r}")
+            return _model_view(s, model)
 
     def snapshot(self) -> dict[str, Any]:
         """What gateways and workers need, without SQL: keys by digest, models, signatures."""
@@ -258,6 +238,25 @@ def _aware(value: datetime) -> datetime:
 
 def _expired(expires_at: datetime | None, now: datetime | None = None) -> bool:
     return expires_at is not None and _aware(expires_at) <= (now or datetime.now(UTC))
+
+
+def _model_view(s: Session, model: Model) -> dict[str, Any]:
+    dep = s.get(Deployment, model.id)
+    versions = s.scalars(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.version)
+    ).all()
+    return {
+        "name": model.name,
+        "description": model.description,
+        "current_version": model.current_version,
+        "deployment": {
+            "routes": dep.routes if dep else [],
+            "rules": (dep.rules or []) if dep else [],
+            "fallback_version": dep.fallback_version if dep else None,
+            "disabled": dep.disabled if dep else False,
+        },
+        "versions": [_version_view(model, v) for v in versions],
+    }
 
 
 def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class Worker:
         self._pubsub.subscribe(SNAPSHOT_CHANNEL)
         while not self.stopping and not self.refresh(force=True):
             time.sleep(0.2)  # no snapshot published yet
+        self._report_depth()
         log.info("worker_started", worker=self.name, models=self.models)
         # Jobs this consumer name had claimed before a crash come back first (counted as a
         # delivery, so a job that keeps killing its worker is dead-lettered, not replayed forever).
@@ -125,7 +126,6 @@ class Worker:
         self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
         self.consumer.ensure_groups(self.models)
         self.cache.sync(snapshot, self.models)
-        self._report_depth()
         return True
 
     def _report_depth(self) -> None:
