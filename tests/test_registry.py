@@ -11,7 +11,7 @@ import pytest
 
 from bastion import demo
 from bastion.artifacts.store import ArtifactStore
-from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
+from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound, PayloadTooLarge
 from bastion.registry import db
 from bastion.registry.service import Registry
 
@@ -68,7 +68,7 @@ def test_zip_wrapped_pickle_is_refused(registry: Registry) -> None:
 
 def test_oversized_artifact_is_refused(registry: Registry) -> None:
     registry.max_upload_bytes = 100
-    with pytest.raises(InvalidArtifact, match="limit"):
+    with pytest.raises(PayloadTooLarge, match="limit"):
         registry.register_version("big", demo.model_bytes())
 
 

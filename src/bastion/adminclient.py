@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import httpx
@@ -44,24 +46,81 @@ class AdminClient:
         model: str,
         data: bytes,
         description: str = "",
-        activate: bool = True,
-        rows_independent: bool = True,
+        activate: bool | None = None,
+        rows_independent: bool | None = None,
         version: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        signature: str | None = None,
+        signer: str | None = None,
     ) -> dict[str, Any]:
-        params = {
-            "description": description,
-            "activate": str(activate).lower(),
-            "rows_independent": str(rows_independent).lower(),
-        }
+        """Register a version; with metadata or a signature it is sent as a multipart form."""
+        params = {"description": description}
+        for key, value in (("activate", activate), ("rows_independent", rows_independent)):
+            if value is not None:
+                params[key] = str(value).lower()
         if version is not None:
             params["version"] = str(version)
-        result: dict[str, Any] = self._call(
-            "POST",
-            f"/admin/v1/models/{model}/versions",
-            params=params,
-            content=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        if signer:
+            params["signer"] = signer
+        path = f"/admin/v1/models/{model}/versions"
+        if metadata is None and signature is None:
+            headers = {"Content-Type": "application/octet-stream"}
+            result: dict[str, Any] = self._call("POST", path, params=params, content=data, headers=headers)
+            return result
+        form = {"metadata": json.dumps(metadata or {})}
+        if signature:
+            form["signature"] = signature
+        files = {"artifact": ("model.onnx", data, "application/octet-stream")}
+        result = self._call("POST", path, params=params, data=form, files=files)
+        return result
+
+    def version(self, model: str, version: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/versions/{version}")
+        return result
+
+    def policy(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/policy")
+        return result
+
+    def set_policy(self, model: str, policy: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/policy", json=policy)
+        return result
+
+    def set_holdout(self, model: str, holdout: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/holdout", json=holdout)
+        return result
+
+    def evaluate(self, model: str, version: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/versions/{version}/evaluate")
+        return result
+
+    def wait_for_evaluation(self, model: str, version: int, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Poll the version until its evaluation is no longer running; return the evaluation."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            evaluation: dict[str, Any] = self.version(model, version).get("evaluation") or {}
+            if evaluation.get("status") != "running":
+                return evaluation
+            if time.monotonic() > deadline:
+                raise AdminError(f"the evaluation of {model} v{version} is still running after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def gates(self, model: str, version: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/admin/v1/models/{model}/versions/{version}/gates")["gates"]
+        return result
+
+    def approve(self, model: str, version: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/versions/{version}/approve")
+        return result
+
+    def set_stage(self, model: str, version: int, stage: str) -> dict[str, Any]:
+        path = f"/admin/v1/models/{model}/versions/{version}/stage"
+        result: dict[str, Any] = self._call("POST", path, json={"stage": stage})
+        return result
+
+    def history(self, model: str, version: int) -> list[dict[str, Any]]:
+        path = f"/admin/v1/models/{model}/versions/{version}/history"
+        result: list[dict[str, Any]] = self._call("GET", path)["events"]
         return result
 
     def models(self) -> list[dict[str, Any]]:
@@ -108,8 +167,9 @@ class AdminClient:
         result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/{action}")
         return result
 
-    def set_tenant(self, name: str, jurisdiction: str | None) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json={"jurisdiction": jurisdiction})
+    def set_tenant(self, name: str, jurisdiction: str | None, signing_key: str | None = None) -> dict[str, Any]:
+        body = {"jurisdiction": jurisdiction, "signing_key": signing_key}
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 
     def shadow(self, model: str) -> dict[str, Any]:

@@ -154,18 +154,137 @@ def models_register(
     name: str,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     description: str = "",
-    activate: bool = typer.Option(True, help="serve this version right away"),
-    rows_independent: bool = typer.Option(
-        True, help="--no-rows-independent when an output depends on other rows: never batch its requests"
+    activate: bool | None = typer.Option(
+        None, "--activate/--no-activate", help="serve it right away (default: yes unless the model has gates)"
+    ),
+    rows_independent: bool | None = typer.Option(
+        None, "--rows-independent/--no-rows-independent", help="--no-rows-independent: an output depends on other rows"
     ),
     version: Annotated[int | None, typer.Option(help="name the version (refused if it exists)")] = None,
+    metadata: Annotated[
+        Path | None, typer.Option(help="JSON file: model_card, owner, lineage, postprocessing, signature, …")
+    ] = None,
+    signature: Annotated[Path | None, typer.Option(help="file with the base64 Ed25519 signature of the sha256")] = None,
+    signer: Annotated[str | None, typer.Option(help="tenant whose public key verifies the signature")] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Register FILE (ONNX) as the next version of model NAME."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.register(name, file.read_bytes(), description, activate, rows_independent, version))
+    meta = _json_file(metadata) if metadata else None
+    sig = signature.read_text().strip() if signature else None
+    data = file.read_bytes()
+    _run(lambda: client.register(name, data, description, activate, rows_independent, version, meta, sig, signer))
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"{path} is not a readable JSON file") from exc
+
+
+@models_app.command("show")
+def models_show(
+    name: str, version: int, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Show one version: stage, metadata, verification, approval and evaluation report."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.version(name, version))
+
+
+@models_app.command("policy")
+def models_policy(
+    name: str,
+    file: Annotated[Path | None, typer.Argument(help="JSON gate policy to set; omit to show the current one")] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Show or set NAME's promotion gates (min_accuracy, max_demographic_parity_difference, require_approval…)."""
+    client = _client(control_url, admin_key, data_dir)
+    if file is None:
+        _run(lambda: client.policy(name))
+    else:
+        policy = _json_file(file)
+        _run(lambda: client.set_policy(name, policy))
+
+
+@models_app.command("holdout")
+def models_holdout(
+    name: str,
+    file: Annotated[Path, typer.Argument(help="JSON: inputs, labels, optional protected")],
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Upload NAME's labelled holdout set (evaluations run on the newest one)."""
+    client = _client(control_url, admin_key, data_dir)
+    doc = _json_file(file)
+    _run(lambda: client.set_holdout(name, doc))
+
+
+@models_app.command("evaluate")
+def models_evaluate(
+    name: str,
+    version: int,
+    wait: bool = typer.Option(True, help="wait for the worker's report"),
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Evaluate VERSION on the holdout set, on a worker, and print the report and the gates."""
+    client = _client(control_url, admin_key, data_dir)
+
+    def call() -> Any:
+        started = client.evaluate(name, version)
+        if not wait:
+            return started
+        return {"evaluation": client.wait_for_evaluation(name, version), "gates": client.gates(name, version)}
+
+    _run(call)
+
+
+@models_app.command("gates")
+def models_gates(
+    name: str, version: int, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Every gate of NAME's policy for VERSION, passed or not, and why."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.gates(name, version))
+
+
+@models_app.command("approve")
+def models_approve(
+    name: str, version: int, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Approve VERSION for production (a different admin key than the uploader's: four-eyes)."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.approve(name, version))
+
+
+@models_app.command("stage")
+def models_stage(
+    name: str,
+    version: int,
+    stage: Annotated[str, typer.Argument(help="staging, production (gates must pass) or retired")],
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Move VERSION to STAGE; entering production makes it the primary route."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.set_stage(name, version, stage))
+
+
+@models_app.command("history")
+def models_history(
+    name: str, version: int, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """Who registered, evaluated, approved and moved VERSION."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.history(name, version))
 
 
 @models_app.command("list")
@@ -261,13 +380,17 @@ app.add_typer(tenants_app, name="tenants")
 def tenants_set(
     name: str,
     jurisdiction: Annotated[str | None, typer.Option(help="e.g. EU; matched by deployment policy rules")] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="file with the tenant's Ed25519 public key (PEM or base64)")
+    ] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create or update tenant NAME."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.set_tenant(name, jurisdiction))
+    key = signing_key.read_text() if signing_key else None
+    _run(lambda: client.set_tenant(name, jurisdiction, key))
 
 
 @deploy_app.command("show")

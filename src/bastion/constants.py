@@ -28,6 +28,7 @@ SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
 
 CONSUMER_GROUP = "workers"
+EVALUATION_TENANT = "_control"  # owner of evaluation jobs; '_' is not allowed in tenant names
 
 LANE_SYNC = "sync"
 LANE_BATCH = "batch"

@@ -12,6 +12,7 @@ Domain errors know nothing of HTTP; ``bastion.problems`` maps them to RFC 9457
     ├── Forbidden               credentials lack the scope (403)
     ├── NotFound                no such object *for this tenant* (404)
     ├── Conflict                the object exists or is immutable (409)
+    │   └── GateFailed          a version did not pass its promotion gates (409)
     ├── Overloaded              the queue is full; retry later (503, Retry-After)
     ├── Unavailable             a dependency (Redis, a model) is not reachable (503)
     ├── DeadlineExceeded        the job did not finish in time (504)
@@ -63,6 +64,12 @@ class NotFound(BastionError):
 
 class Conflict(BastionError):
     title = "Conflict"
+
+
+class GateFailed(Conflict):
+    """``gates`` (in ``extra``) lists every gate with whether it passed and why."""
+
+    title = "Promotion gate failed"
 
 
 class Overloaded(BastionError):

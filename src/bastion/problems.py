@@ -56,7 +56,7 @@ def from_error(exc: errors.BastionError, instance: str | None = None) -> Respons
         headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, errors.Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
-    public = {k: v for k, v in exc.extra.items() if k in {"job_id", "model", "errors"}}
+    public = {k: v for k, v in exc.extra.items() if k in {"job_id", "model", "errors", "gates"}}
     return problem(status, exc.title, exc.detail, headers, instance=instance, **public)
 
 

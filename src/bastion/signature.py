@@ -36,17 +36,54 @@ _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 
 @dataclass(frozen=True, slots=True)
+class Feature:
+    """One column of a rank-2 input, as the uploader refined it: a name and the values allowed."""
+
+    name: str
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for key in ("min", "max"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.categories is not None:
+            out["categories"] = list(self.categories)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Feature:
+        cats = data.get("categories")
+        return cls(str(data["name"]), data.get("min"), data.get("max"), tuple(cats) if cats is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    features: tuple[Feature, ...] = ()  # inputs: one per column, when the uploader named them
+    labels: tuple[str, ...] = ()  # outputs: class names by index, when the uploader gave them
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.features:
+            out["features"] = [f.to_dict() for f in self.features]
+        if self.labels:
+            out["labels"] = list(self.labels)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+        return cls(
+            str(data["name"]),
+            str(data["dtype"]),
+            tuple(data["shape"]),
+            tuple(Feature.from_dict(f) for f in data.get("features") or ()),
+            tuple(str(label) for label in data.get("labels") or ()),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +158,34 @@ def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] 
         raise InvalidInput(f"input {spec.name!r} holds a value that is not a finite {spec.dtype}")
     if arr.dtype.kind in "iu" and raw.dtype != arr.dtype and not np.array_equal(raw, arr):
         raise InvalidInput(f"input {spec.name!r} holds a value out of range for {spec.dtype}")
+    if spec.features:
+        _check_features(spec, arr)
     return arr
+
+
+def _check_features(spec: TensorSpec, arr: np.ndarray) -> None:
+    """Ranges and categories the uploader declared, per column of a rank-2 input."""
+    if arr.ndim != 2 or arr.shape[1] != len(spec.features):
+        return
+    low = np.array([-np.inf if f.min is None else f.min for f in spec.features])
+    high = np.array([np.inf if f.max is None else f.max for f in spec.features])
+    bad = (arr < low) | (arr > high)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        f = spec.features[col]
+        raise InvalidInput(
+            f"input {spec.name!r} row {row}: feature {f.name!r} must be within [{f.min}, {f.max}], "
+            f"got {arr[row, col].item()}"
+        )
+    for col, f in enumerate(spec.features):
+        if f.categories is not None:
+            outside = ~np.isin(arr[:, col], np.asarray(f.categories))
+            if outside.any():
+                row = int(np.argmax(outside))
+                raise InvalidInput(
+                    f"input {spec.name!r} row {row}: feature {f.name!r} must be one of {list(f.categories)[:20]}, "
+                    f"got {arr[row, col].item()}"
+                )
 
 
 def _holds_bool(data: list[Any]) -> bool:

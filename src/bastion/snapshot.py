@@ -35,6 +35,7 @@ class VersionInfo:
     version: int
     sha256: str
     signature: Signature
+    postprocessing: dict[str, Any] | None = None  # only when it changes outputs (a threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class Snapshot:
         for name, model in data["models"].items():
             for number, v in model["versions"].items():
                 versions[(name, int(number))] = VersionInfo(
-                    name, int(number), v["sha256"], Signature.from_dict(v["signature"])
+                    name, int(number), v["sha256"], Signature.from_dict(v["signature"]), v.get("postprocessing")
                 )
             routes = tuple(
                 Route(versions[(name, int(r["version"]))], int(r["weight"]), str(r["role"]))

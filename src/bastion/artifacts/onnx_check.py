@@ -12,7 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper
 
-from bastion.errors import InvalidArtifact
+from bastion.errors import InvalidArtifact, PayloadTooLarge
 from bastion.signature import Signature, TensorSpec
 
 _MAGIC = (
@@ -28,7 +28,7 @@ def inspect(data: bytes, max_bytes: int) -> Signature:
     if not data:
         raise InvalidArtifact("the artifact is empty")
     if len(data) > max_bytes:
-        raise InvalidArtifact(f"the artifact is {len(data)} bytes; the limit is {max_bytes}")
+        raise PayloadTooLarge(f"the artifact is {len(data)} bytes; the limit is {max_bytes}")
     for magic, what in _MAGIC:
         if data.startswith(magic):
             raise InvalidArtifact(f"the artifact is {what}, not an ONNX model; only ONNX is accepted")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -17,12 +18,14 @@ from starlette.responses import Response
 from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
-from bastion.constants import shadow_key
+from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key
 from bastion.control.bootstrap import ensure_admin_key
-from bastion.control.schemas import DeploymentSet, KeyCreate, TenantSet
-from bastion.errors import Forbidden, Unauthenticated, Unavailable, UnsupportedMedia
+from bastion.control.schemas import DeploymentSet, KeyCreate, StageSet, TenantSet
+from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated, Unavailable, UnsupportedMedia
+from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
 from bastion.registry import db
+from bastion.registry.metadata import GatePolicy
 from bastion.registry.service import Registry
 from bastion.responses import json_response
 from bastion.security import apikeys
@@ -64,6 +67,40 @@ class ControlPlane:
                 "mean_abs_diff": t.get("abs_diff_sum", 0.0) / values if values else None,
             }
         return out
+
+    def start_evaluation(self, model: str, version: int, by: str) -> str:
+        """Queue an evaluation job for a worker; the report is collected when the version is read."""
+        job_id, spec = self.registry.lifecycle.begin_evaluation(model, version, by)
+        try:
+            enqueue_evaluation(
+                self.redis,
+                job_id=job_id,
+                model=model,
+                version=version,
+                spec=spec,
+                max_queue=self.settings.max_queue_batch,
+                ttl_s=self.settings.result_ttl_s,
+            )
+        except (redis.RedisError, Overloaded) as exc:
+            self.registry.lifecycle.finish_evaluation(model, version, job_id, "failed", b"", "could not be queued")
+            if isinstance(exc, Overloaded):
+                raise
+            raise Unavailable("the evaluation could not be queued: Redis is unreachable") from exc
+        log.info("evaluation_requested", model=model, version=version, job_id=job_id, by=by)
+        return job_id
+
+    def collect_evaluation(self, model: str, version: int) -> None:
+        """If the version's evaluation job has finished, store its report with the version."""
+        job_id = self.registry.lifecycle.running_evaluation(model, version)
+        if job_id is None:
+            return
+        try:
+            state: Any = self.redis.hmget(job_key(job_id), "status", "result", "error")
+        except redis.RedisError:
+            return  # still running as far as anyone can tell; read again later
+        status, result, error = (v or b"" for v in state)
+        if status.decode() in TERMINAL_STATUSES:
+            self.registry.lifecycle.finish_evaluation(model, version, job_id, status.decode(), result, error.decode())
 
     def publish(self) -> int:
         try:
@@ -114,7 +151,20 @@ async def get_model(name: str, request: Request) -> Response:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["artifact"],
+                        "properties": {
+                            "artifact": {"type": "string", "format": "binary", "description": "the ONNX file"},
+                            "metadata": {"type": "string", "description": "VersionMetadata as JSON"},
+                            "signature": {"type": "string", "description": "base64 Ed25519 over the sha256"},
+                        },
+                    }
+                },
+            },
         }
     },
 )
@@ -123,31 +173,187 @@ async def register_version(
     request: Request,
     admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
     description: str = Query(default="", max_length=4000),
-    activate: bool = Query(default=True),
+    activate: bool | None = Query(default=None, description="unset: activate unless the model has gates"),
     version: int | None = Query(default=None, ge=1, le=1_000_000, description="name the version (409 if it exists)"),
-    rows_independent: bool = Query(
-        default=True, description="false when an output depends on other rows (e.g. softmax across the batch)"
+    rows_independent: bool | None = Query(
+        default=None, description="false when an output depends on other rows (e.g. softmax across the batch)"
     ),
+    signature: str | None = Query(default=None, max_length=200, description="base64 Ed25519 over the sha256"),
+    signer: str | None = Query(default=None, max_length=64, description="tenant whose public key verifies it"),
 ) -> Response:
-    """Register a new, immutable version from an ONNX file (the raw bytes are the body)."""
-    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/octet-stream":
-        raise UnsupportedMedia("send the ONNX file as 'Content-Type: application/octet-stream'")
-    data = await request.body()
+    """Register a new, immutable version: the ONNX file as the raw body, or a multipart form with
+    the file (``artifact``), its metadata (``metadata``, JSON) and a detached ``signature``."""
     plane = _plane(request)
+    data, metadata, form_signature = await _upload(request, plane.settings.max_upload_bytes)
     view = await run_in_threadpool(
-        plane.registry.register_version,
-        name,
-        data,
-        description=description,
-        created_by=str(admin["id"]),
-        activate=activate,
-        rows_independent=rows_independent,
-        version=version,
+        functools.partial(
+            plane.registry.register_version,
+            name,
+            data,
+            metadata=metadata,
+            description=description,
+            created_by=str(admin["id"]),
+            activate=activate,
+            rows_independent=rows_independent,
+            version=version,
+            artifact_signature=form_signature or signature,
+            signer=signer,
+        )
     )
     await run_in_threadpool(plane.publish)
-    log.info("version_registered", model=name, version=view["version"], sha256=view["sha256"], by=admin["id"])
+    log.info(
+        "version_registered",
+        model=name,
+        version=view["version"],
+        sha256=view["sha256"],
+        stage=view["stage"],
+        verified=view["verified"],
+        by=admin["id"],
+    )
     return json_response(view, status_code=201)
+
+
+async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] | None, str | None]:
+    """The artifact bytes, the metadata document and the signature of an upload."""
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type == "application/octet-stream":
+        return await request.body(), None, None
+    if content_type != "multipart/form-data":
+        raise UnsupportedMedia(
+            "send the ONNX file as 'Content-Type: application/octet-stream', or a multipart/form-data form "
+            "with 'artifact', 'metadata' and 'signature'"
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+    except Exception as exc:  # python-multipart / Starlette raise several kinds for malformed forms
+        raise InvalidInput("the multipart form is malformed or has too many parts") from exc
+    unknown = sorted(set(form.keys()) - {"artifact", "metadata", "signature"})
+    if unknown:
+        raise InvalidInput(f"unknown form fields {unknown}; send 'artifact', 'metadata' and 'signature'")
+    artifact = form.get("artifact")
+    if artifact is None or isinstance(artifact, str):
+        raise InvalidInput("the form needs the ONNX file as the 'artifact' file field")
+    data = await artifact.read()
+    raw_meta = form.get("metadata")
+    metadata = None
+    if raw_meta is not None:
+        try:
+            metadata = orjson.loads(raw_meta if isinstance(raw_meta, str) else await raw_meta.read())
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput("the 'metadata' field is not valid JSON") from exc
+        if not isinstance(metadata, dict):
+            raise InvalidInput("the 'metadata' field is a JSON object")
+    sig = form.get("signature")
+    return data, metadata, sig if isinstance(sig, str) else None
+
+
+@router.get("/models/{name}/versions/{version}", tags=["lifecycle"])
+async def get_version(name: str, version: int, request: Request) -> Response:
+    """One version: stage, metadata, verification, approval and its evaluation report."""
+    plane = _plane(request)
+    await run_in_threadpool(plane.collect_evaluation, name, version)
+    return json_response(await run_in_threadpool(plane.registry.get_version, name, version))
+
+
+@router.get("/models/{name}/policy", tags=["lifecycle"])
+async def get_policy(name: str, request: Request) -> Response:
+    return json_response(await run_in_threadpool(_plane(request).registry.lifecycle.get_policy, name))
+
+
+@router.put("/models/{name}/policy", tags=["lifecycle"])
+async def set_policy(
+    name: str,
+    body: GatePolicy,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """The gates a version must pass to enter production (thresholds, documentation, approval, signature)."""
+    lifecycle = _plane(request).registry.lifecycle
+    view = await run_in_threadpool(lifecycle.set_policy, name, body.model_dump(exclude_none=True), str(admin["id"]))
+    log.info("policy_set", model=name, by=admin["id"])
+    return json_response(view)
+
+
+@router.put("/models/{name}/holdout", tags=["lifecycle"])
+async def set_holdout(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Upload the labelled holdout set (JSON: ``inputs``, ``labels``, optional ``protected``)."""
+    doc = await _json_body(request)
+    view = await run_in_threadpool(_plane(request).registry.lifecycle.set_holdout, name, doc, str(admin["id"]))
+    log.info("holdout_set", model=name, sha256=view["holdout"]["sha256"], rows=view["holdout"]["rows"])
+    return json_response(view)
+
+
+@router.post("/models/{name}/versions/{version}/evaluate", status_code=202, tags=["lifecycle"])
+async def evaluate(
+    name: str,
+    version: int,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Evaluate the version on the model's holdout set, on a worker; poll the version for the report."""
+    plane = _plane(request)
+    job_id = await run_in_threadpool(plane.start_evaluation, name, version, str(admin["id"]))
+    return json_response({"model": name, "version": version, "job_id": job_id, "status": "running"}, status_code=202)
+
+
+@router.get("/models/{name}/versions/{version}/gates", tags=["lifecycle"])
+async def version_gates(name: str, version: int, request: Request) -> Response:
+    """Every gate of the model's policy for this version, with whether it passes and why."""
+    plane = _plane(request)
+    await run_in_threadpool(plane.collect_evaluation, name, version)
+    gates = await run_in_threadpool(plane.registry.lifecycle.gates, name, version)
+    return json_response({"model": name, "version": version, "gates": gates})
+
+
+@router.get("/models/{name}/versions/{version}/history", tags=["lifecycle"])
+async def version_history(name: str, version: int, request: Request) -> Response:
+    """Who registered, evaluated, approved and moved the version, in order."""
+    events = await run_in_threadpool(_plane(request).registry.lifecycle.history, name, version)
+    return json_response({"model": name, "version": version, "events": events})
+
+
+@router.post("/models/{name}/versions/{version}/approve", tags=["lifecycle"])
+async def approve(
+    name: str,
+    version: int,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Approve a version for production; the uploader cannot approve its own (four-eyes)."""
+    view = await run_in_threadpool(_plane(request).registry.lifecycle.approve, name, version, str(admin["id"]))
+    log.info("version_approved", model=name, version=version, by=admin["id"])
+    return json_response(view)
+
+
+@router.post("/models/{name}/versions/{version}/stage", tags=["lifecycle"])
+async def set_stage(
+    name: str,
+    version: int,
+    body: StageSet,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Move a version to ``staging``, ``production`` (gates must pass; it becomes the primary) or ``retired``."""
+    plane = _plane(request)
+    await run_in_threadpool(plane.collect_evaluation, name, version)
+    view = await run_in_threadpool(plane.registry.lifecycle.set_stage, name, version, body.stage, str(admin["id"]))
+    await run_in_threadpool(plane.publish)
+    log.info("version_stage", model=name, version=version, stage=body.stage, by=admin["id"])
+    return json_response(view)
+
+
+async def _json_body(request: Request) -> Any:
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMedia("send JSON with 'Content-Type: application/json'")
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput("the body is not valid JSON") from exc
 
 
 @router.get("/models/{name}/deployment", tags=["deployments"])
@@ -235,9 +441,10 @@ async def list_tenants(request: Request) -> Response:
 
 @router.put("/tenants/{name}", tags=["tenants"])
 async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
-    """Create or update a tenant; its jurisdiction is what policy rules match (clients cannot set it)."""
+    """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
+    its Ed25519 ``signing_key`` verifies the artifacts it signs."""
     plane = _plane(request)
-    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction)
+    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction, body.signing_key)
     await run_in_threadpool(plane.publish)
     log.info("tenant_set", tenant=name, jurisdiction=body.jurisdiction)
     return json_response(view)

@@ -48,3 +48,12 @@ class TenantSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     jurisdiction: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,16}$")
+    signing_key: str | None = Field(
+        default=None, max_length=1000, description="Ed25519 public key: PEM, or base64 of the raw 32 bytes"
+    )
+
+
+class StageSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["registered", "staging", "production", "retired"]

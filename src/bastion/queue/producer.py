@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from bastion.constants import LANE_BATCH, LANE_SYNC, job_key, queue_key
+from bastion.constants import EVALUATION_TENANT, LANE_BATCH, LANE_SYNC, job_key, queue_key
 from bastion.errors import Overloaded
 from bastion.queue.protocol import entry_fields
 from bastion.queue.scripts import Lua, arun_pipeline
@@ -89,3 +89,18 @@ class Producer:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def enqueue_evaluation(
+    client: Any, *, job_id: str, model: str, version: int, spec: bytes, max_queue: int, ttl_s: int
+) -> None:
+    """Queue an evaluation job on the model's batch lane (sync client; the control plane's call).
+
+    The job state hash is kept like an async job's, under the tenant ``EVALUATION_TENANT``.
+    """
+    now_ms = int(time.time() * 1000)
+    fields = entry_fields(job_id, EVALUATION_TENANT, model, version, 0, "", now_ms, b"", evaluation=spec)
+    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, *fields]
+    accepted, detail = _ENQUEUE.call(client, [queue_key(model, LANE_BATCH), job_key(job_id)], args)
+    if not accepted:
+        raise Overloaded(f"model {model!r} has {detail} jobs waiting on the batch lane; retry later", retry_after=5)

@@ -9,6 +9,8 @@ h     ``job id|tenant|model|version|deadline ms|reply gateway|created ms`` - the
       hold '|': ids are URL-safe, names match ``[a-z0-9._-]``.
 x     input tensors (``bastion.codec`` blob)
 p     only on shadow copies: the outputs the client was answered with, to compare against
+e     only on evaluation jobs (from the control plane): JSON naming the holdout set's
+      digest and how to read the outputs; the result is the JSON evaluation report
 ====  =================================================================================
 """
 
@@ -32,6 +34,7 @@ class Job:
     blob: bytes
     fields: dict[bytes, bytes]
     compare: bytes = b""
+    evaluation: bytes = b""
 
     @classmethod
     def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -52,6 +55,7 @@ class Job:
             blob=fields.get(b"x", b""),
             fields=fields,
             compare=fields.get(b"p", b""),
+            evaluation=fields.get(b"e", b""),
         )
 
 
@@ -65,9 +69,15 @@ def entry_fields(
     created_ms: int,
     blob: bytes,
     compare: bytes = b"",
+    evaluation: bytes = b"",
 ) -> list[str | bytes]:
     header = f"{job_id}|{tenant}|{model}|{version}|{deadline_ms}|{reply_to}|{created_ms}"
-    return ["h", header, "x", blob, "p", compare] if compare else ["h", header, "x", blob]
+    fields: list[str | bytes] = ["h", header, "x", blob]
+    if compare:
+        fields += ["p", compare]
+    if evaluation:
+        fields += ["e", evaluation]
+    return fields
 
 
 def script(name: str) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.errors import Conflict, InvalidInput, NotFound
+from bastion.registry.metadata import GatePolicy
 from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
 
 ROLES = ("primary", "canary", "shadow")
@@ -96,6 +97,7 @@ class Deployments:
             row, found = self._load(s, model)
             named = [r["version"] for r in routes] + [v for rule in rules for v in rule["allow"]]
             self._check_versions(s, row, named + ([fallback] if fallback else []))
+            self._check_stages(s, row, routes, fallback)
             dep = found or Deployment(model_id=row.id, routes=[], disabled=False)
             s.add(dep)
             dep.routes, dep.fallback_version, dep.rules = routes, fallback, rules
@@ -136,13 +138,37 @@ class Deployments:
         if missing:
             raise InvalidInput(f"model {row.name!r} has no version(s) {missing}")
 
+    def _check_stages(self, s: Session, row: Model, routes: list[dict[str, Any]], fallback: int | None) -> None:
+        """Retired versions take no traffic; on a gated model, primary and fallback are in production,
+        canaries and shadows in staging or production."""
+        stages = dict(
+            s.execute(select(ModelVersion.version, ModelVersion.stage).where(ModelVersion.model_id == row.id)).all()
+        )
+        gated = GatePolicy.model_validate(row.policy or {}).gated
+        wanted = [(r["version"], r["role"]) for r in routes] + ([(fallback, "fallback")] if fallback else [])
+        for version, role in wanted:
+            stage = stages[version]
+            if stage == "retired":
+                raise Conflict(f"version {version} of model {row.name!r} is retired and takes no traffic")
+            allowed = ("production",) if role in ("primary", "fallback") else ("staging", "production")
+            if gated and stage not in allowed:
+                raise Conflict(
+                    f"model {row.name!r} has promotion gates: a {role} version must be in {' or '.join(allowed)}; "
+                    f"version {version} is {stage}"
+                )
+
     def _previous_primary(self, s: Session, row: Model, current: int) -> int:
+        usable = set(
+            s.scalars(
+                select(ModelVersion.version).where(ModelVersion.model_id == row.id, ModelVersion.stage != "retired")
+            )
+        )
         events = s.scalars(
             select(DeploymentEvent).where(DeploymentEvent.model_id == row.id).order_by(DeploymentEvent.id.desc())
         )
         for event in events:
             for route in event.routes:
-                if route["role"] == "primary" and route["version"] != current:
+                if route["role"] == "primary" and route["version"] != current and route["version"] in usable:
                     return int(route["version"])
         raise Conflict(f"model {row.name!r} has no earlier production version to roll back to")
 

@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.artifacts import onnx_check
-from bastion.artifacts.store import ArtifactStore
+from bastion.artifacts.store import ArtifactStore, sha256_hex
 from bastion.constants import SCOPES
-from bastion.errors import Conflict, InvalidInput, NotFound
+from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
 from bastion.registry.deployments import Deployments
+from bastion.registry.lifecycle import Lifecycle, policy_of, record
+from bastion.registry.metadata import GatePolicy, VersionMetadata, check_postprocessing, parse, refine
+from bastion.registry.names import check_name
 from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, Tenant
-from bastion.security import apikeys
+from bastion.security import apikeys, signing
+from bastion.signature import Signature, to_tensor
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name):
-        raise InvalidInput(f"{kind} name {name!r} must match {_NAME.pattern}")
-    return name
+_MAX_REFERENCE_ROWS = 10_000
 
 
 class Registry:
@@ -35,6 +34,7 @@ class Registry:
         self.store = store
         self.max_upload_bytes = max_upload_bytes
         self.deployments = Deployments(sessions)
+        self.lifecycle = Lifecycle(sessions, store, self.deployments)
 
     # tenants and keys -------------------------------------------------------------------
     def ensure_tenant(self, name: str) -> Tenant:
@@ -46,24 +46,25 @@ class Registry:
                 s.add(tenant)
             return tenant
 
-    def set_tenant(self, name: str, jurisdiction: str | None) -> dict[str, Any]:
-        """Set a tenant's attributes (created if new); the jurisdiction drives policy rules."""
+    def set_tenant(self, name: str, jurisdiction: str | None, signing_key: str | None = None) -> dict[str, Any]:
+        """Set a tenant's attributes (created if new): the jurisdiction drives policy rules, the
+        Ed25519 public key verifies the artifacts this tenant signs."""
         if jurisdiction is not None and not re.match(r"^[A-Za-z0-9_-]{1,16}$", jurisdiction):
             raise InvalidInput("jurisdiction must be 1 to 16 letters, digits, '-' or '_'")
+        key = signing.normalise_public_key(signing_key) if signing_key else None
         ensured = self.ensure_tenant(name)
         with self.sessions.begin() as s:
             tenant = s.get(Tenant, ensured.id)
             if tenant is None:
                 raise NotFound(f"no tenant {name!r}")
             tenant.jurisdiction = jurisdiction
-            return {"name": tenant.name, "jurisdiction": tenant.jurisdiction}
+            if key is not None:
+                tenant.signing_key = key
+            return _tenant_view(tenant)
 
     def list_tenants(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
-            return [
-                {"name": t.name, "jurisdiction": t.jurisdiction}
-                for t in s.scalars(select(Tenant).order_by(Tenant.name))
-            ]
+            return [_tenant_view(t) for t in s.scalars(select(Tenant).order_by(Tenant.name))]
 
     def create_key(
         self, tenant: str, name: str, scopes: list[str], expires_at: datetime | None = None
@@ -120,47 +121,98 @@ class Registry:
         model: str,
         data: bytes,
         *,
+        metadata: dict[str, Any] | None = None,
         description: str = "",
         created_by: str = "",
-        activate: bool = True,
-        rows_independent: bool = True,
+        activate: bool | None = None,
+        rows_independent: bool | None = None,
         version: int | None = None,
+        artifact_signature: str | None = None,
+        signer: str | None = None,
     ) -> dict[str, Any]:
-        """Check, store and record a new version; with ``activate`` it becomes the 100 % primary.
+        """Check, store and record a new version.
 
+        ``metadata`` is a ``VersionMetadata`` document (model card, lineage, refined signature…).
         ``version`` names the version (409 if it exists: versions are immutable); unset, the next
-        number is taken.
-
-        ``rows_independent=False`` (the uploader's word that an output depends on other rows)
-        keeps workers from ever batching this version's requests together.
+        number is taken. ``artifact_signature`` (base64 Ed25519 over the sha256) is verified
+        against tenant ``signer``'s public key; a valid one marks the version ``verified``.
+        ``activate`` makes the version the 100 % primary; unset, it does so unless the model has
+        promotion gates (then the version waits in ``registered``). ``rows_independent=False``
+        (an output depends on other rows) keeps workers from batching this version.
         """
         check_name("model", model)
-        signature = replace(onnx_check.inspect(data, self.max_upload_bytes), rows_independent=rows_independent)
-        digest = self.store.put(data)
         if version is not None and version < 1:
             raise InvalidInput("version must be a positive integer")
-        view = self._insert_version(model, data, digest, signature.to_dict(), description, created_by, version)
-        if activate:
+        meta = parse(VersionMetadata, metadata, "the version metadata")
+        if description:
+            meta = meta.model_copy(update={"description": description[:4000]})
+        if rows_independent is not None:
+            meta = meta.model_copy(update={"rows_independent": rows_independent})
+        policy = self._policy(model)
+        if activate and policy.gated:
+            raise Conflict(
+                f"model {model!r} has promotion gates: register without activating, then evaluate, approve "
+                "and promote the version"
+            )
+        limit = min(self.max_upload_bytes, policy.max_artifact_bytes or self.max_upload_bytes)
+        signature = onnx_check.inspect(data, limit)
+        signature = refine(replace(signature, rows_independent=meta.rows_independent), meta.signature)
+        check_postprocessing(signature, meta.postprocessing)
+        digest = sha256_hex(data)
+        signed_by = self._verify(digest, artifact_signature, signer) if artifact_signature else None
+        if policy.require_verified and signed_by is None:
+            raise InvalidArtifact(
+                f"model {model!r} accepts only signed versions: send an Ed25519 signature over the artifact's "
+                "sha256 from a tenant with a signing key"
+            )
+        stored_meta = meta.model_dump(exclude={"reference_sample"}, exclude_defaults=True)
+        if meta.reference_sample is not None:
+            stored_meta["reference"] = self._store_reference(signature, meta.reference_sample)
+        self.store.put(data)
+        row = _NewVersion(digest, len(data), signature.to_dict(), stored_meta, created_by, signed_by)
+        view = self._insert_version(model, row, version, activate=activate is not False and not policy.gated)
+        if view["stage"] == "production":
             route = {"version": view["version"], "weight": 100, "role": "primary"}
-            self.deployments.deploy(model, [route], None, created_by or "registry")
+            dep = self.deployments.get(model)
+            self.deployments.deploy(
+                model, [route], dep["fallback_version"], created_by or "registry", rules=dep["rules"]
+            )
         return view
 
-    def _insert_version(
-        self,
-        model: str,
-        data: bytes,
-        digest: str,
-        signature: dict[str, Any],
-        description: str,
-        created_by: str,
-        number: int | None = None,
-    ) -> dict[str, Any]:
+    def _policy(self, model: str) -> GatePolicy:
+        with self.sessions() as s:
+            return policy_of(s.scalar(select(Model).where(Model.name == model)))
+
+    def _verify(self, digest: str, artifact_signature: str, signer: str | None) -> str:
+        if not signer:
+            raise InvalidInput("a signed upload names its signer (the tenant whose public key verifies it)")
+        with self.sessions() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == signer))
+            if tenant is None or not tenant.signing_key:
+                raise InvalidInput(f"tenant {signer!r} has no signing key")
+            key = tenant.signing_key
+        signing.verify(key, artifact_signature, digest)
+        return signer
+
+    def _store_reference(self, signature: Signature, sample: dict[str, list[Any]]) -> dict[str, Any]:
+        """Check the reference sample against the signature and keep it in the store (drift baseline)."""
+        rows = 0
+        for spec in signature.inputs:
+            if spec.name not in sample:
+                raise InvalidInput(f"the reference sample lacks input {spec.name!r}")
+            rows = int(to_tensor(spec, sample[spec.name], max_rows=_MAX_REFERENCE_ROWS).shape[0])
+        extra = sorted(set(sample) - {s.name for s in signature.inputs})
+        if extra:
+            raise InvalidInput(f"the reference sample has unknown inputs {extra}")
+        return {"sha256": self.store.put(orjson.dumps(sample)), "rows": rows}
+
+    def _insert_version(self, model: str, new: _NewVersion, number: int | None, activate: bool) -> dict[str, Any]:
         for _attempt in range(3):
             try:
                 with self.sessions.begin() as s:
                     row = s.scalar(select(Model).where(Model.name == model))
                     if row is None:
-                        row = Model(name=model, description=description[:4000])
+                        row = Model(name=model, description=str(new.meta.get("description", "")))
                         s.add(row)
                         s.flush()
                     last = s.scalar(
@@ -172,13 +224,22 @@ class Registry:
                     version = ModelVersion(
                         model_id=row.id,
                         version=number if number is not None else (last or 0) + 1,
-                        sha256=digest,
-                        size_bytes=len(data),
-                        signature=signature,
-                        created_by=created_by[:64],
+                        sha256=new.sha256,
+                        size_bytes=new.size_bytes,
+                        signature=new.signature,
+                        meta=new.meta,
+                        verified=new.signed_by is not None,
+                        signed_by=new.signed_by,
+                        created_by=new.created_by[:64],
+                        stage="production" if activate else "registered",
                     )
                     s.add(version)
                     s.flush()
+                    record(s, row, version.version, "registered", new.created_by, sha256=new.sha256)
+                    if activate:
+                        record(
+                            s, row, version.version, "stage", new.created_by, source="registered", target="production"
+                        )
                     return _version_view(row, version)
             except SqlIntegrityError as exc:
                 if number is not None:
@@ -198,6 +259,18 @@ class Registry:
             if model is None:
                 raise NotFound(f"no model {name!r}")
             return _model_view(s, model)
+
+    def get_version(self, name: str, version: int) -> dict[str, Any]:
+        with self.sessions() as s:
+            model = s.scalar(select(Model).where(Model.name == name))
+            if model is None:
+                raise NotFound(f"no model {name!r}")
+            row = s.scalar(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == version)
+            )
+            if row is None:
+                raise NotFound(f"model {name!r} has no version {version}")
+            return _version_view(model, row)
 
     def snapshot(self) -> dict[str, Any]:
         """What gateways and workers need, without SQL: keys by digest, models, signatures."""
@@ -226,10 +299,18 @@ class Registry:
                 "fallback": dep["fallback_version"],
                 "disabled": dep["disabled"],
                 "versions": {
-                    str(v["version"]): {"sha256": v["sha256"], "signature": v["signature"]} for v in model["versions"]
+                    str(v["version"]): _snapshot_version(v) for v in model["versions"] if v["stage"] != "retired"
                 },
             }
         return {"keys": keys, "models": models}
+
+
+def _snapshot_version(v: dict[str, Any]) -> dict[str, Any]:
+    out = {"sha256": v["sha256"], "signature": v["signature"]}
+    post = v["metadata"].get("postprocessing")
+    if post and post.get("threshold") is not None:
+        out["postprocessing"] = post
+    return out
 
 
 def _aware(value: datetime) -> datetime:
@@ -249,6 +330,8 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
         "name": model.name,
         "description": model.description,
         "current_version": model.current_version,
+        "policy": policy_of(model).model_dump(exclude_none=True),
+        "holdout": model.holdout,
         "deployment": {
             "routes": dep.routes if dep else [],
             "rules": (dep.rules or []) if dep else [],
@@ -257,6 +340,10 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
         },
         "versions": [_version_view(model, v) for v in versions],
     }
+
+
+def _tenant_view(tenant: Tenant) -> dict[str, Any]:
+    return {"name": tenant.name, "jurisdiction": tenant.jurisdiction, "signing_key": tenant.signing_key}
 
 
 def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:
@@ -275,9 +362,25 @@ def _version_view(model: Model, version: ModelVersion) -> dict[str, Any]:
     return {
         "model": model.name,
         "version": version.version,
+        "stage": version.stage,
         "sha256": version.sha256,
         "size_bytes": version.size_bytes,
         "signature": version.signature,
+        "metadata": version.meta or {},
+        "verified": version.verified,
+        "signed_by": version.signed_by,
+        "approved_by": version.approved_by,
+        "evaluation": version.evaluation,
         "created_by": version.created_by,
         "created_at": _aware(version.created_at).isoformat(),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _NewVersion:
+    sha256: str
+    size_bytes: int
+    signature: dict[str, Any]
+    meta: dict[str, Any]
+    created_by: str
+    signed_by: str | None

@@ -17,6 +17,7 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.errors import IntegrityError, JobFailed, NotFound
 from bastion.runtime.base import LoadedModel, Runtime
 from bastion.snapshot import Snapshot
+from bastion.worker import postprocess
 
 log = logs.get("bastion.worker")
 
@@ -44,7 +45,9 @@ class ModelCache:
         if refused is not None and time.monotonic() - refused[0] < _RETRY_REFUSED_S:
             raise JobFailed(refused[1])
         try:
-            loaded = self.runtime.load(self.store.open(info.sha256))
+            loaded = postprocess.wrap(
+                self.runtime.load(self.store.open(info.sha256)), info.signature, info.postprocessing
+            )
         except IntegrityError as exc:
             metrics.ERRORS.labels("worker", "artifact_integrity").inc()
             log.error("artifact_refused", model=model, version=version, sha256=info.sha256, reason=exc.detail)

@@ -13,9 +13,10 @@ from collections import defaultdict
 from types import FrameType
 from typing import Any
 
+import orjson
 import redis
 
-from bastion import logs, metrics
+from bastion import holdout, logs, metrics
 from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY, STATUS_EXPIRED, STATUS_FAILED, STATUS_SUCCEEDED
 from bastion.errors import BastionError, InvalidInput
 from bastion.queue.consumer import Consumer, Outcome
@@ -23,7 +24,7 @@ from bastion.queue.protocol import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
-from bastion.worker import shadow
+from bastion.worker import evaluation, shadow
 from bastion.worker.batching import run_batch, run_each
 from bastion.worker.models import ModelCache
 
@@ -156,7 +157,9 @@ class Worker:
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
         for job in jobs:
-            if job.deadline_ms and job.deadline_ms < now_ms:
+            if job.evaluation:
+                outcomes.append(self._evaluate(job))
+            elif job.deadline_ms and job.deadline_ms < now_ms:
                 outcomes.append(Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran"))
             else:
                 groups[(job.model, job.version)].append(job)
@@ -167,6 +170,25 @@ class Worker:
         for outcome, stored in zip(outcomes, statuses, strict=True):
             metrics.JOBS.labels(outcome.job.model, stored).inc()
         self._record_shadows(outcomes)
+
+    def _evaluate(self, job: Job) -> Outcome:
+        """Run a version on a holdout set (read from the artifact store, verified) and report metrics."""
+        try:
+            spec = evaluation.Spec.from_dict(orjson.loads(job.evaluation))
+            loaded = self._load(job.model, job.version)
+            found = holdout.decode(self.cache.store.open(spec.holdout))
+            signature = self.snapshot.versions[(job.model, job.version)].signature
+            report = evaluation.evaluate(loaded, signature, found, spec)
+        except BastionError as exc:
+            log.warning("evaluation_failed", job_id=job.job_id, model=job.model, version=job.version, reason=exc.detail)
+            return Outcome(job, STATUS_FAILED, error=exc.detail)
+        except Exception as exc:
+            metrics.ERRORS.labels("worker", "evaluation").inc()
+            log.warning("evaluation_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
+            return Outcome(job, STATUS_FAILED, error="the model could not run the holdout set")
+        report["evaluated_by"] = self.name
+        log.info("evaluation_done", job_id=job.job_id, model=job.model, version=job.version, rows=report["rows"])
+        return Outcome(job, STATUS_SUCCEEDED, result=orjson.dumps(report))
 
     def _record_shadows(self, outcomes: list[Outcome]) -> None:
         """Shadow copies carry the answer the client got; compare and add to the version's totals."""
