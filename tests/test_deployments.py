@@ -146,7 +146,7 @@ def test_deployments_are_validated_and_recorded(registry: Registry) -> None:
     assert snap["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
     assert snap["disabled"] is False
     for rules, says in [
-        ([{"allow": [1]}], "needs a 'jurisdiction' or a 'tenant'"),
+        ([{"allow": [1]}], "needs a 'jurisdiction', a 'tenant' or a 'without_consent'"),
         ([{"jurisdiction": "EU", "allow": "1"}], "list of version numbers"),
         ([{"jurisdiction": "EU", "allow": [7]}], "no version"),
         ([{"jurisdiction": "EU", "allow": [1], "consent": True}], "unknown fields"),
@@ -235,10 +235,32 @@ def test_a_jurisdiction_rule_keeps_eu_tenants_on_eu_approved_versions(two_gatewa
             refused = eu.post(PREDICT, json={"inputs": [ROW]})
             assert refused.status_code == 403
             assert refused.headers["content-type"] == "application/problem+json"
-            assert "jurisdiction EU only version(s) [1]" in refused.json()["detail"]
+            assert "policy (jurisdiction EU) allows this caller only version(s) [1]" in refused.json()["detail"]
             assert other.post(PREDICT, json={"inputs": [ROW]}).status_code == 200
     finally:
         stack.admin.set_tenant("acme", None)
+        stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
+
+
+def test_a_consent_rule_keeps_tenants_without_the_consent_off_the_versions_that_need_it(two_gateways: Stack) -> None:
+    """Consent flags are tenant attributes set by operators, like the jurisdiction."""
+    stack = two_gateways
+    stack.admin.set_tenant("globex", None, consents=["profiling"])
+    both = [{"version": 1, "weight": 50}, {"version": 2, "weight": 50, "role": "canary"}]
+    stack.admin.deploy(demo.MODEL_NAME, both, rules=[{"without_consent": "profiling", "allow": [1]}])
+    time.sleep(0.5)
+    try:
+        with stack.client("acme", gateway=1) as without, stack.client("globex", gateway=0) as consenting:
+            assert {_version(without, f"c{i}") for i in range(100)} == {1}
+            assert {_version(consenting, f"c{i}") for i in range(100)} == {1, 2}
+            stack.admin.deploy(
+                demo.MODEL_NAME, [{"version": 2}], rules=[{"without_consent": "profiling", "allow": [1]}]
+            )
+            time.sleep(0.5)
+            refused = without.post(PREDICT, json={"inputs": [ROW]})
+            assert refused.status_code == 403 and "without consent 'profiling'" in refused.json()["detail"]
+    finally:
+        stack.admin.set_tenant("globex", None, consents=[])
         stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
 
 

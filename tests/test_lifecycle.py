@@ -138,7 +138,7 @@ def test_gates_keep_an_unfair_version_out_and_four_eyes_let_a_good_one_in(stack:
     assert info["rows"] == 2000 and info["groups"] == ["a", "b"]
 
     # A gated model's versions wait in 'registered'; activating one directly is refused.
-    with pytest.raises(AdminError, match="409.*promotion gates"):
+    with pytest.raises(AdminError, match=r"409.*promotion gates"):
         uploader.register(MODEL, logistic(*FAIR), activate=True, metadata=DOCS)
     v1 = uploader.register(MODEL, logistic(*FAIR), metadata=DOCS)
     v2 = uploader.register(MODEL, logistic(*UNFAIR), metadata=DOCS)
@@ -175,9 +175,9 @@ def test_gates_keep_an_unfair_version_out_and_four_eyes_let_a_good_one_in(stack:
     v3 = uploader.register(MODEL, logistic(*BETTER), metadata=DOCS)["version"]
     uploader.set_stage(MODEL, v3, "staging")
     _evaluated(uploader, v3)
-    with pytest.raises(AdminError, match="403.*four-eyes"):
+    with pytest.raises(AdminError, match=r"403.*four-eyes"):
         uploader.approve(MODEL, v3)
-    with pytest.raises(AdminError, match="409.*gate 'approval' failed"):
+    with pytest.raises(AdminError, match=r"409.*gate 'approval' failed"):
         uploader.set_stage(MODEL, v3, "production")
     reviewer.approve(MODEL, v3)
     promoted = uploader.set_stage(MODEL, v3, "production")
@@ -193,7 +193,7 @@ def test_gates_keep_an_unfair_version_out_and_four_eyes_let_a_good_one_in(stack:
 
     # Rollback returns to the previous production version; a staging version cannot be made primary.
     assert uploader.rollback(MODEL)["routes"][0]["version"] == 1
-    with pytest.raises(AdminError, match="409.*must be in production"):
+    with pytest.raises(AdminError, match=r"409.*must be in production"):
         uploader.deploy(MODEL, [{"version": 2}])
 
 
@@ -208,10 +208,10 @@ def test_documentation_gate_names_what_is_missing(stack: Stack) -> None:
 def test_stage_transitions_are_enforced(stack: Stack) -> None:
     admin = stack.admin
     v = admin.register("stages", logistic(*FAIR), activate=False)["version"]
-    with pytest.raises(AdminError, match="409.*registered; it can move to"):
+    with pytest.raises(AdminError, match=r"409.*registered; it can move to"):
         admin.set_stage("stages", v, "production")
     admin.set_stage("stages", v, "retired")
-    with pytest.raises(AdminError, match="409.*retired"):
+    with pytest.raises(AdminError, match=r"409.*retired"):
         admin.deploy("stages", [{"version": v}])
     with pytest.raises(AdminError, match="409"):
         admin.set_stage("stages", v, "staging")
@@ -229,14 +229,14 @@ def test_a_signed_version_is_verified_and_a_model_can_require_signatures(stack: 
     good = base64.b64encode(private.sign(hashlib.sha256(data).digest())).decode()
     forged = base64.b64encode(Ed25519PrivateKey.generate().sign(hashlib.sha256(data).digest())).decode()
 
-    with pytest.raises(AdminError, match="422.*accepts only signed versions"):
+    with pytest.raises(AdminError, match=r"422.*accepts only signed versions"):
         stack.admin.register("signed", data)
-    with pytest.raises(AdminError, match="422.*does not verify"):
+    with pytest.raises(AdminError, match=r"422.*does not verify"):
         stack.admin.register("signed", data, signature=forged, signer="publisher")
     view = stack.admin.register("signed", data, signature=good, signer="publisher")
     assert view["verified"] is True and view["signed_by"] == "publisher"
     # The same signature does not carry over to other bytes.
-    with pytest.raises(AdminError, match="422.*does not verify"):
+    with pytest.raises(AdminError, match=r"422.*does not verify"):
         stack.admin.register("signed", logistic(*BETTER), signature=good, signer="publisher")
 
 

@@ -111,3 +111,16 @@ def test_shadow_comparison_counts_agreeing_rows_and_absolute_differences() -> No
     c = compare(answer, shadow)
     assert (c.rows, c.agree_rows, c.values) == (3, 2, 6)
     assert abs(c.abs_diff_sum - 1.0) < 1e-6
+
+
+def test_cli_policy_rules_parse_every_kind() -> None:
+    import typer
+
+    from bastion.cli import _rule
+
+    assert _rule("EU=1,2") == {"jurisdiction": "EU", "allow": [1, 2]}
+    assert _rule("tenant:acme=3") == {"tenant": "acme", "allow": [3]}
+    assert _rule("without-consent:profiling=1") == {"without_consent": "profiling", "allow": [1]}
+    for bad in ("EU", "nothing:x=1", "EU=a", "=1"):
+        with pytest.raises(typer.BadParameter):
+            _rule(bad)

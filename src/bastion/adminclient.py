@@ -167,8 +167,14 @@ class AdminClient:
         result: dict[str, Any] = self._call("POST", f"/admin/v1/models/{model}/{action}")
         return result
 
-    def set_tenant(self, name: str, jurisdiction: str | None, signing_key: str | None = None) -> dict[str, Any]:
-        body = {"jurisdiction": jurisdiction, "signing_key": signing_key}
+    def set_tenant(
+        self,
+        name: str,
+        jurisdiction: str | None,
+        signing_key: str | None = None,
+        consents: list[str] | None = None,
+    ) -> dict[str, Any]:
+        body = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents}
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 

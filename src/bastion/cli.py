@@ -348,7 +348,11 @@ def deploy_set(
     route: Annotated[list[str], typer.Option(help="VERSION[:WEIGHT[:ROLE]] (repeatable), e.g. 1:90 2:10:canary")],
     fallback: Annotated[int | None, typer.Option(help="version that answers while the model is disabled")] = None,
     allow: Annotated[
-        list[str] | None, typer.Option(help="policy JURISDICTION=V1,V2 (repeatable): callers there reach only these")
+        list[str] | None,
+        typer.Option(
+            help="policy rule (repeatable): JURISDICTION=V1,V2, tenant:NAME=V1 or without-consent:FLAG=V1; "
+            "matching callers reach only these versions"
+        ),
     ] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
@@ -362,17 +366,21 @@ def deploy_set(
 
 
 def _rule(text: str) -> dict[str, Any]:
-    jurisdiction, sep, versions = text.partition("=")
+    """``EU=1,2`` (jurisdiction), ``tenant:acme=2`` or ``without-consent:profiling=1``."""
+    when, sep, versions = text.partition("=")
+    kind, colon, value = when.partition(":")
+    key = {"tenant": "tenant", "without-consent": "without_consent"}.get(kind) if colon else "jurisdiction"
+    value = value if colon else when
     try:
         allowed = [int(v) for v in versions.split(",") if v]
     except ValueError as exc:
-        raise typer.BadParameter(f"{text!r} is not JURISDICTION=V1,V2") from exc
-    if not sep or not jurisdiction:
-        raise typer.BadParameter(f"{text!r} is not JURISDICTION=V1,V2")
-    return {"jurisdiction": jurisdiction, "allow": allowed}
+        raise typer.BadParameter(f"{text!r} is not [KIND:]VALUE=V1,V2") from exc
+    if not sep or not value or key is None:
+        raise typer.BadParameter(f"{text!r} is not JURISDICTION=V1,V2, tenant:NAME=V1 or without-consent:FLAG=V1")
+    return {key: value, "allow": allowed}
 
 
-tenants_app = typer.Typer(help="Tenant attributes (jurisdiction).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenant attributes (jurisdiction, consent flags, signing key).", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 
 
@@ -383,6 +391,7 @@ def tenants_set(
     signing_key: Annotated[
         Path | None, typer.Option(help="file with the tenant's Ed25519 public key (PEM or base64)")
     ] = None,
+    consent: Annotated[list[str] | None, typer.Option(help="consent flag the tenant holds (repeatable)")] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
@@ -390,7 +399,7 @@ def tenants_set(
     """Create or update tenant NAME."""
     client = _client(control_url, admin_key, data_dir)
     key = signing_key.read_text() if signing_key else None
-    _run(lambda: client.set_tenant(name, jurisdiction, key))
+    _run(lambda: client.set_tenant(name, jurisdiction, key, consent))
 
 
 @deploy_app.command("show")

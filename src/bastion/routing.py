@@ -1,9 +1,9 @@
 """Choose the version that answers a request: policy rules, weights sticky per subject, kill switch.
 
-1. Policy: every rule that applies to the caller (its tenant, or its tenant's jurisdiction, both
-   set by operators, never by a client header) narrows the versions it may reach to the rule's
-   ``allow`` list. A caller no route is allowed for gets the fallback if that is allowed, else a
-   403 problem saying which rule stopped it.
+1. Policy: every rule that applies to the caller (its tenant, its tenant's jurisdiction, or a
+   consent flag its tenant lacks - all set by operators, never by a client header) narrows the
+   versions it may reach to the rule's ``allow`` list. A caller no route is allowed for gets the
+   fallback if that is allowed, else a 403 problem saying which rule stopped it.
 2. Kill switch: a disabled model answers with its (allowed) fallback, or 503.
 3. Weights: the subject (``X-Bastion-Subject``, or the tenant) is hashed with the model name into
    a bucket in ``[0, total weight)`` of the allowed routes, which own consecutive ranges in their
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 
 from bastion.errors import Forbidden, NotFound, Unavailable
-from bastion.snapshot import ModelRoutes, Route, VersionInfo
+from bastion.snapshot import ModelRoutes, Route, Rule, VersionInfo
 
 
 def shadowed(model: str, route: Route, subject: str) -> bool:
@@ -30,7 +30,12 @@ def bucket(model: str, subject: str, total: int) -> int:
 
 
 def choose(
-    model: str, routes: ModelRoutes | None, subject: str, tenant: str = "", jurisdiction: str | None = None
+    model: str,
+    routes: ModelRoutes | None,
+    subject: str,
+    tenant: str = "",
+    jurisdiction: str | None = None,
+    consents: frozenset[str] = frozenset(),
 ) -> tuple[VersionInfo, bool]:
     """(version, answered-by-fallback) for this caller, or NotFound / Forbidden / Unavailable."""
     if routes is None:
@@ -38,9 +43,11 @@ def choose(
     if not routes.rules and not routes.disabled and len(routes.routes) == 1:
         return routes.routes[0].version, False  # the common case: one production version, no policy
     allowed: frozenset[int] | None = None
+    stopped_by: list[str] = []
     for rule in routes.rules:
-        if rule.applies(tenant, jurisdiction):
+        if rule.applies(tenant, jurisdiction, consents):
             allowed = rule.allow if allowed is None else allowed & rule.allow
+            stopped_by.append(_describe(rule))
     fallback = routes.fallback
     if allowed is not None and fallback is not None and fallback.version not in allowed:
         fallback = None
@@ -52,13 +59,21 @@ def choose(
     if not candidates:
         if fallback is not None:
             return fallback, True
-        why = f"jurisdiction {jurisdiction}" if jurisdiction else f"tenant {tenant}"
         raise Forbidden(
-            f"policy allows {why} only version(s) {sorted(allowed or [])} of model {model!r}, "
-            "and none of them is deployed",
+            f"policy ({'; '.join(stopped_by)}) allows this caller only version(s) {sorted(allowed or [])} "
+            f"of model {model!r}, and none of them is deployed",
             model=model,
         )
     return _weighted(model, candidates, subject), False
+
+
+def _describe(rule: Rule) -> str:
+    parts = [f"tenant {rule.tenant}"] if rule.tenant else []
+    if rule.jurisdiction:
+        parts.append(f"jurisdiction {rule.jurisdiction}")
+    if rule.without_consent:
+        parts.append(f"without consent '{rule.without_consent}'")
+    return " and ".join(parts)
 
 
 def _weighted(model: str, routes: list[Route], subject: str) -> VersionInfo:

@@ -24,6 +24,7 @@ class KeyInfo:
     scopes: frozenset[str]
     expires_at: float | None
     jurisdiction: str | None = None
+    consents: frozenset[str] = frozenset()
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -47,15 +48,18 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """A policy rule: callers of this tenant or jurisdiction may reach only ``allow``."""
+    """A policy rule: callers of this tenant or jurisdiction, or lacking this consent, may reach only ``allow``."""
 
     jurisdiction: str | None
     tenant: str | None
     allow: frozenset[int]
+    without_consent: str | None = None
 
-    def applies(self, tenant: str, jurisdiction: str | None) -> bool:
-        return (self.tenant is None or self.tenant == tenant) and (
-            self.jurisdiction is None or self.jurisdiction == jurisdiction
+    def applies(self, tenant: str, jurisdiction: str | None, consents: frozenset[str] = frozenset()) -> bool:
+        return (
+            (self.tenant is None or self.tenant == tenant)
+            and (self.jurisdiction is None or self.jurisdiction == jurisdiction)
+            and (self.without_consent is None or self.without_consent not in consents)
         )
 
 
@@ -92,7 +96,14 @@ class Snapshot:
     def parse(cls, raw: bytes) -> Snapshot:
         data = orjson.loads(raw)
         keys = {
-            digest: KeyInfo(k["id"], k["tenant"], frozenset(k["scopes"]), k.get("expires_at"), k.get("jurisdiction"))
+            digest: KeyInfo(
+                k["id"],
+                k["tenant"],
+                frozenset(k["scopes"]),
+                k.get("expires_at"),
+                k.get("jurisdiction"),
+                frozenset(k.get("consents") or ()),
+            )
             for digest, k in data["keys"].items()
         }
         versions: dict[tuple[str, int], VersionInfo] = {}
@@ -113,7 +124,12 @@ class Snapshot:
                 fallback=versions.get((name, int(fallback))) if fallback is not None else None,
                 disabled=bool(model.get("disabled", False)),
                 rules=tuple(
-                    Rule(r.get("jurisdiction"), r.get("tenant"), frozenset(int(v) for v in r["allow"]))
+                    Rule(
+                        r.get("jurisdiction"),
+                        r.get("tenant"),
+                        frozenset(int(v) for v in r["allow"]),
+                        r.get("without_consent"),
+                    )
                     for r in model.get("rules") or []
                 ),
             )

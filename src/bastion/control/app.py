@@ -444,7 +444,7 @@ async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
     """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
     its Ed25519 ``signing_key`` verifies the artifacts it signs."""
     plane = _plane(request)
-    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction, body.signing_key)
+    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction, body.signing_key, body.consents)
     await run_in_threadpool(plane.publish)
     log.info("tenant_set", tenant=name, jurisdiction=body.jurisdiction)
     return json_response(view)

@@ -27,12 +27,13 @@ class RouteIn(BaseModel):
 
 
 class RuleIn(BaseModel):
-    """Callers of this jurisdiction (or tenant) may reach only the versions in ``allow``."""
+    """Callers of this jurisdiction (or tenant, or lacking this consent) may reach only ``allow``."""
 
     model_config = ConfigDict(extra="forbid")
 
     jurisdiction: str | None = Field(default=None, min_length=1, max_length=16)
     tenant: str | None = Field(default=None, min_length=1, max_length=64)
+    without_consent: str | None = Field(default=None, min_length=1, max_length=32)
     allow: list[int] = Field(max_length=64)
 
 
@@ -50,6 +51,9 @@ class TenantSet(BaseModel):
     jurisdiction: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,16}$")
     signing_key: str | None = Field(
         default=None, max_length=1000, description="Ed25519 public key: PEM, or base64 of the raw 32 bytes"
+    )
+    consents: list[str] | None = Field(
+        default=None, max_length=64, description="consent flags the tenant holds (matched by 'without_consent' rules)"
     )
 
 

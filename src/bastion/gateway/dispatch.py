@@ -26,7 +26,8 @@ def resolve(state: GatewayState, name: str, subject: str, key: KeyInfo) -> tuple
     """The version that answers this caller and subject for ``name`` now, and whether it is the fallback."""
     if len(name) > 64:
         raise NotFound("no such model")
-    return routing.choose(name, state.snapshots.current.models.get(name), subject, key.tenant, key.jurisdiction)
+    routes = state.snapshots.current.models.get(name)
+    return routing.choose(name, routes, subject, key.tenant, key.jurisdiction, key.consents)
 
 
 def subject_of(header: str | None, tenant: str) -> str:

@@ -23,6 +23,7 @@ from bastion.registry.metadata import GatePolicy
 from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
 
 ROLES = ("primary", "canary", "shadow")
+_RULE_KEYS = ("jurisdiction", "tenant", "without_consent")
 
 
 def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,22 +52,24 @@ def normalise_routes(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def normalise_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Policy rules: ``{"jurisdiction": "EU", "allow": [1, 3]}`` or ``{"tenant": "acme", "allow": [2]}``.
+    """Policy rules: ``{"jurisdiction": "EU", "allow": [1, 3]}``, ``{"tenant": "acme", "allow": [2]}``
+    or ``{"without_consent": "profiling", "allow": [1]}``.
 
-    A rule applies to a caller whose tenant (or tenant's jurisdiction, set by operators, never by
-    a client header) matches; a caller may reach only the versions every applying rule allows.
+    A rule applies to a caller whose tenant, tenant's jurisdiction and tenant's consent flags
+    (all set by operators, never by a client header) match; a caller may reach only the versions
+    every applying rule allows.
     """
     out = []
     for rule in rules:
-        when = {k: rule[k] for k in ("jurisdiction", "tenant") if rule.get(k) is not None}
+        when = {k: rule[k] for k in _RULE_KEYS if rule.get(k) is not None}
         if not when:
-            raise InvalidInput("a policy rule needs a 'jurisdiction' or a 'tenant'")
+            raise InvalidInput("a policy rule needs a 'jurisdiction', a 'tenant' or a 'without_consent'")
         if any(not isinstance(v, str) or not 0 < len(v) <= 64 for v in when.values()):
             raise InvalidInput("a policy rule's jurisdiction and tenant are short strings")
         allow = rule.get("allow")
         if not isinstance(allow, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in allow):
             raise InvalidInput("a policy rule's 'allow' is a list of version numbers")
-        unknown = set(rule) - {"jurisdiction", "tenant", "allow"}
+        unknown = set(rule) - {*_RULE_KEYS, "allow"}
         if unknown:
             raise InvalidInput(f"a policy rule has unknown fields {sorted(unknown)}")
         out.append({**when, "allow": sorted(set(allow))})

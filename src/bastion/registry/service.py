@@ -46,11 +46,20 @@ class Registry:
                 s.add(tenant)
             return tenant
 
-    def set_tenant(self, name: str, jurisdiction: str | None, signing_key: str | None = None) -> dict[str, Any]:
-        """Set a tenant's attributes (created if new): the jurisdiction drives policy rules, the
-        Ed25519 public key verifies the artifacts this tenant signs."""
+    def set_tenant(
+        self,
+        name: str,
+        jurisdiction: str | None,
+        signing_key: str | None = None,
+        consents: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Set a tenant's attributes (created if new): the jurisdiction and consent flags drive
+        policy rules, the Ed25519 public key verifies the artifacts this tenant signs. Unset
+        ``signing_key`` and ``consents`` keep their values."""
         if jurisdiction is not None and not re.match(r"^[A-Za-z0-9_-]{1,16}$", jurisdiction):
             raise InvalidInput("jurisdiction must be 1 to 16 letters, digits, '-' or '_'")
+        if consents is not None and not all(re.match(r"^[a-z0-9_.-]{1,32}$", c) for c in consents):
+            raise InvalidInput("consent flags are 1 to 32 of a-z, 0-9, '_', '.', '-'")
         key = signing.normalise_public_key(signing_key) if signing_key else None
         ensured = self.ensure_tenant(name)
         with self.sessions.begin() as s:
@@ -60,6 +69,8 @@ class Registry:
             tenant.jurisdiction = jurisdiction
             if key is not None:
                 tenant.signing_key = key
+            if consents is not None:
+                tenant.consents = sorted(set(consents))
             return _tenant_view(tenant)
 
     def list_tenants(self) -> list[dict[str, Any]]:
@@ -286,6 +297,7 @@ class Registry:
                     "id": key.id,
                     "tenant": owner.name if owner else "",
                     "jurisdiction": owner.jurisdiction if owner else None,
+                    "consents": (owner.consents or []) if owner else [],
                     "scopes": key.scopes,
                     "expires_at": _aware(key.expires_at).timestamp() if key.expires_at else None,
                 }
@@ -343,7 +355,12 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
 
 
 def _tenant_view(tenant: Tenant) -> dict[str, Any]:
-    return {"name": tenant.name, "jurisdiction": tenant.jurisdiction, "signing_key": tenant.signing_key}
+    return {
+        "name": tenant.name,
+        "jurisdiction": tenant.jurisdiction,
+        "consents": tenant.consents or [],
+        "signing_key": tenant.signing_key,
+    }
 
 
 def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:

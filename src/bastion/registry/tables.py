@@ -24,6 +24,7 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     jurisdiction: Mapped[str | None] = mapped_column(String(16), nullable=True)
     signing_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    consents: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

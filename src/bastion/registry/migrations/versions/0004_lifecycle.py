@@ -1,4 +1,5 @@
-"""Version lifecycle: stages, metadata, signatures, approvals, evaluations; model policies and holdout sets.
+"""Version lifecycle: stages, metadata, signatures, approvals, evaluations; model policies and holdout
+sets; tenant signing keys and consent flags.
 
 Existing versions that a deployment routes to as primary become ``production``; the rest stay
 ``registered``.
@@ -30,6 +31,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("holdout", sa.JSON(), nullable=True))
     with op.batch_alter_table("tenants") as batch:
         batch.add_column(sa.Column("signing_key", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("consents", sa.JSON(), nullable=True))
     op.create_table(
         "version_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -61,6 +63,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("version_events")
     with op.batch_alter_table("tenants") as batch:
+        batch.drop_column("consents")
         batch.drop_column("signing_key")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("holdout")
