@@ -296,5 +296,34 @@ def test_a_shadow_version_records_comparisons_for_the_requests_and_never_answers
         assert recorded() >= 0.99 * requests
         assert figures["agreement_rate"] == 1.0  # same weights, different bytes
         assert figures["mean_abs_diff"] == 0.0
+        still_due = requests - recorded()  # copies not compared yet may land after the reset
+        stack.admin.shadow(demo.MODEL_NAME, reset=True)
+        after = stack.admin.shadow(demo.MODEL_NAME)["versions"].get(str(shadow_v), {}).get("requests", 0)
+        assert after <= max(still_due, 0), "the reset starts the figures afresh"
     finally:
         stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
+
+
+def test_a_new_version_is_loaded_and_warmed_up_by_the_worker_before_it_takes_traffic(two_gateways: Stack) -> None:
+    import onnx
+
+    stack = two_gateways
+    variant = onnx.load_model_from_string(demo.model_bytes())
+    variant.doc_string = "warm-up check"
+    new = stack.admin.register(demo.MODEL_NAME, variant.SerializeToString(), activate=False)["version"]
+    client = stack.redis_client()
+    try:
+        assert client.zcard(f"warm:{demo.MODEL_NAME}:{new}") == 0, "nothing routes to it yet"
+        started = time.monotonic()
+        view = stack.admin.deploy(
+            demo.MODEL_NAME, [{"version": 1, "weight": 90}, {"version": new, "weight": 10, "role": "canary"}]
+        )
+        took = time.monotonic() - started
+        # When the call returns (and before any gateway routes to it) a worker has it loaded and warm.
+        assert view["warm"] is True
+        assert client.zrange(f"warm:{demo.MODEL_NAME}:{new}", 0, -1) == [b"worker-0"]
+        print(f"deploy with warm-up of a new version took {took * 1000:.0f} ms")
+        assert took < stack.settings.warm_timeout_s
+    finally:
+        stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
+        client.close()

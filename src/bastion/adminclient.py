@@ -178,6 +178,6 @@ class AdminClient:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 
-    def shadow(self, model: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/shadow")
+    def shadow(self, model: str, reset: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE" if reset else "GET", f"/admin/v1/models/{model}/shadow")
         return result

@@ -14,6 +14,8 @@ snap:current           the published control-plane snapshot        control plane
 snap:notify            pub/sub channel announcing a new snapshot   -
 shadow:{model}:{ver}   shadow comparison counters of one version   control plane (kept with the
                                                                    model's history; no TTL)
+warm:{model}:{ver}     sorted set: workers that loaded and warmed  workers (score: report time);
+                       up this version                             TTL 1 h, refreshed
 =====================  ==========================================  ==============================
 """
 
@@ -24,6 +26,8 @@ DEAD_LETTER_PREFIX = "dlq:"
 REPLY_PREFIX = "r:"
 JOB_PREFIX = "job:"
 SHADOW_PREFIX = "shadow:"
+WARM_PREFIX = "warm:"
+WARM_TTL_S = 3600
 SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
 
@@ -76,3 +80,7 @@ def job_key(job_id: str) -> str:
 
 def shadow_key(model: str, version: int) -> str:
     return f"{SHADOW_PREFIX}{model}:{version}"
+
+
+def warm_key(model: str, version: int) -> str:
+    return f"{WARM_PREFIX}{model}:{version}"

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="how often gateways and workers re-check the snapshot without a notice, seconds"
     )
 
+    warm_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how long a deployment change waits for workers to load and warm up new versions, seconds",
+    )
+
     max_batch: int = Field(default=64, ge=1, description="most jobs a worker runs in one model call")
     max_wait_ms: float = Field(
         default=0.0, ge=0, description="how long a worker waits to fill a batch, milliseconds (0: batch what is queued)"

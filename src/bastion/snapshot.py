@@ -71,6 +71,7 @@ class ModelRoutes:
     fallback: VersionInfo | None
     disabled: bool
     rules: tuple[Rule, ...] = ()
+    preload: tuple[int, ...] = ()  # versions about to take traffic: workers load and warm them up now
 
     @property
     def total_weight(self) -> int:
@@ -132,6 +133,7 @@ class Snapshot:
                     )
                     for r in model.get("rules") or []
                 ),
+                preload=tuple(int(v) for v in model.get("preload") or ()),
             )
         return cls(int(data.get("serial", 0)), keys, models, versions)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
-from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key
+from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import DeploymentSet, KeyCreate, StageSet, TenantSet
 from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated, Unavailable, UnsupportedMedia
@@ -102,11 +103,44 @@ class ControlPlane:
         if status.decode() in TERMINAL_STATUSES:
             self.registry.lifecycle.finish_evaluation(model, version, job_id, status.decode(), result, error.decode())
 
-    def publish(self) -> int:
+    def publish(self, preload: dict[str, list[int]] | None = None) -> int:
         try:
-            return snapshot.publish(self.redis, self.registry.snapshot())
+            return snapshot.publish(self.redis, self.registry.snapshot(preload))
         except redis.RedisError as exc:
             raise Unavailable("the snapshot could not be published: Redis is unreachable") from exc
+
+    def warm_up(self, model: str, versions: list[int]) -> bool:
+        """Before ``versions`` take traffic, have the workers that serve ``model`` load and warm
+        them up (phase one: a snapshot naming them as ``preload``; workers report in ``warm:``).
+        Waits at most ``warm_timeout_s``; True when every new version is warm on some worker
+        (or no worker serves the model yet, so there is nothing to wait for)."""
+        dep = self.registry.deployments.get(model)
+        routed = {r["version"] for r in dep["routes"]} | ({dep["fallback_version"]} - {None})
+        new = sorted(set(versions) - routed)
+        if not new or not any(self._warm_on_some_worker(model, v) for v in routed):
+            return True
+        self.publish(preload={model: new})
+        deadline = time.monotonic() + self.settings.warm_timeout_s
+        while not all(self._warm_on_some_worker(model, v) for v in new):
+            if time.monotonic() > deadline:
+                log.warning("warm_up_timed_out", model=model, versions=new, waited_s=self.settings.warm_timeout_s)
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _warm_on_some_worker(self, model: str, version: int) -> bool:
+        recent = time.time() - max(3 * self.settings.snapshot_refresh_s, 30.0)
+        try:
+            return bool(self.redis.zcount(warm_key(model, version), recent, "+inf"))
+        except redis.RedisError as exc:
+            raise Unavailable("Redis is unreachable") from exc
+
+    def route_primary(self, model: str, version: int, by: str) -> bool:
+        """Warm ``version`` up on the workers, then make it the primary and publish."""
+        warm = self.warm_up(model, [version])
+        self.registry.deployments.promote(model, version, by)
+        self.publish()
+        return warm
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -198,9 +232,13 @@ async def register_version(
             version=version,
             artifact_signature=form_signature or signature,
             signer=signer,
+            route=False,
         )
     )
-    await run_in_threadpool(plane.publish)
+    if view["stage"] == "production":
+        view["warm"] = await run_in_threadpool(plane.route_primary, name, view["version"], str(admin["id"]))
+    else:
+        await run_in_threadpool(plane.publish)
     log.info(
         "version_registered",
         model=name,
@@ -340,8 +378,12 @@ async def set_stage(
     """Move a version to ``staging``, ``production`` (gates must pass; it becomes the primary) or ``retired``."""
     plane = _plane(request)
     await run_in_threadpool(plane.collect_evaluation, name, version)
-    view = await run_in_threadpool(plane.registry.lifecycle.set_stage, name, version, body.stage, str(admin["id"]))
-    await run_in_threadpool(plane.publish)
+    lifecycle = plane.registry.lifecycle
+    view = await run_in_threadpool(lifecycle.set_stage, name, version, body.stage, str(admin["id"]), False)
+    if body.stage == "production":
+        view["warm"] = await run_in_threadpool(plane.route_primary, name, version, str(admin["id"]))
+    else:
+        await run_in_threadpool(plane.publish)
     log.info("version_stage", model=name, version=version, stage=body.stage, by=admin["id"])
     return json_response(view)
 
@@ -373,12 +415,16 @@ async def set_deployment(
     plane = _plane(request)
     routes = [r.model_dump() for r in body.routes]
     rules = [r.model_dump(exclude_none=True) for r in body.rules]
+    deployments = plane.registry.deployments
+    await run_in_threadpool(deployments.check, name, routes, body.fallback_version, rules)
+    wanted = [r["version"] for r in routes] + ([body.fallback_version] if body.fallback_version else [])
+    warm = await run_in_threadpool(plane.warm_up, name, wanted)
     view = await run_in_threadpool(
         functools.partial(
             plane.registry.deployments.deploy, name, routes, body.fallback_version, str(admin["id"]), rules=rules
         )
     )
-    return await _published(plane, view, "deployment_set", name, admin)
+    return await _published(plane, {**view, "warm": warm}, "deployment_set", name, admin)
 
 
 @router.post("/models/{name}/rollback", tags=["deployments"])
@@ -432,6 +478,24 @@ async def shadow_comparison(name: str, request: Request) -> Response:
     model = await run_in_threadpool(plane.registry.get_model, name)
     versions = [v["version"] for v in model["versions"]]
     return json_response({"model": name, "versions": await run_in_threadpool(plane.shadow_totals, name, versions)})
+
+
+@router.delete("/models/{name}/shadow", tags=["deployments"])
+async def reset_shadow_comparison(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Start the shadow comparison figures afresh (e.g. when a new shadow period begins)."""
+    plane = _plane(request)
+    model = await run_in_threadpool(plane.registry.get_model, name)
+    keys = [shadow_key(name, v["version"]) for v in model["versions"]]
+    try:
+        await run_in_threadpool(plane.redis.delete, *keys)
+    except redis.RedisError as exc:
+        raise Unavailable("shadow figures are unavailable: Redis is unreachable") from exc
+    log.info("shadow_reset", model=name, by=admin["id"])
+    return json_response({"model": name, "versions": {}})
 
 
 @router.get("/tenants", tags=["tenants"])

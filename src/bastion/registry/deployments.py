@@ -98,13 +98,33 @@ class Deployments:
         rules = normalise_rules(rules or [])
         with self.sessions.begin() as s:
             row, found = self._load(s, model)
-            named = [r["version"] for r in routes] + [v for rule in rules for v in rule["allow"]]
-            self._check_versions(s, row, named + ([fallback] if fallback else []))
-            self._check_stages(s, row, routes, fallback)
+            self._check(s, row, routes, fallback, rules)
             dep = found or Deployment(model_id=row.id, routes=[], disabled=False)
             s.add(dep)
             dep.routes, dep.fallback_version, dep.rules = routes, fallback, rules
             return self._record(s, row, dep, action, by)
+
+    def promote(self, model: str, version: int, by: str) -> dict[str, Any]:
+        """``version`` takes all traffic as the primary; the fallback and policy rules stay."""
+        dep = self.get(model)
+        fallback = dep["fallback_version"] if dep["fallback_version"] != version else None
+        route = {"version": version, "weight": 100, "role": "primary"}
+        return self.deploy(model, [route], fallback, by, action="promote", rules=dep["rules"])
+
+    def check(
+        self, model: str, routes: list[dict[str, Any]], fallback: int | None, rules: list[dict[str, Any]]
+    ) -> None:
+        """Raise what ``deploy`` would raise for this deployment, changing nothing."""
+        with self.sessions() as s:
+            row, _ = self._load(s, model)
+            self._check(s, row, normalise_routes(routes), fallback, normalise_rules(rules))
+
+    def _check(
+        self, s: Session, row: Model, routes: list[dict[str, Any]], fallback: int | None, rules: list[dict[str, Any]]
+    ) -> None:
+        named = [r["version"] for r in routes] + [v for rule in rules for v in rule["allow"]]
+        self._check_versions(s, row, named + ([fallback] if fallback else []))
+        self._check_stages(s, row, routes, fallback)
 
     def set_disabled(self, model: str, disabled: bool, by: str) -> dict[str, Any]:
         with self.sessions.begin() as s:

@@ -150,7 +150,9 @@ class Lifecycle:
             record(s, row, version, "approved", by)
             return self._view(s, row, v)
 
-    def set_stage(self, model: str, version: int, stage: str, by: str) -> dict[str, Any]:
+    def set_stage(self, model: str, version: int, stage: str, by: str, route: bool = True) -> dict[str, Any]:
+        """Move a version; entering production makes it the primary (``route=False``: the caller
+        routes it, after the workers have warmed it up)."""
         if stage not in STAGES:
             raise Conflict(f"stage {stage!r} is not one of {list(STAGES)}")
         with self.sessions.begin() as s:
@@ -174,11 +176,8 @@ class Lifecycle:
             previous, v.stage = v.stage, stage
             record(s, row, version, "stage", by, source=previous, target=stage)
             view = self._view(s, row, v)
-        if stage == PRODUCTION:
-            dep = self.deployments.get(model)
-            route = {"version": version, "weight": 100, "role": "primary"}
-            fallback = dep["fallback_version"] if dep["fallback_version"] != version else None
-            self.deployments.deploy(model, [route], fallback, by, action="promote", rules=dep["rules"])
+        if stage == PRODUCTION and route:
+            self.deployments.promote(model, version, by)
         return view
 
     def gates(self, model: str, version: int) -> list[dict[str, Any]]:

@@ -140,6 +140,7 @@ class Registry:
         version: int | None = None,
         artifact_signature: str | None = None,
         signer: str | None = None,
+        route: bool = True,
     ) -> dict[str, Any]:
         """Check, store and record a new version.
 
@@ -149,7 +150,8 @@ class Registry:
         against tenant ``signer``'s public key; a valid one marks the version ``verified``.
         ``activate`` makes the version the 100 % primary; unset, it does so unless the model has
         promotion gates (then the version waits in ``registered``). ``rows_independent=False``
-        (an output depends on other rows) keeps workers from batching this version.
+        (an output depends on other rows) keeps workers from batching this version. With
+        ``route=False`` an activated version is left for the caller to route (after warm-up).
         """
         check_name("model", model)
         if version is not None and version < 1:
@@ -182,12 +184,8 @@ class Registry:
         self.store.put(data)
         row = _NewVersion(digest, len(data), signature.to_dict(), stored_meta, created_by, signed_by)
         view = self._insert_version(model, row, version, activate=activate is not False and not policy.gated)
-        if view["stage"] == "production":
-            route = {"version": view["version"], "weight": 100, "role": "primary"}
-            dep = self.deployments.get(model)
-            self.deployments.deploy(
-                model, [route], dep["fallback_version"], created_by or "registry", rules=dep["rules"]
-            )
+        if view["stage"] == "production" and route:
+            self.deployments.promote(model, view["version"], created_by or "registry")
         return view
 
     def _policy(self, model: str) -> GatePolicy:
@@ -283,8 +281,11 @@ class Registry:
                 raise NotFound(f"model {name!r} has no version {version}")
             return _version_view(model, row)
 
-    def snapshot(self) -> dict[str, Any]:
-        """What gateways and workers need, without SQL: keys by digest, models, signatures."""
+    def snapshot(self, preload: dict[str, list[int]] | None = None) -> dict[str, Any]:
+        """What gateways and workers need, without SQL: keys by digest, models, signatures.
+
+        ``preload`` names versions per model that workers should load and warm up now, before a
+        deployment sends them traffic."""
         now = datetime.now(UTC)
         with self.sessions() as s:
             tenants = {t.id: t for t in s.scalars(select(Tenant))}
@@ -310,6 +311,7 @@ class Registry:
                 "rules": dep["rules"],
                 "fallback": dep["fallback_version"],
                 "disabled": dep["disabled"],
+                "preload": (preload or {}).get(model["name"], []),
                 "versions": {
                     str(v["version"]): _snapshot_version(v) for v in model["versions"] if v["stage"] != "retired"
                 },

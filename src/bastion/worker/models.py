@@ -1,9 +1,10 @@
 """The worker's loaded models: verified against their sha256 before loading, cached by version.
 
 On every new snapshot the worker ``sync``s its cache with the deployments: versions that any
-route or fallback of its models uses are loaded and warmed up with one inference on zeros (so the
-first real request does not pay for session start-up), and versions nothing routes to are
-unloaded. A job for another version (a job queued before a rollback, say) loads it on demand.
+route or fallback of its models uses, or is about to (``preload``), are loaded and warmed up
+with one inference on zeros (so the first real request does not pay for session start-up), and
+versions nothing routes to are unloaded. A job for another version (a job queued before a
+rollback, say) loads it on demand.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ModelCache:
             if routes is None:
                 continue
             wanted |= {(name, r.version.version) for r in routes.routes}
+            wanted |= {(name, v) for v in routes.preload if (name, v) in snapshot.versions}
             if routes.fallback is not None:
                 wanted.add((name, routes.fallback.version))
         for key in set(self._loaded) - wanted:

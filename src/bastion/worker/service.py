@@ -17,7 +17,15 @@ import orjson
 import redis
 
 from bastion import holdout, logs, metrics
-from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY, STATUS_EXPIRED, STATUS_FAILED, STATUS_SUCCEEDED
+from bastion.constants import (
+    SNAPSHOT_CHANNEL,
+    SNAPSHOT_KEY,
+    STATUS_EXPIRED,
+    STATUS_FAILED,
+    STATUS_SUCCEEDED,
+    WARM_TTL_S,
+    warm_key,
+)
 from bastion.errors import BastionError, InvalidInput
 from bastion.queue.consumer import Consumer, Outcome
 from bastion.queue.protocol import Job
@@ -45,6 +53,7 @@ class Worker:
         self.stopping = False
         self._next_refresh = 0.0
         self._next_reclaim = 0.0
+        self._reported_warm: set[tuple[str, int]] = set()
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
 
     # lifecycle ---------------------------------------------------------------------------
@@ -121,13 +130,28 @@ class Worker:
             return False
         snapshot = Snapshot.parse(raw)
         if not force and snapshot.serial == self.snapshot.serial:
+            self._report_warm()  # still alive, still warm
             return True
         self.snapshot = snapshot
         wanted = [m.strip() for m in self.settings.worker_models.split(",") if m.strip()]
         self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
         self.consumer.ensure_groups(self.models)
         self.cache.sync(snapshot, self.models)
+        self._report_warm()
         return True
+
+    def _report_warm(self) -> None:
+        """Tell the control plane which versions this worker has loaded and warmed up."""
+        loaded = self.cache.loaded_versions()
+        pipe = self.client.pipeline(transaction=False)
+        now = time.time()
+        for model, version in loaded:
+            pipe.zadd(warm_key(model, version), {self.name: now})
+            pipe.expire(warm_key(model, version), WARM_TTL_S)
+        for model, version in self._reported_warm - loaded:
+            pipe.zrem(warm_key(model, version), self.name)
+        pipe.execute()
+        self._reported_warm = loaded
 
     def _report_depth(self) -> None:
         for model, lane, depth in self.consumer.depths(self.models):
