@@ -127,10 +127,14 @@ class AdminClient:
         result: list[dict[str, Any]] = self._call("GET", "/admin/v1/models")["models"]
         return result
 
-    def create_key(self, tenant: str, name: str = "", scopes: list[str] | None = None) -> dict[str, Any]:
+    def create_key(
+        self, tenant: str, name: str = "", scopes: list[str] | None = None, tier: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"tenant": tenant, "name": name}
         if scopes:
             body["scopes"] = scopes
+        if tier:
+            body["tier"] = tier
         result: dict[str, Any] = self._call("POST", "/admin/v1/keys", json=body)
         return result
 
@@ -173,8 +177,9 @@ class AdminClient:
         jurisdiction: str | None,
         signing_key: str | None = None,
         consents: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents}
+        body = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents, "limits": limits}
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 

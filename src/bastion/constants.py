@@ -14,6 +14,10 @@ snap:current           the published control-plane snapshot        control plane
 snap:notify            pub/sub channel announcing a new snapshot   -
 shadow:{model}:{ver}   shadow comparison counters of one version   control plane (kept with the
                                                                    model's history; no TTL)
+rl:t:{tenant}:{model}  compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
+rl:k:{key id}          compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
+cc:{tenant}            jobs in flight of a tenant with a cap       enqueue.lua / complete.lua; TTL 1 h
+cost:{model}           measured compute units per row (EWMA)       workers (settle.lua); TTL 1 day
 warm:{model}:{ver}     sorted set: workers that loaded and warmed  workers (score: report time);
                        up this version                             TTL 1 h, refreshed
 =====================  ==========================================  ==============================
@@ -27,6 +31,10 @@ REPLY_PREFIX = "r:"
 JOB_PREFIX = "job:"
 SHADOW_PREFIX = "shadow:"
 WARM_PREFIX = "warm:"
+TENANT_BUCKET_PREFIX = "rl:t:"
+KEY_BUCKET_PREFIX = "rl:k:"
+INFLIGHT_PREFIX = "cc:"
+COST_PREFIX = "cost:"
 WARM_TTL_S = 3600
 SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
@@ -80,6 +88,22 @@ def job_key(job_id: str) -> str:
 
 def shadow_key(model: str, version: int) -> str:
     return f"{SHADOW_PREFIX}{model}:{version}"
+
+
+def tenant_bucket_key(tenant: str, model: str) -> str:
+    return f"{TENANT_BUCKET_PREFIX}{tenant}:{model}"
+
+
+def key_bucket_key(key_id: str) -> str:
+    return f"{KEY_BUCKET_PREFIX}{key_id}"
+
+
+def inflight_key(tenant: str) -> str:
+    return f"{INFLIGHT_PREFIX}{tenant}"
+
+
+def cost_key(model: str) -> str:
+    return f"{COST_PREFIX}{model}"
 
 
 def warm_key(model: str, version: int) -> str:

@@ -13,6 +13,7 @@ Domain errors know nothing of HTTP; ``bastion.problems`` maps them to RFC 9457
     ├── NotFound                no such object *for this tenant* (404)
     ├── Conflict                the object exists or is immutable (409)
     │   └── GateFailed          a version did not pass its promotion gates (409)
+    ├── RateLimited             a budget or in-flight cap is spent (429, Retry-After, RateLimit)
     ├── Overloaded              the queue is full; retry later (503, Retry-After)
     ├── Unavailable             a dependency (Redis, a model) is not reachable (503)
     ├── DeadlineExceeded        the job did not finish in time (504)
@@ -70,6 +71,17 @@ class GateFailed(Conflict):
     """``gates`` (in ``extra``) lists every gate with whether it passed and why."""
 
     title = "Promotion gate failed"
+
+
+class RateLimited(BastionError):
+    """``headers`` holds the IETF ``RateLimit`` / ``RateLimit-Policy`` fields for the response."""
+
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int = 1, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.headers = headers or {}
 
 
 class Overloaded(BastionError):

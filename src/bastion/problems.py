@@ -27,6 +27,7 @@ _STATUS: list[tuple[type[errors.BastionError], int]] = [
     (errors.Forbidden, 403),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
+    (errors.RateLimited, 429),
     (errors.Overloaded, 503),
     (errors.Unavailable, 503),
     (errors.DeadlineExceeded, 504),
@@ -52,8 +53,10 @@ def problem(status: int, title: str, detail: str, headers: dict[str, str] | None
 def from_error(exc: errors.BastionError, instance: str | None = None) -> Response:
     status = status_of(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, errors.Overloaded | errors.Unavailable):
+    if isinstance(exc, errors.Overloaded | errors.Unavailable | errors.RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, errors.RateLimited):
+        headers.update(exc.headers)
     if isinstance(exc, errors.Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
     public = {k: v for k, v in exc.extra.items() if k in {"job_id", "model", "errors", "gates"}}

@@ -78,6 +78,16 @@ class Settings(BaseSettings):
         description="how long a deployment change waits for workers to load and warm up new versions, seconds",
     )
 
+    rate_tiers: str = Field(
+        default='{"standard": {"units_per_s": 20000, "burst": 40000}, "unlimited": {}}',
+        description="per-key rate tiers as JSON: name -> {units_per_s, burst} in compute units (1 unit = 1 ms "
+        "of worker inference); a tier without burst is unlimited",
+    )
+    default_tier: str = Field(default="standard", description="rate tier of keys created without one")
+    cost_per_row_default: float = Field(
+        default=0.1, gt=0, description="estimated compute units per row of a model not yet measured"
+    )
+
     max_batch: int = Field(default=64, ge=1, description="most jobs a worker runs in one model call")
     max_wait_ms: float = Field(
         default=0.0, ge=0, description="how long a worker waits to fill a batch, milliseconds (0: batch what is queued)"

@@ -18,6 +18,32 @@ from bastion.signature import Signature
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """A key's compute-cost budget (``bastion.registry.limits``); a burst of 0 means no bucket."""
+
+    tenant_rate: float = 0.0
+    tenant_burst: float = 0.0
+    key_rate: float = 0.0
+    key_burst: float = 0.0
+    max_concurrency: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Limits:
+        if not data:
+            return NO_LIMITS
+        return cls(
+            float(data.get("tenant_rate", 0.0)),
+            float(data.get("tenant_burst", 0.0)),
+            float(data.get("key_rate", 0.0)),
+            float(data.get("key_burst", 0.0)),
+            int(data.get("max_concurrency", 0)),
+        )
+
+
+NO_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     id: str
     tenant: str
@@ -25,6 +51,7 @@ class KeyInfo:
     expires_at: float | None
     jurisdiction: str | None = None
     consents: frozenset[str] = frozenset()
+    limits: Limits = NO_LIMITS
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -104,6 +131,7 @@ class Snapshot:
                 k.get("expires_at"),
                 k.get("jurisdiction"),
                 frozenset(k.get("consents") or ()),
+                Limits.from_dict(k.get("limits")),
             )
             for digest, k in data["keys"].items()
         }

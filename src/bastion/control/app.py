@@ -26,6 +26,7 @@ from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated,
 from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
 from bastion.registry import db
+from bastion.registry.limits import parse_tiers
 from bastion.registry.metadata import GatePolicy
 from bastion.registry.service import Registry
 from bastion.responses import json_response
@@ -43,7 +44,11 @@ class ControlPlane:
         engine = db.engine_for(settings.resolved_database_url)
         db.migrate(engine)
         self.registry = Registry(
-            db.session_factory(engine), ArtifactStore(settings.resolved_artifact_dir), settings.max_upload_bytes
+            db.session_factory(engine),
+            ArtifactStore(settings.resolved_artifact_dir),
+            settings.max_upload_bytes,
+            tiers=parse_tiers(settings.rate_tiers),
+            default_tier=settings.default_tier,
         )
         self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
 
@@ -508,7 +513,10 @@ async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
     """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
     its Ed25519 ``signing_key`` verifies the artifacts it signs."""
     plane = _plane(request)
-    view = await run_in_threadpool(plane.registry.set_tenant, name, body.jurisdiction, body.signing_key, body.consents)
+    limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
+    view = await run_in_threadpool(
+        plane.registry.set_tenant, name, body.jurisdiction, body.signing_key, body.consents, limits
+    )
     await run_in_threadpool(plane.publish)
     log.info("tenant_set", tenant=name, jurisdiction=body.jurisdiction)
     return json_response(view)
@@ -519,7 +527,7 @@ async def create_key(body: KeyCreate, request: Request) -> Response:
     """Create an API key. The key itself is in this response only; it is stored as a hash."""
     plane = _plane(request)
     row, plaintext = await run_in_threadpool(
-        plane.registry.create_key, body.tenant, body.name, body.scopes, body.expires_at
+        plane.registry.create_key, body.tenant, body.name, body.scopes, body.expires_at, body.tier
     )
     await run_in_threadpool(plane.publish)
     log.info("key_created", key_id=row.id, tenant=body.tenant)
@@ -529,6 +537,7 @@ async def create_key(body: KeyCreate, request: Request) -> Response:
             "tenant": body.tenant,
             "scopes": row.scopes,
             "key": plaintext,
+            "tier": row.tier,
             "expires_at": body.expires_at.isoformat() if body.expires_at else None,
         },
         status_code=201,

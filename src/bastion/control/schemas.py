@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from bastion.constants import DEFAULT_TENANT_SCOPES
+from bastion.registry.limits import TenantLimits
 
 
 class KeyCreate(BaseModel):
@@ -16,6 +17,7 @@ class KeyCreate(BaseModel):
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_TENANT_SCOPES), min_length=1, max_length=16)
     expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
+    tier: str | None = Field(default=None, max_length=32, description="rate tier (settings: rate_tiers)")
 
 
 class RouteIn(BaseModel):
@@ -52,6 +54,7 @@ class TenantSet(BaseModel):
     signing_key: str | None = Field(
         default=None, max_length=1000, description="Ed25519 public key: PEM, or base64 of the raw 32 bytes"
     )
+    limits: TenantLimits | None = Field(default=None, description="compute-cost budget per (tenant, model)")
     consents: list[str] | None = Field(
         default=None, max_length=64, description="consent flags the tenant holds (matched by 'without_consent' rules)"
     )

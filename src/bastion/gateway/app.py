@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
                 max_queue_sync=settings.max_queue_sync,
                 max_queue_batch=settings.max_queue_batch,
                 result_ttl_s=settings.result_ttl_s,
+                cost_per_row_default=settings.cost_per_row_default,
             ),
             replies=ReplyRouter(client, gateway_id),
             snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCC
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
-from bastion.snapshot import KeyInfo, VersionInfo
+from bastion.queue.producer import Admission
+from bastion.snapshot import KeyInfo, Limits, VersionInfo
 
 log = logs.get("bastion.gateway")
 
@@ -66,17 +68,42 @@ async def redis_errors() -> AsyncIterator[None]:
         raise Unavailable("the job queue is unavailable; retry shortly", retry_after=1) from exc
 
 
+def rows_of(tensors: dict[str, np.ndarray]) -> int:
+    return max((len(t) for t in tensors.values() if t.ndim), default=1)
+
+
+def ratelimit_headers(limits: Limits, admission: Admission) -> dict[str, str]:
+    """IETF ``RateLimit`` / ``RateLimit-Policy`` for the tighter of the caller's budgets (none: {})."""
+    found = [
+        (left, burst, rate, name)
+        for left, burst, rate, name in (
+            (admission.tenant_left, limits.tenant_burst, limits.tenant_rate, "tenant-model"),
+            (admission.key_left, limits.key_burst, limits.key_rate, "key"),
+        )
+        if left is not None
+    ]
+    if not found:
+        return {}
+    left, burst, rate, name = min(found)
+    window = math.ceil(burst / rate) if rate > 0 else 86_400
+    refill = math.ceil((burst - left) / rate) if rate > 0 else window
+    return {
+        "RateLimit-Policy": f'"{name}";q={int(burst)};w={window}',
+        "RateLimit": f'"{name}";r={max(int(left), 0)};t={max(refill, 0)}',
+    }
+
+
 async def run_sync(
     state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray], wait_s: float
-) -> tuple[str, dict[str, np.ndarray]]:
-    """Queue on the sync lane and await the reply; returns (job id, outputs)."""
+) -> tuple[str, dict[str, np.ndarray], Admission]:
+    """Admit and queue on the sync lane, await the reply; returns (job id, outputs, admission)."""
     job_id = state.replies.new_id()
     deadline_ms = int((time.time() + wait_s) * 1000)
     future = state.replies.expect(job_id)
     metrics.INFLIGHT_SYNC.inc()
     try:
         async with redis_errors():
-            await state.producer.enqueue(
+            admission = await state.producer.enqueue(
                 lane=LANE_SYNC,
                 job_id=job_id,
                 tenant=key.tenant,
@@ -85,17 +112,20 @@ async def run_sync(
                 blob=codec.encode(tensors),
                 deadline_ms=deadline_ms,
                 reply_to=state.gateway_id,
+                rows=rows_of(tensors),
+                key_id=key.id,
+                limits=key.limits,
             )
         try:
             reply = await _await_reply(future, wait_s, job_id)
         except DeadlineExceeded:
-            await _abandon(state, key, version, job_id)
+            await _abandon(state, key, version, job_id, admission.counted)
             raise
     finally:
         state.replies.forget(job_id)
         metrics.INFLIGHT_SYNC.dec()
     if reply.status == STATUS_SUCCEEDED:
-        return job_id, codec.decode(reply.blob)
+        return job_id, codec.decode(reply.blob), admission
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=job_id)
@@ -147,7 +177,7 @@ async def _enqueue_shadow(
         )
 
 
-async def _abandon(state: GatewayState, key: KeyInfo, version: VersionInfo, job_id: str) -> None:
+async def _abandon(state: GatewayState, key: KeyInfo, version: VersionInfo, job_id: str, counted: bool) -> None:
     """Store 'expired' as the job's outcome, so a late worker result is never shown for it."""
     with contextlib.suppress(RedisError, OSError):  # the 504 stands; a late result then stays unseen
         await state.producer.abandon(
@@ -156,6 +186,7 @@ async def _abandon(state: GatewayState, key: KeyInfo, version: VersionInfo, job_
             model=version.model,
             error="the caller's deadline passed before a result arrived",
             ttl_s=state.settings.sync_result_ttl_s,
+            counted=counted,
         )
 
 
@@ -179,15 +210,20 @@ async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str
         timer.cancel()
 
 
-async def submit_async(state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray]) -> str:
+async def submit_async(
+    state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray]
+) -> tuple[str, Admission]:
     job_id = new_job_id()
     async with redis_errors():
-        await state.producer.enqueue(
+        admission = await state.producer.enqueue(
             lane=LANE_BATCH,
             job_id=job_id,
             tenant=key.tenant,
             model=version.model,
             version=version.version,
             blob=codec.encode(tensors),
+            rows=rows_of(tensors),
+            key_id=key.id,
+            limits=key.limits,
         )
-    return job_id
+    return job_id, admission

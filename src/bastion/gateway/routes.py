@@ -11,8 +11,17 @@ from starlette.routing import Route
 
 from bastion.gateway import payloads
 from bastion.gateway.auth import authenticate
-from bastion.gateway.dispatch import copy_to_shadows, resolve, run_sync, subject_of, submit_async, timeout_s
+from bastion.gateway.dispatch import (
+    copy_to_shadows,
+    ratelimit_headers,
+    resolve,
+    run_sync,
+    subject_of,
+    submit_async,
+    timeout_s,
+)
 from bastion.gateway.state import GatewayState
+from bastion.queue.producer import Admission
 from bastion.responses import json_response
 from bastion.snapshot import KeyInfo, VersionInfo
 
@@ -85,12 +94,15 @@ class Admitted:
     doc: Any
     subject: str
 
-    @property
-    def headers(self) -> dict[str, str]:
-        """Which version answered, and whether it was the fallback of a disabled model."""
+    def response_headers(self, admission: Admission) -> dict[str, str]:
+        """Which version answered, whether it was the fallback of a disabled model, and what is
+        left of the caller's budget."""
+        headers = {"X-Bastion-Model-Version": str(self.version.version)}
         if self.fallback:
-            return {"X-Bastion-Model-Version": str(self.version.version), "X-Bastion-Fallback": "true"}
-        return {"X-Bastion-Model-Version": str(self.version.version)}
+            headers["X-Bastion-Fallback"] = "true"
+        if admission.tenant_left is not None or admission.key_left is not None:
+            headers.update(ratelimit_headers(self.key.limits, admission))
+        return headers
 
 
 async def _admit(request: Request, scope: str) -> Admitted:
@@ -110,7 +122,7 @@ async def predict(request: Request) -> Response:
     a = await _admit(request, "predict")
     wait = timeout_s(a.state, wait_header)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
+    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
     copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     return json_response(
         {
@@ -119,7 +131,7 @@ async def predict(request: Request) -> Response:
             "version": a.version.version,
             "outputs": payloads.v1_response_outputs(outputs),
         },
-        headers=a.headers,
+        headers=a.response_headers(admission),
     )
 
 
@@ -127,7 +139,7 @@ async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
     a = await _admit(request, "jobs")
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id = await submit_async(a.state, a.key, a.version, tensors)
+    job_id, admission = await submit_async(a.state, a.key, a.version, tensors)
     location = f"/v1/jobs/{job_id}"
     return json_response(
         {
@@ -138,7 +150,7 @@ async def submit_job(request: Request) -> Response:
             "links": {"self": location, "events": f"{location}/events"},
         },
         status_code=202,
-        headers={"Location": location, **a.headers},
+        headers={"Location": location, **a.response_headers(admission)},
     )
 
 
@@ -148,7 +160,7 @@ async def infer(request: Request) -> Response:
     a = await _admit(request, "predict")
     wait = timeout_s(a.state, wait_header)
     tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs = await run_sync(a.state, a.key, a.version, tensors, wait)
+    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
     copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     body: dict[str, Any] = {
         "model_name": a.version.model,
@@ -156,7 +168,7 @@ async def infer(request: Request) -> Response:
         "id": request_id or job_id,
         "outputs": payloads.v2_outputs(outputs, wanted),
     }
-    return json_response(body, headers=a.headers)
+    return json_response(body, headers=a.response_headers(admission))
 
 
 @router.get("/v2/models/{name}", tags=["open inference protocol"])

@@ -18,17 +18,22 @@ from bastion.constants import (
     LANE_BATCH,
     LANES,
     STATUS_DEAD,
+    cost_key,
     dead_letter_key,
+    inflight_key,
     job_key,
+    key_bucket_key,
     queue_key,
     reply_key,
     shadow_key,
+    tenant_bucket_key,
 )
 from bastion.queue.protocol import Job
 from bastion.queue.scripts import Lua, run_pipeline
 
 _COMPLETE = Lua("complete")
 _START = Lua("start")
+_SETTLE = Lua("settle")
 
 
 @dataclass(slots=True)
@@ -38,6 +43,7 @@ class Outcome:
     result: bytes = b""
     error: str = ""
     dead_reason: str = ""
+    measured_units: float | None = None  # compute units (ms of inference) this job's rows took
 
 
 class Consumer:
@@ -136,7 +142,13 @@ class Consumer:
         for o in outcomes:
             job = o.job
             is_async = not job.reply_to
-            keys = [job_key(job.job_id), job.stream, reply_key(job.reply_to or "none"), dead_letter_key(job.model)]
+            keys = [
+                job_key(job.job_id),
+                job.stream,
+                reply_key(job.reply_to or "none"),
+                dead_letter_key(job.model),
+                inflight_key(job.tenant),
+            ]
             extra: list[Any] = []
             if o.dead_reason:
                 for k, v in job.fields.items():
@@ -156,10 +168,32 @@ class Consumer:
                 job.model,
                 now_ms,
                 o.dead_reason,
+                "1" if job.counted else "0",
                 *extra,
             ]
             _COMPLETE.queue(pipe, keys, args)
         return [_s(s) for s in run_pipeline(self.client, pipe, [_COMPLETE])]
+
+    def settle(self, outcomes: list[Outcome]) -> None:
+        """Correct the buckets with the measured cost of the jobs that ran, and learn the cost per row.
+
+        One call per (tenant, key, model) group: reserved and measured units and rows summed.
+        """
+        groups: dict[tuple[str, str, str], list[float]] = {}
+        for o in outcomes:
+            if o.measured_units is None or not o.job.rows:
+                continue
+            g = groups.setdefault((o.job.tenant, o.job.key_id, o.job.model), [0.0, 0.0, 0])
+            g[0] += o.job.cost
+            g[1] += o.measured_units
+            g[2] += o.job.rows
+        if not groups:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for (tenant, key_id, model), (reserved, measured, rows) in groups.items():
+            keys = [tenant_bucket_key(tenant, model), key_bucket_key(key_id or "-"), cost_key(model)]
+            _SETTLE.queue(pipe, keys, [reserved, measured, int(rows)])
+        run_pipeline(self.client, pipe, [_SETTLE])
 
     def record_shadow(self, totals: dict[tuple[str, int], list[float]]) -> None:
         """Add shadow comparison counts: (model, version) -> [requests, rows, agree, abs_sum, values]."""

@@ -7,23 +7,58 @@ read) instead of a round trip each; every call still gets its own answer or erro
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from bastion.constants import EVALUATION_TENANT, LANE_BATCH, LANE_SYNC, job_key, queue_key
-from bastion.errors import Overloaded
+from bastion.constants import (
+    EVALUATION_TENANT,
+    LANE_BATCH,
+    LANE_SYNC,
+    cost_key,
+    inflight_key,
+    job_key,
+    key_bucket_key,
+    queue_key,
+    tenant_bucket_key,
+)
+from bastion.errors import Overloaded, RateLimited
 from bastion.queue.protocol import entry_fields
 from bastion.queue.scripts import Lua, arun_pipeline
+from bastion.snapshot import Limits
 
 _ENQUEUE = Lua("enqueue")
 _ABANDON = Lua("abandon")
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admission reserved for a queued job, and what is left in its buckets (None: no bucket)."""
+
+    cost: float
+    tenant_left: float | None
+    key_left: float | None
+    counted: bool = False
+
+
+UNLIMITED = Limits()
+
+
 class Producer:
-    def __init__(self, redis: Any, *, max_queue_sync: int, max_queue_batch: int, result_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        max_queue_sync: int,
+        max_queue_batch: int,
+        result_ttl_s: int,
+        cost_per_row_default: float = 0.1,
+    ) -> None:
         self.redis = redis
         self._limits = {LANE_SYNC: max_queue_sync, LANE_BATCH: max_queue_batch}
         self._result_ttl_s = result_ttl_s
+        self._cost_default = cost_per_row_default
         self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -39,27 +74,54 @@ class Producer:
         deadline_ms: int = 0,
         reply_to: str = "",
         compare: bytes = b"",
-    ) -> None:
-        """Queue a job or raise ``Overloaded`` when the model's queue is over its limit."""
+        rows: int = 1,
+        key_id: str = "",
+        limits: Limits = UNLIMITED,
+    ) -> Admission:
+        """Admit and queue a job, or raise ``RateLimited`` (a budget or the in-flight cap is spent)
+        or ``Overloaded`` (the model's queue is over its limit)."""
         now_ms = int(time.time() * 1000)
-        fields = entry_fields(job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob, compare)
+        fields = entry_fields(
+            job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob, compare, rows=rows, key_id=key_id
+        )
         keep_state = "1" if lane == LANE_BATCH else "0"
-        args = [self._limits[lane], keep_state, self._result_ttl_s, tenant, model, now_ms, *fields]
+        args = [
+            self._limits[lane],
+            keep_state,
+            self._result_ttl_s,
+            tenant,
+            model,
+            now_ms,
+            rows,
+            limits.tenant_rate,
+            limits.tenant_burst,
+            limits.key_rate,
+            limits.key_burst,
+            limits.max_concurrency,
+            self._cost_default,
+            *fields,
+        ]
+        keys = [
+            queue_key(model, lane),
+            job_key(job_id),
+            tenant_bucket_key(tenant, model),
+            key_bucket_key(key_id or "-"),
+            inflight_key(tenant),
+            cost_key(model),
+        ]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append(([queue_key(model, lane), job_key(job_id)], args, future))
-        accepted, detail = await future
-        if not accepted:
-            raise Overloaded(
-                f"model {model!r} has {detail} jobs waiting on the {lane} lane; retry later", retry_after=1
-            )
+        self._pending.append((keys, args, future))
+        return admitted(await future, model, lane)
 
-    async def abandon(self, *, job_id: str, tenant: str, model: str, error: str, ttl_s: int) -> bool:
+    async def abandon(
+        self, *, job_id: str, tenant: str, model: str, error: str, ttl_s: int, counted: bool = False
+    ) -> bool:
         """Record that the caller stopped waiting; False when the job already had an outcome."""
-        args = [tenant, model, error, ttl_s, int(time.time() * 1000)]
-        return bool(await _ABANDON.acall(self.redis, [job_key(job_id)], args))
+        args = [tenant, model, error, ttl_s, int(time.time() * 1000), "1" if counted else "0"]
+        return bool(await _ABANDON.acall(self.redis, [job_key(job_id), inflight_key(tenant)], args))
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -100,7 +162,50 @@ def enqueue_evaluation(
     """
     now_ms = int(time.time() * 1000)
     fields = entry_fields(job_id, EVALUATION_TENANT, model, version, 0, "", now_ms, b"", evaluation=spec)
-    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, *fields]
-    accepted, detail = _ENQUEUE.call(client, [queue_key(model, LANE_BATCH), job_key(job_id)], args)
-    if not accepted:
-        raise Overloaded(f"model {model!r} has {detail} jobs waiting on the batch lane; retry later", retry_after=5)
+    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, 0, 0, 0, 0, 0, 0, 0, *fields]
+    keys = [
+        queue_key(model, LANE_BATCH),
+        job_key(job_id),
+        tenant_bucket_key(EVALUATION_TENANT, model),
+        key_bucket_key("-"),
+        inflight_key(EVALUATION_TENANT),
+        cost_key(model),
+    ]
+    admitted(_ENQUEUE.call(client, keys, args), model, LANE_BATCH)
+
+
+def admitted(reply: Any, model: str, lane: str) -> Admission:
+    """Turn enqueue.lua's answer into an ``Admission`` or the error that says why it was refused."""
+    if int(reply[0]) == 1:
+        return Admission(float(reply[2]), _number(reply[3]), _number(reply[4]), int(reply[5]) == 1)
+    reason = _text(reply[1])
+    if reason == "queue":
+        raise Overloaded(f"model {model!r} has {int(reply[2])} jobs waiting on the {lane} lane; retry later")
+    if reason == "concurrency":
+        raise RateLimited(
+            f"the tenant has {_text(reply[2])} jobs in flight, its limit; retry when one finishes", retry_after=1
+        )
+    tokens, cost, rate, burst = (float(_text(v)) for v in reply[2:6])
+    name = "tenant-model" if reason == "tenant" else "key"
+    window = math.ceil(burst / rate) if rate > 0 else 86_400
+    if cost > burst:
+        wait = window
+        detail = f"the request costs {cost:.4g} compute units, more than the {name} budget of {burst:.4g}"
+    else:
+        wait = max(1, math.ceil((cost - tokens) / rate)) if rate > 0 else window
+        left = max(tokens, 0)
+        detail = f"the {name} budget is spent ({left:.4g} of {burst:.4g} units left; this request costs {cost:.4g})"
+    headers = {
+        "RateLimit-Policy": f'"{name}";q={int(burst)};w={window}',
+        "RateLimit": f'"{name}";r={max(int(tokens), 0)};t={wait}',
+    }
+    raise RateLimited(detail + f"; retry in {wait} s", retry_after=wait, headers=headers)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _number(value: Any) -> float | None:
+    text = _text(value)
+    return float(text) if text else None

@@ -9,6 +9,9 @@ h     ``job id|tenant|model|version|deadline ms|reply gateway|created ms`` - the
       hold '|': ids are URL-safe, names match ``[a-z0-9._-]``.
 x     input tensors (``bastion.codec`` blob)
 p     only on shadow copies: the outputs the client was answered with, to compare against
+c     the compute units reserved for the job (set by enqueue.lua)
+q     '1' when the job counts against its tenant's in-flight cap (set by enqueue.lua)
+n     rows, and ``k`` the API key id: what the worker needs to settle the reserved cost
 e     only on evaluation jobs (from the control plane): JSON naming the holdout set's
       digest and how to read the outputs; the result is the JSON evaluation report
 ====  =================================================================================
@@ -35,6 +38,10 @@ class Job:
     fields: dict[bytes, bytes]
     compare: bytes = b""
     evaluation: bytes = b""
+    cost: float = 0.0
+    counted: bool = False
+    rows: int = 0
+    key_id: str = ""
 
     @classmethod
     def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
@@ -56,6 +63,10 @@ class Job:
             fields=fields,
             compare=fields.get(b"p", b""),
             evaluation=fields.get(b"e", b""),
+            cost=float(fields.get(b"c", b"0") or 0),
+            counted=fields.get(b"q") == b"1",
+            rows=int(fields.get(b"n", b"0") or 0),
+            key_id=fields.get(b"k", b"").decode(),
         )
 
 
@@ -70,9 +81,13 @@ def entry_fields(
     blob: bytes,
     compare: bytes = b"",
     evaluation: bytes = b"",
+    rows: int = 0,
+    key_id: str = "",
 ) -> list[str | bytes]:
     header = f"{job_id}|{tenant}|{model}|{version}|{deadline_ms}|{reply_to}|{created_ms}"
     fields: list[str | bytes] = ["h", header, "x", blob]
+    if rows:
+        fields += ["n", str(rows), "k", key_id]
     if compare:
         fields += ["p", compare]
     if evaluation:

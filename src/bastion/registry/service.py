@@ -19,6 +19,8 @@ from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
 from bastion.registry.deployments import Deployments
 from bastion.registry.lifecycle import Lifecycle, policy_of, record
+from bastion.registry.limits import Budget, TenantLimits
+from bastion.registry.limits import resolve as resolve_limits
 from bastion.registry.metadata import GatePolicy, VersionMetadata, check_postprocessing, parse, refine
 from bastion.registry.names import check_name
 from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, Tenant
@@ -29,8 +31,17 @@ _MAX_REFERENCE_ROWS = 10_000
 
 
 class Registry:
-    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        max_upload_bytes: int,
+        tiers: dict[str, Budget] | None = None,
+        default_tier: str = "",
+    ) -> None:
         self.sessions = sessions
+        self.tiers = tiers or {}
+        self.default_tier = default_tier if default_tier in self.tiers else ""
         self.store = store
         self.max_upload_bytes = max_upload_bytes
         self.deployments = Deployments(sessions)
@@ -52,6 +63,7 @@ class Registry:
         jurisdiction: str | None,
         signing_key: str | None = None,
         consents: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Set a tenant's attributes (created if new): the jurisdiction and consent flags drive
         policy rules, the Ed25519 public key verifies the artifacts this tenant signs. Unset
@@ -61,6 +73,7 @@ class Registry:
         if consents is not None and not all(re.match(r"^[a-z0-9_.-]{1,32}$", c) for c in consents):
             raise InvalidInput("consent flags are 1 to 32 of a-z, 0-9, '_', '.', '-'")
         key = signing.normalise_public_key(signing_key) if signing_key else None
+        budget = parse(TenantLimits, limits, "the tenant limits") if limits is not None else None
         ensured = self.ensure_tenant(name)
         with self.sessions.begin() as s:
             tenant = s.get(Tenant, ensured.id)
@@ -71,6 +84,8 @@ class Registry:
                 tenant.signing_key = key
             if consents is not None:
                 tenant.consents = sorted(set(consents))
+            if budget is not None:
+                tenant.limits = budget.model_dump(exclude_none=True)
             return _tenant_view(tenant)
 
     def list_tenants(self) -> list[dict[str, Any]]:
@@ -78,11 +93,18 @@ class Registry:
             return [_tenant_view(t) for t in s.scalars(select(Tenant).order_by(Tenant.name))]
 
     def create_key(
-        self, tenant: str, name: str, scopes: list[str], expires_at: datetime | None = None
+        self,
+        tenant: str,
+        name: str,
+        scopes: list[str],
+        expires_at: datetime | None = None,
+        tier: str | None = None,
     ) -> tuple[ApiKey, str]:
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise InvalidInput(f"unknown or missing scopes {unknown}; allowed: {list(SCOPES)}")
+        if tier is not None and tier not in self.tiers:
+            raise InvalidInput(f"unknown rate tier {tier!r}; configured: {sorted(self.tiers)}")
         if expires_at is not None and _aware(expires_at) <= datetime.now(UTC):
             raise InvalidInput("expires_at is in the past")
         owner = self.ensure_tenant(tenant)
@@ -94,6 +116,7 @@ class Registry:
             digest=new.digest,
             scopes=sorted(set(scopes)),
             expires_at=expires_at,
+            tier=tier or self.default_tier or None,
         )
         with self.sessions.begin() as s:
             s.add(row)
@@ -299,6 +322,7 @@ class Registry:
                     "tenant": owner.name if owner else "",
                     "jurisdiction": owner.jurisdiction if owner else None,
                     "consents": (owner.consents or []) if owner else [],
+                    "limits": resolve_limits(owner.limits if owner else None, self.tiers.get(key.tier or "")),
                     "scopes": key.scopes,
                     "expires_at": _aware(key.expires_at).timestamp() if key.expires_at else None,
                 }
@@ -361,6 +385,7 @@ def _tenant_view(tenant: Tenant) -> dict[str, Any]:
         "name": tenant.name,
         "jurisdiction": tenant.jurisdiction,
         "consents": tenant.consents or [],
+        "limits": tenant.limits or {},
         "signing_key": tenant.signing_key,
     }
 
@@ -371,6 +396,7 @@ def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:
         "tenant": tenant,
         "name": key.name,
         "scopes": key.scopes,
+        "tier": key.tier,
         "created_at": _aware(key.created_at).isoformat(),
         "expires_at": _aware(key.expires_at).isoformat() if key.expires_at else None,
         "revoked": key.revoked_at is not None,

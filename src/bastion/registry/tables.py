@@ -25,6 +25,7 @@ class Tenant(Base):
     jurisdiction: Mapped[str | None] = mapped_column(String(16), nullable=True)
     signing_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     consents: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -39,6 +40,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    tier: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Model(Base):

@@ -184,7 +184,9 @@ class Worker:
             if job.evaluation:
                 outcomes.append(self._evaluate(job))
             elif job.deadline_ms and job.deadline_ms < now_ms:
-                outcomes.append(Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran"))
+                expired = Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran")
+                expired.measured_units = 0.0  # it never ran: its reserved cost goes back
+                outcomes.append(expired)
             else:
                 groups[(job.model, job.version)].append(job)
         self.consumer.mark_running([j for group in groups.values() for j in group])
@@ -193,6 +195,7 @@ class Worker:
         statuses = self.consumer.complete(outcomes)
         for outcome, stored in zip(outcomes, statuses, strict=True):
             metrics.JOBS.labels(outcome.job.model, stored).inc()
+        self.consumer.settle(outcomes)
         self._record_shadows(outcomes)
 
     def _evaluate(self, job: Job) -> Outcome:
@@ -246,10 +249,13 @@ class Worker:
             started = time.perf_counter()
             try:
                 results = run_batch(loaded, [j.blob for j in chunk])
-                outcomes += [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
+                done = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
             except Exception:  # one bad job, or unsplittable outputs: run the jobs one by one
-                outcomes += [self._run_one(loaded, j) for j in chunk]
-            metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(time.perf_counter() - started)
+                done = [self._run_one(loaded, j) for j in chunk]
+            elapsed = time.perf_counter() - started
+            _share_cost(done, elapsed * 1000)
+            outcomes += done
+            metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(elapsed)
             metrics.BATCH_JOBS.labels(model).observe(len(chunk))
         return outcomes
 
@@ -267,3 +273,10 @@ class Worker:
             metrics.ERRORS.labels("worker", "inference").inc()
             log.warning("inference_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
             return Outcome(job, STATUS_FAILED, error="the model could not run this input")
+
+
+def _share_cost(outcomes: list[Outcome], elapsed_ms: float) -> None:
+    """Split a model call's time over its jobs by rows: each job's measured compute units."""
+    rows = sum(max(o.job.rows, 1) for o in outcomes)
+    for o in outcomes:
+        o.measured_units = elapsed_ms * max(o.job.rows, 1) / rows

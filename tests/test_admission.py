@@ -1,0 +1,160 @@
+"""Compute-cost admission across gateway processes, the in-flight cap, and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from bastion import demo
+from tests.support import Stack, wait_until
+
+ROW = [1.0] * 30
+JOBS = f"/v1/models/{demo.MODEL_NAME}/jobs"
+PREDICT = f"/v1/models/{demo.MODEL_NAME}/predict"
+TIERS = {"standard": {"units_per_s": 20000, "burst": 40000}, "unlimited": {}, "small": {"burst": 10}}
+
+
+@pytest.fixture(scope="module")
+def no_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two gateways and no worker: admitted jobs stay queued, so nothing is refunded during a test."""
+    s = Stack(
+        tmp_path_factory.mktemp("admission"),
+        workers=0,
+        gateways=2,
+        cost_per_row_default=1.0,
+        rate_tiers=json.dumps(TIERS),
+    )
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def _key(stack: Stack, tenant: str, tier: str = "unlimited", **limits: Any) -> str:
+    if limits:
+        stack.admin.set_tenant(tenant, None, limits=limits)
+    key: str = stack.admin.create_key(tenant, "admission", tier=tier)["key"]
+    time.sleep(0.3)  # the gateways see the new snapshot
+    return key
+
+
+async def _burst(stack: Stack, key: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    """Send every body at once, alternating between the two gateways."""
+    limits = httpx.Limits(max_connections=1000)
+    headers = {"Authorization": f"Bearer {key}"}
+    clients = [
+        httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) for url in stack.gateway_urls
+    ]
+    try:
+        return list(await asyncio.gather(*(clients[i % 2].post(JOBS, json=body) for i, body in enumerate(bodies))))
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def test_a_budget_of_100_units_admits_exactly_100_across_two_gateways(no_workers: Stack) -> None:
+    key = _key(no_workers, "budget-exact", burst=100, units_per_s=0)
+    answers = asyncio.run(_burst(no_workers, key, [{"inputs": [ROW]}] * 2000))  # 1 row = 1 unit here
+    admitted = [r for r in answers if r.status_code == 202]
+    refused = [r for r in answers if r.status_code == 429]
+    print(f"2,000 concurrent one-unit requests over 2 gateways: {len(admitted)} admitted, {len(refused)} refused")
+    assert len(admitted) == 100 and len(refused) == 1900
+    assert {r.headers["x-bastion-model-version"] for r in admitted} == {"1"}
+    for r in refused[:50]:
+        assert r.headers["content-type"] == "application/problem+json"
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["ratelimit-policy"] == '"tenant-model";q=100;w=86400'
+        assert r.headers["ratelimit"].startswith('"tenant-model";r=0;t=')
+        assert "budget is spent" in r.json()["detail"]
+    assert admitted[0].headers["ratelimit-policy"] == '"tenant-model";q=100;w=86400'
+
+
+def test_with_random_costs_admitted_cost_never_exceeds_the_budget(no_workers: Stack) -> None:
+    key = _key(no_workers, "budget-random", burst=100, units_per_s=0)
+    rng = random.Random(11)
+    bodies = [{"inputs": [ROW] * rng.randint(1, 7)} for _ in range(600)]
+    answers = asyncio.run(_burst(no_workers, key, bodies))
+    admitted_cost = sum(len(b["inputs"]) for b, r in zip(bodies, answers, strict=True) if r.status_code == 202)
+    assert {r.status_code for r in answers} <= {202, 429}
+    client = no_workers.redis_client()
+    left = float(client.hget(f"rl:t:budget-random:{demo.MODEL_NAME}", "tokens") or 0)
+    ttl = client.ttl(f"rl:t:budget-random:{demo.MODEL_NAME}")
+    client.close()
+    print(f"random costs 1-7: admitted {admitted_cost} units of a 100-unit budget; {left:g} left in the bucket")
+    assert admitted_cost <= 100
+    assert admitted_cost + left == pytest.approx(100)  # every admitted unit is accounted for, exactly
+    assert 0 < ttl <= 86_400, "budget keys always carry a TTL"
+
+
+def test_a_key_tier_is_a_second_bucket_per_key(no_workers: Stack) -> None:
+    key = _key(no_workers, "tiered", tier="small")
+    answers = asyncio.run(_burst(no_workers, key, [{"inputs": [ROW]}] * 40))
+    assert sum(r.status_code == 202 for r in answers) == 10
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.headers["ratelimit-policy"] == '"key";q=10;w=86400'
+
+
+def test_the_in_flight_cap_holds_across_gateways(no_workers: Stack) -> None:
+    key = _key(no_workers, "capped", max_concurrency=5)
+    answers = asyncio.run(_burst(no_workers, key, [{"inputs": [ROW]}] * 50))
+    assert sum(r.status_code == 202 for r in answers) == 5
+    refused = next(r for r in answers if r.status_code == 429)
+    assert "5 jobs in flight" in refused.json()["detail"] and refused.headers["retry-after"] == "1"
+
+
+def test_workers_release_the_cap_and_correct_the_bucket_with_measured_cost(tmp_path_factory: Any) -> None:
+    stack = Stack(tmp_path_factory.mktemp("settle"), workers=1, gateways=1, cost_per_row_default=5.0)
+    try:
+        stack.start()
+        key = _key(stack, "settled", max_concurrency=2, burst=1000, units_per_s=0)
+        client = stack.redis_client()
+        with httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            for _ in range(20):  # sequential sync calls: each releases its slot, so the cap never bites
+                assert http.post(PREDICT, json={"inputs": [ROW]}).status_code == 200
+            wait_until(lambda: client.get("cc:settled") in (None, b"0"), 5, "the in-flight count to drain")
+            per_row = float(client.hget(f"cost:{demo.MODEL_NAME}", "per_row") or 0)
+            left = float(client.hget(f"rl:t:settled:{demo.MODEL_NAME}", "tokens") or 0)
+            last = http.post(PREDICT, json={"inputs": [ROW]})
+        client.close()
+        print(f"measured cost per row {per_row:.4f} units; bucket {left:.2f} of 1000 after 20 rows estimated at 5")
+        assert 0 < per_row < 5.0, "the measured cost replaced the default estimate"
+        assert left > 1000 - 20 * 5, "the estimates were corrected by the measured inference time"
+        assert last.status_code == 200 and "ratelimit" in last.headers
+    finally:
+        stack.stop()
+
+
+def test_with_redis_down_predict_fails_fast_and_recovers_without_restart(tmp_path_factory: Any) -> None:
+    stack = Stack(tmp_path_factory.mktemp("outage"), workers=1, gateways=1)
+    try:
+        stack.start()
+        with stack.client(timeout=10) as http:
+            assert http.post(PREDICT, json={"inputs": [ROW]}).status_code == 200
+            stack.redis.stop()
+            took, statuses = [], set()
+            for _ in range(100):
+                started = time.perf_counter()
+                r = http.post(PREDICT, json={"inputs": [ROW]})
+                took.append(time.perf_counter() - started)
+                statuses.add(r.status_code)
+                assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"]
+            jobs = http.post(JOBS, json={"inputs": [ROW]})
+            took.sort()
+            p99 = took[98]
+            print(f"Redis down: predict statuses {statuses}, p50 {took[50] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+            assert statuses == {503} and jobs.status_code == 503, "never 500, never a 202 it cannot keep"
+            assert p99 < 0.2
+            stack.redis.start()
+            back = time.monotonic()
+            wait_until(lambda: http.post(PREDICT, json={"inputs": [ROW]}).status_code == 200, 5, "service to resume")
+            print(f"service resumed {time.monotonic() - back:.2f} s after Redis returned")
+    finally:
+        stack.stop()
