@@ -143,6 +143,10 @@ class AdminClient:
         result: list[dict[str, Any]] = self._call("GET", "/admin/v1/keys", params=params)["keys"]
         return result
 
+    def rotate_key(self, key_id: str, overlap_s: int = 3600) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/admin/v1/keys/{key_id}/rotate", json={"overlap_s": overlap_s})
+        return result
+
     def revoke_key(self, key_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("DELETE", f"/admin/v1/keys/{key_id}")
         return result

@@ -301,13 +301,14 @@ def keys_create(
     scope: Annotated[
         list[str] | None, typer.Option(help="scope (repeatable); default predict, jobs, models:read")
     ] = None,
+    tier: Annotated[str | None, typer.Option(help="rate tier (BASTION_RATE_TIERS); default: default_tier")] = None,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.create_key(tenant, name, scope))
+    _run(lambda: client.create_key(tenant, name, scope, tier))
 
 
 @keys_app.command("list")
@@ -317,6 +318,19 @@ def keys_list(
     """List keys (never their secrets)."""
     client = _client(control_url, admin_key, data_dir)
     _run(lambda: client.keys(tenant))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    overlap: Annotated[int, typer.Option(help="seconds the old secret keeps working")] = 3600,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Issue a new secret for KEY_ID (same tenant, scopes, tier); the old one expires after --overlap."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.rotate_key(key_id, overlap))
 
 
 @keys_app.command("revoke")

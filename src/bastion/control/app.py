@@ -21,7 +21,7 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
 from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.control.bootstrap import ensure_admin_key
-from bastion.control.schemas import DeploymentSet, KeyCreate, StageSet, TenantSet
+from bastion.control.schemas import DeploymentSet, KeyCreate, KeyRotate, StageSet, TenantSet
 from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated, Unavailable, UnsupportedMedia
 from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
@@ -557,6 +557,17 @@ async def revoke_key(key_id: str, request: Request) -> Response:
     await run_in_threadpool(plane.publish)
     log.info("key_revoked", key_id=view["id"])
     return json_response(view)
+
+
+@router.post("/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+async def rotate_key(key_id: str, body: KeyRotate, request: Request) -> Response:
+    """A new secret for the key's tenant, scopes and tier; the old secret keeps working for
+    ``overlap_s`` seconds. The new secret is in this response only."""
+    plane = _plane(request)
+    view, plaintext = await run_in_threadpool(plane.registry.rotate_key, key_id[:64], body.overlap_s)
+    await run_in_threadpool(plane.publish)
+    log.info("key_rotated", key_id=view["key"]["id"], rotated=view["rotated"]["id"], overlap_s=body.overlap_s)
+    return json_response({**view, "secret": plaintext}, status_code=201)
 
 
 @router.post("/snapshot", tags=["snapshot"])

@@ -20,6 +20,12 @@ class KeyCreate(BaseModel):
     tier: str | None = Field(default=None, max_length=32, description="rate tier (settings: rate_tiers)")
 
 
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overlap_s: int = Field(default=3600, ge=0, le=30 * 86_400, description="how long the old secret keeps working")
+
+
 class RouteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

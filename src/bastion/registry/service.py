@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -138,6 +138,31 @@ class Registry:
                 row.revoked_at = datetime.now(UTC)
             tenant = s.get(Tenant, row.tenant_id)
             return _key_view(row, tenant.name if tenant else "")
+
+    def rotate_key(self, key_id: str, overlap_s: int) -> tuple[dict[str, Any], str]:
+        """A new secret for the same tenant, scopes and tier; the old one keeps working for
+        ``overlap_s`` seconds (0: not at all), so clients can switch without an outage."""
+        with self.sessions.begin() as s:
+            old = s.get(ApiKey, key_id)
+            if old is None or old.revoked_at is not None or _expired(old.expires_at):
+                raise NotFound(f"no live key {key_id!r}")
+            new = apikeys.generate()
+            row = ApiKey(
+                id=new.key_id,
+                tenant_id=old.tenant_id,
+                name=old.name,
+                digest=new.digest,
+                scopes=list(old.scopes),
+                expires_at=old.expires_at,
+                tier=old.tier,
+            )
+            ends = datetime.now(UTC) + timedelta(seconds=overlap_s)
+            old.expires_at = min(_aware(old.expires_at), ends) if old.expires_at else ends
+            s.add(row)
+            s.flush()
+            tenant = s.get(Tenant, old.tenant_id)
+            name = tenant.name if tenant else ""
+            return {"key": _key_view(row, name), "rotated": _key_view(old, name)}, new.plaintext
 
     def key_by_secret(self, plaintext: str) -> dict[str, Any] | None:
         """The live key (not revoked, not expired) with this secret, or None."""
