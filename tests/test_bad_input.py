@@ -140,11 +140,11 @@ def test_garbage_body_is_400(stack: Stack) -> None:
 
 def test_missing_or_bad_key_is_401(stack: Stack) -> None:
     with httpx.Client(base_url=stack.gateway) as anon:
-        _problem(anon.post(PREDICT, json={"inputs": [ROW]}), 401, "API key is required")
+        _problem(anon.post(PREDICT, json={"inputs": [ROW]}), 401, "API key or token is required")
         r = anon.post(PREDICT, json={"inputs": [ROW]}, headers={"Authorization": "Bearer bst_nope_nope"})
         _problem(r, 401, "unknown")
         r = anon.post(PREDICT, json={"inputs": [ROW]}, headers={"Authorization": "Basic Zm9vOmJhcg=="})
-        _problem(r, 401, "API key is required")
+        _problem(r, 401, "API key or token is required")
 
 
 def test_another_tenants_job_is_404(stack: Stack) -> None:

@@ -115,7 +115,28 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         default=None, description="an extra admin key accepted by the control plane (secret; prefer a file)"
     )
+    oidc_issuer: str | None = Field(
+        default=None, description="accept JWT bearer tokens from this OIDC issuer (its 'iss'); unset: API keys only"
+    )
+    oidc_audience: str | None = Field(default=None, description="the 'aud' JWT tokens must carry (required with OIDC)")
+    oidc_jwks_url: str | None = Field(
+        default=None,
+        description="the issuer's JWKS URL; unset: found through <issuer>/.well-known/openid-configuration",
+    )
+    oidc_algorithms: str = Field(default="RS256,ES256,EdDSA", description="JWT algorithms accepted (never none/HS*)")
+    oidc_tenant_claim: str = Field(default="tenant", description="JWT claim naming the caller's tenant")
+    oidc_scopes_claim: str = Field(default="scope", description="JWT claim with the scopes (space-separated or a list)")
+    oidc_jwks_cache_s: float = Field(default=300.0, gt=0, description="how long fetched signing keys are trusted")
     docs_enabled: bool = Field(default=False, description="serve /docs and /openapi.json")
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError("BASTION_OIDC_AUDIENCE is required with BASTION_OIDC_ISSUER")
+        unsafe = {a.strip().upper() for a in self.oidc_algorithms.split(",")} & {"NONE", "HS256", "HS384", "HS512"}
+        if unsafe:
+            raise ValueError(f"BASTION_OIDC_ALGORITHMS must not include {sorted(unsafe)}")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -8,7 +8,7 @@ after ``snapshot_refresh_s`` in case a notice was missed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -55,6 +55,15 @@ class KeyInfo:
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class TenantInfo:
+    """A tenant's attributes, for callers identified by a JWT rather than an API key."""
+
+    jurisdiction: str | None
+    consents: frozenset[str]
+    limits: Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,7 @@ class Snapshot:
     keys: dict[str, KeyInfo]
     models: dict[str, ModelRoutes]
     versions: dict[tuple[str, int], VersionInfo]
+    tenants: dict[str, TenantInfo] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Snapshot:
@@ -163,7 +173,13 @@ class Snapshot:
                 ),
                 preload=tuple(int(v) for v in model.get("preload") or ()),
             )
-        return cls(int(data.get("serial", 0)), keys, models, versions)
+        tenants = {
+            name: TenantInfo(
+                t.get("jurisdiction"), frozenset(t.get("consents") or ()), Limits.from_dict(t.get("limits"))
+            )
+            for name, t in (data.get("tenants") or {}).items()
+        }
+        return cls(int(data.get("serial", 0)), keys, models, versions, tenants)
 
 
 def encode(data: dict[str, Any]) -> tuple[int, bytes]:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 
 from bastion import logs
@@ -20,9 +21,24 @@ from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
 from bastion.queue.producer import Producer
 from bastion.redisconn import async_client
+from bastion.security.oidc import JwksCache, OidcConfig
 from bastion.settings import Settings
 
 log = logs.get("bastion.gateway")
+
+
+def _jwks(settings: Settings) -> JwksCache | None:
+    if not settings.oidc_issuer or not settings.oidc_audience:
+        return None
+    config = OidcConfig(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        algorithms=tuple(a.strip() for a in settings.oidc_algorithms.split(",") if a.strip()),
+        jwks_url=settings.oidc_jwks_url,
+        cache_s=settings.oidc_jwks_cache_s,
+        min_refetch_s=min(10.0, settings.oidc_jwks_cache_s),
+    )
+    return JwksCache(config, httpx.AsyncClient(timeout=5.0, follow_redirects=False))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -46,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             replies=ReplyRouter(client, gateway_id),
             snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),
+            jwks=_jwks(settings),
         )
         app.state.gateway = state
         await state.snapshots.start()
@@ -60,6 +77,8 @@ def create_app(settings: Settings) -> FastAPI:
             await state.replies.stop()
             await state.snapshots.stop()
             await client.aclose()
+            if state.jwks is not None:
+                await state.jwks.http.aclose()
             log.info("gateway_stopped", gateway_id=gateway_id)
 
     app = new_app(
@@ -82,7 +101,11 @@ def _document(app: FastAPI) -> None:
             schema = generate()
             schema.setdefault("paths", {}).update(routes.OPENAPI_PATHS)
             schema.setdefault("components", {})["securitySchemes"] = {
-                "apiKey": {"type": "http", "scheme": "bearer", "description": "a Bastion API key (bst_...)"}
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a Bastion API key (bst_...), or a JWT from the configured OIDC issuer",
+                }
             }
             app.openapi_schema = schema
         return app.openapi_schema

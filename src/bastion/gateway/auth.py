@@ -1,25 +1,57 @@
-"""API-key authentication against the snapshot, and scope checks."""
+"""Caller identity at the gateway: API keys (against the snapshot) or OIDC JWTs, and scope checks.
+
+A bearer token that starts with ``bst_`` is an API key; anything else is a JWT when an OIDC
+issuer is configured. A JWT's tenant (its ``oidc_tenant_claim``) must be a tenant operators
+registered: its jurisdiction, consent flags and budget come from there, never from the token.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from starlette.requests import Request
 
+from bastion.constants import API_KEY_PREFIX, SCOPES
 from bastion.errors import Forbidden, Unauthenticated
 from bastion.gateway.state import GatewayState
-from bastion.security import apikeys
-from bastion.snapshot import KeyInfo
+from bastion.security import apikeys, oidc
+from bastion.snapshot import KeyInfo, Limits, Snapshot
 
 
-def authenticate(request: Request, state: GatewayState, *scopes: str) -> KeyInfo:
-    """The caller's key if it is live and holds one of ``scopes``; else raise 401 / 403."""
+async def authenticate(request: Request, state: GatewayState, *scopes: str) -> KeyInfo:
+    """The caller if its credential is live and holds one of ``scopes``; else raise 401 / 403."""
     token = apikeys.bearer(request.headers.get("authorization"))
     if token is None:
-        raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>'")
-    info = state.snapshots.current.keys.get(apikeys.digest(token))
-    if info is None or not info.live(time.time()):
-        raise Unauthenticated("the API key is unknown, revoked or expired")
+        raise Unauthenticated("an API key or token is required: send 'Authorization: Bearer <key>'")
+    if token.startswith(API_KEY_PREFIX) or state.jwks is None:
+        info = state.snapshots.current.keys.get(apikeys.digest(token))
+        if info is None or not info.live(time.time()):
+            raise Unauthenticated("the API key is unknown, revoked or expired")
+    else:
+        info = caller_of(await oidc.verify(token, state.jwks), state.snapshots.current, state)
     if scopes and info.scopes.isdisjoint(scopes):
-        raise Forbidden(f"the API key lacks the scope for this route (needs one of {sorted(scopes)})")
+        raise Forbidden(f"the credential lacks the scope for this route (needs one of {sorted(scopes)})")
     return info
+
+
+def caller_of(claims: dict[str, object], snapshot: Snapshot, state: GatewayState) -> KeyInfo:
+    settings = state.settings
+    tenant = claims.get(settings.oidc_tenant_claim)
+    if not isinstance(tenant, str) or tenant not in snapshot.tenants:
+        raise Forbidden(f"the token's '{settings.oidc_tenant_claim}' claim names no registered tenant")
+    raw = claims.get(settings.oidc_scopes_claim)
+    granted = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    scopes = frozenset(s for s in granted if isinstance(s, str) and s in SCOPES and s != "admin")
+    attributes = snapshot.tenants[tenant]
+    subject = f"{claims.get('iss')}\x00{claims.get('sub')}".encode()
+    exp = claims.get("exp")
+    return KeyInfo(
+        id="jwt-" + hashlib.blake2b(subject, digest_size=8).hexdigest(),
+        tenant=tenant,
+        scopes=scopes,
+        expires_at=float(exp) if isinstance(exp, int | float) else None,
+        jurisdiction=attributes.jurisdiction,
+        consents=attributes.consents,
+        limits=attributes.limits if attributes.limits else Limits(),
+    )

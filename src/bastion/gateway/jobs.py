@@ -60,7 +60,7 @@ def _document(job_id: str, fields: dict[str, bytes]) -> dict[str, Any]:
 async def get_job(job_id: str, request: Request) -> Response:
     """The job's status, and its outputs once it has succeeded."""
     state: GatewayState = request.app.state.gateway
-    key = authenticate(request, state, "jobs")
+    key = await authenticate(request, state, "jobs")
     return json_response(await _load(state, key.tenant, job_id))
 
 
@@ -68,7 +68,7 @@ async def get_job(job_id: str, request: Request) -> Response:
 async def job_events(job_id: str, request: Request) -> Response:
     """Server-sent events: a ``status`` event on each change, then ``result`` when the job ends."""
     state: GatewayState = request.app.state.gateway
-    key = authenticate(request, state, "jobs")
+    key = await authenticate(request, state, "jobs")
     first = await _load(state, key.tenant, job_id)
 
     async def events() -> AsyncIterator[bytes]:

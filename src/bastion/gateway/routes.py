@@ -109,7 +109,7 @@ async def _admit(request: Request, scope: str) -> Admitted:
     """Authenticate, route to a version, then read and parse the body: in that order, so an
     unauthenticated or misdirected request never has its body read."""
     state = _state(request)
-    key = authenticate(request, state, scope)
+    key = await authenticate(request, state, scope)
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
     version, fallback = resolve(state, request.path_params["name"], subject, key)
     doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
@@ -175,7 +175,7 @@ async def infer(request: Request) -> Response:
 async def model_metadata(name: str, request: Request) -> Response:
     """Open Inference Protocol model metadata: versions, inputs and outputs."""
     state = _state(request)
-    key = authenticate(request, state, "models:read", "predict")
+    key = await authenticate(request, state, "models:read", "predict")
     version, _ = resolve(state, name, key.tenant, key)
     versions = sorted(v for (m, v) in state.snapshots.current.versions if m == name)
     return json_response(
@@ -193,7 +193,7 @@ async def model_metadata(name: str, request: Request) -> Response:
 async def model_ready(name: str, request: Request) -> Response:
     """200 when the model has a live version the gateway can route to."""
     state = _state(request)
-    key = authenticate(request, state, "models:read", "predict")
+    key = await authenticate(request, state, "models:read", "predict")
     resolve(state, name, key.tenant, key)
     return json_response({"name": name, "ready": True})
 

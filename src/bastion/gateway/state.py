@@ -9,6 +9,7 @@ from typing import Any
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.queue.producer import Producer
+from bastion.security.oidc import JwksCache
 from bastion.settings import Settings
 
 
@@ -20,6 +21,7 @@ class GatewayState:
     producer: Producer
     replies: ReplyRouter
     snapshots: SnapshotWatcher
+    jwks: JwksCache | None = None  # set when an OIDC issuer is configured
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
 

@@ -365,7 +365,16 @@ class Registry:
                     str(v["version"]): _snapshot_version(v) for v in model["versions"] if v["stage"] != "retired"
                 },
             }
-        return {"keys": keys, "models": models}
+        default_tier = self.tiers.get(self.default_tier)
+        callers = {
+            t.name: {
+                "jurisdiction": t.jurisdiction,
+                "consents": t.consents or [],
+                "limits": resolve_limits(t.limits, default_tier),
+            }
+            for t in tenants.values()
+        }
+        return {"keys": keys, "models": models, "tenants": callers}
 
 
 def _snapshot_version(v: dict[str, Any]) -> dict[str, Any]:
