@@ -127,6 +127,16 @@ class Settings(BaseSettings):
     oidc_tenant_claim: str = Field(default="tenant", description="JWT claim naming the caller's tenant")
     oidc_scopes_claim: str = Field(default="scope", description="JWT claim with the scopes (space-separated or a list)")
     oidc_jwks_cache_s: float = Field(default=300.0, gt=0, description="how long fetched signing keys are trusted")
+    trusted_proxies: str = Field(
+        default="", description="comma-separated addresses/CIDRs whose X-Forwarded-For names the client"
+    )
+    abuse_window_s: int = Field(default=60, ge=1, description="window over which a client's failures are counted")
+    abuse_tarpit_after: int = Field(default=10, ge=1, description="failures in the window before answers slow down")
+    abuse_ban_after: int = Field(default=30, ge=1, description="failures in the window that get a client banned")
+    abuse_tarpit_step_ms: int = Field(default=100, ge=0, description="extra delay per failure past the tarpit line")
+    abuse_tarpit_max_ms: int = Field(default=5000, ge=0, description="longest delay of a tarpitted answer")
+    abuse_ban_s: int = Field(default=60, ge=1, description="first ban; each further ban within a day doubles")
+    abuse_ban_max_s: int = Field(default=86_400, ge=1, description="longest ban")
     docs_enabled: bool = Field(default=False, description="serve /docs and /openapi.json")
 
     @model_validator(mode="after")

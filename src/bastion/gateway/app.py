@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from bastion import logs
 from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
+from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
@@ -63,10 +64,13 @@ def create_app(settings: Settings) -> FastAPI:
             replies=ReplyRouter(client, gateway_id),
             snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),
             jwks=_jwks(settings),
+            abuse=AbuseGuard(client, settings),
         )
         app.state.gateway = state
         await state.snapshots.start()
         await state.replies.start()
+        if state.abuse is not None:
+            await state.abuse.start()
         log.info("gateway_started", gateway_id=gateway_id)
         try:
             yield
@@ -75,6 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
             if state.background:  # let queued shadow copies reach Redis
                 await asyncio.wait(state.background, timeout=5)
             await state.replies.stop()
+            if state.abuse is not None:
+                await state.abuse.stop()
             await state.snapshots.stop()
             await client.aclose()
             if state.jwks is not None:
@@ -84,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = new_app(
         "Bastion gateway", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_body_bytes
     )
+    app.add_middleware(AbuseMiddleware)  # outermost: a banned client is refused before anything else
     app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)
     app.include_router(jobs.router)

@@ -13,7 +13,7 @@ import time
 from starlette.requests import Request
 
 from bastion.constants import API_KEY_PREFIX, SCOPES
-from bastion.errors import Forbidden, Unauthenticated
+from bastion.errors import Forbidden, RateLimited, Unauthenticated
 from bastion.gateway.state import GatewayState
 from bastion.security import apikeys, oidc
 from bastion.snapshot import KeyInfo, Limits, Snapshot
@@ -30,6 +30,9 @@ async def authenticate(request: Request, state: GatewayState, *scopes: str) -> K
             raise Unauthenticated("the API key is unknown, revoked or expired")
     else:
         info = caller_of(await oidc.verify(token, state.jwks), state.snapshots.current, state)
+    request.state.key_id = info.id  # failures from here on also count against the key
+    if state.abuse is not None and (left := state.abuse.banned_for("k:" + info.id)):
+        raise RateLimited(f"this key is blocked for {int(left) + 1} s after repeated failed requests", int(left) + 1)
     if scopes and info.scopes.isdisjoint(scopes):
         raise Forbidden(f"the credential lacks the scope for this route (needs one of {sorted(scopes)})")
     return info

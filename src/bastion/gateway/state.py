@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.gateway.abuse import AbuseGuard
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.queue.producer import Producer
@@ -22,6 +23,7 @@ class GatewayState:
     replies: ReplyRouter
     snapshots: SnapshotWatcher
     jwks: JwksCache | None = None  # set when an OIDC issuer is configured
+    abuse: AbuseGuard | None = None
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
 

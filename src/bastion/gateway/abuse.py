@@ -1,0 +1,174 @@
+"""Abuse handling at the gateway: tarpit, then ban, clients that keep failing.
+
+Failures (bad credentials, refused scopes, unknown objects, invalid payloads, spent budgets) are
+counted per client address and, once a key is authenticated, per key, in Redis (``strike.lua``),
+so the counts hold across gateways. Past a threshold the failing responses are held back for a
+growing delay (an ``asyncio.sleep``: the connection costs a coroutine, not a thread); past a
+second one the client is banned for an escalating period: every gateway refuses it at once (a
+429 with ``Retry-After``, before reading its body), told through the ``abuse:bans`` channel.
+
+A client address is the peer's, or, when the peer is a configured trusted proxy, the right-most
+address in ``X-Forwarded-For`` that is not itself a trusted proxy. A key id is counted only after
+the key verified, so nobody can get someone else's key banned by sending its id with a bad secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bastion import logs, metrics, problems
+from bastion.queue.scripts import Lua
+from bastion.settings import Settings
+
+log = logs.get("bastion.gateway.abuse")
+
+BAN_CHANNEL = "abuse:bans"
+FAILURES = frozenset({400, 401, 403, 404, 413, 415, 422, 429})
+_STRIKE = Lua("strike")
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AbuseGuard:
+    def __init__(self, redis: Any, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.trusted: list[_Network] = [
+            ipaddress.ip_network(p.strip(), strict=False) for p in settings.trusted_proxies.split(",") if p.strip()
+        ]
+        self._bans: dict[str, float] = {}  # client id -> ban end (epoch seconds)
+        self._task: asyncio.Task[None] | None = None
+
+    # bans ----------------------------------------------------------------------------------
+    def banned_for(self, client: str) -> float:
+        """Seconds left of ``client``'s ban, or 0."""
+        until = self._bans.get(client)
+        if until is None:
+            return 0.0
+        left = until - time.time()
+        if left <= 0:
+            del self._bans[client]
+            return 0.0
+        return left
+
+    def _ban(self, client: str, seconds: float) -> None:
+        self._bans[client] = time.time() + seconds
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._load()
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _load(self) -> None:
+        async for raw in self.redis.scan_iter(match="ban:*", count=500):
+            ttl = await self.redis.ttl(raw)
+            if ttl > 0:
+                self._ban(raw.decode()[4:], ttl)
+
+    async def _watch(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(BAN_CHANNEL)
+                await self._load()
+                while True:
+                    message = await pubsub.get_message(timeout=30.0)
+                    if message and message.get("type") == "message":
+                        client, _, seconds = message["data"].decode().rpartition("|")
+                        self._ban(client, float(seconds))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("ban_watch_failed", error_type=type(exc).__name__)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    # strikes -------------------------------------------------------------------------------
+    async def strike(self, clients: list[str]) -> float:
+        """Count a failure for each client; returns the delay (seconds) to hold the answer back."""
+        s = self.settings
+        keys = [k for c in clients for k in (f"strike:{c}", f"ban:{c}", f"bans:{c}")]
+        args: list[Any] = [s.abuse_window_s, s.abuse_tarpit_after, s.abuse_ban_after, s.abuse_tarpit_step_ms]
+        args += [s.abuse_tarpit_max_ms, s.abuse_ban_s, s.abuse_ban_max_s, *clients]
+        try:
+            delay_ms, banned = await _STRIKE.acall(self.redis, keys, args)
+        except Exception:  # Redis away: no strike counted, the answer is not delayed
+            return 0.0
+        if banned:
+            for client in clients:
+                self._ban(client, float(banned))
+            metrics.ERRORS.labels("gateway", "client_banned").inc()
+            log.warning("client_banned", clients=clients, seconds=int(banned))
+        if delay_ms:
+            metrics.ERRORS.labels("gateway", "tarpitted").inc()
+        return float(delay_ms) / 1000
+
+    def address(self, scope: Scope) -> str:
+        peer = (scope.get("client") or ("unknown", 0))[0]
+        if not self.trusted or not self._is_trusted(peer):
+            return str(peer)
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
+                for hop in reversed(hops):
+                    if not self._is_trusted(hop):
+                        return str(hop[:64])
+        return str(peer)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+
+class AbuseMiddleware:
+    """Refuses banned addresses up front; counts failures and holds failing answers back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        guard: AbuseGuard | None = getattr(getattr(state, "gateway", None), "abuse", None)
+        if scope["type"] != "http" or guard is None or not scope["path"].startswith(("/v1/", "/v2/")):
+            await self.app(scope, receive, send)
+            return
+        address = "a:" + guard.address(scope)
+        left = guard.banned_for(address)
+        if left:
+            response = problems.problem(
+                429,
+                "Too many requests",
+                f"this client is blocked for {int(left) + 1} s after repeated failed requests",
+                {"Retry-After": str(int(left) + 1)},
+            )
+            await response(scope, receive, send)
+            return
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in FAILURES:
+                clients = [address]
+                key_id = scope.get("state", {}).get("key_id")
+                if key_id:
+                    clients.append("k:" + key_id)
+                delay = await guard.strike(clients)
+                if delay:
+                    await asyncio.sleep(delay)
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
