@@ -40,6 +40,7 @@ SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
 
 CONSUMER_GROUP = "workers"
+OPERATORS_TENANT = "operators"  # the only tenant whose keys may use the admin API
 EVALUATION_TENANT = "_control"  # owner of evaluation jobs; '_' is not allowed in tenant names
 
 LANE_SYNC = "sync"

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from bastion import logs, snapshot
 from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
-from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
+from bastion.constants import OPERATORS_TENANT, TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.schemas import DeploymentSet, KeyCreate, KeyRotate, StageSet, TenantSet
 from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated, Unavailable, UnsupportedMedia
@@ -153,7 +153,8 @@ def _plane(request: Request) -> ControlPlane:
     return plane
 
 
-def require_admin(request: Request) -> dict[str, Any]:
+def principal(request: Request) -> dict[str, Any]:
+    """Who is calling: the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key from the registry."""
     plane = _plane(request)
     token = apikeys.bearer(request.headers.get("authorization"))
     if token is None:
@@ -164,21 +165,32 @@ def require_admin(request: Request) -> dict[str, Any]:
     key = plane.registry.key_by_secret(token)
     if key is None:
         raise Unauthenticated("the admin key is unknown, revoked or expired")
-    if "admin" not in key["scopes"]:
-        raise Forbidden("this key lacks the 'admin' scope")
+    if key["tenant"] != OPERATORS_TENANT:
+        raise Forbidden(f"only keys of the '{OPERATORS_TENANT}' tenant may use the admin API")
     return key
 
 
-router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])
+def needs(scope: str, **openapi: Any) -> dict[str, Any]:
+    """Route arguments: the caller needs ``scope`` (or ``admin``); the OpenAPI document says so
+    in ``x-bastion-scopes`` (the security tests read the route x scope matrix from there)."""
+
+    def check(caller: dict[str, Any] = Depends(principal)) -> None:  # noqa: B008 - FastAPI dependency
+        if "admin" not in caller["scopes"] and scope not in caller["scopes"]:
+            raise Forbidden(f"this key lacks the '{scope}' scope (or 'admin') this route needs")
+
+    return {"dependencies": [Depends(check)], "openapi_extra": {**openapi, "x-bastion-scopes": [scope, "admin"]}}
 
 
-@router.get("/models", tags=["models"])
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(principal)])
+
+
+@router.get("/models", tags=["models"], **needs("models:read"))
 async def list_models(request: Request) -> Response:
     """Every model with its versions and the version that serves now."""
     return json_response({"models": await run_in_threadpool(_plane(request).registry.list_models)})
 
 
-@router.get("/models/{name}", tags=["models"])
+@router.get("/models/{name}", tags=["models"], **needs("models:read"))
 async def get_model(name: str, request: Request) -> Response:
     return json_response(await run_in_threadpool(_plane(request).registry.get_model, name))
 
@@ -187,8 +199,9 @@ async def get_model(name: str, request: Request) -> Response:
     "/models/{name}/versions",
     status_code=201,
     tags=["models"],
-    openapi_extra={
-        "requestBody": {
+    **needs(
+        "models:write",
+        requestBody={
             "required": True,
             "content": {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -204,13 +217,13 @@ async def get_model(name: str, request: Request) -> Response:
                     }
                 },
             },
-        }
-    },
+        },
+    ),
 )
 async def register_version(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
     description: str = Query(default="", max_length=4000),
     activate: bool | None = Query(default=None, description="unset: activate unless the model has gates"),
     version: int | None = Query(default=None, ge=1, le=1_000_000, description="name the version (409 if it exists)"),
@@ -290,7 +303,7 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] |
     return data, metadata, sig if isinstance(sig, str) else None
 
 
-@router.get("/models/{name}/versions/{version}", tags=["lifecycle"])
+@router.get("/models/{name}/versions/{version}", tags=["lifecycle"], **needs("models:read"))
 async def get_version(name: str, version: int, request: Request) -> Response:
     """One version: stage, metadata, verification, approval and its evaluation report."""
     plane = _plane(request)
@@ -298,17 +311,17 @@ async def get_version(name: str, version: int, request: Request) -> Response:
     return json_response(await run_in_threadpool(plane.registry.get_version, name, version))
 
 
-@router.get("/models/{name}/policy", tags=["lifecycle"])
+@router.get("/models/{name}/policy", tags=["lifecycle"], **needs("models:read"))
 async def get_policy(name: str, request: Request) -> Response:
     return json_response(await run_in_threadpool(_plane(request).registry.lifecycle.get_policy, name))
 
 
-@router.put("/models/{name}/policy", tags=["lifecycle"])
+@router.put("/models/{name}/policy", tags=["lifecycle"], **needs("models:write"))
 async def set_policy(
     name: str,
     body: GatePolicy,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """The gates a version must pass to enter production (thresholds, documentation, approval, signature)."""
     lifecycle = _plane(request).registry.lifecycle
@@ -317,11 +330,11 @@ async def set_policy(
     return json_response(view)
 
 
-@router.put("/models/{name}/holdout", tags=["lifecycle"])
+@router.put("/models/{name}/holdout", tags=["lifecycle"], **needs("models:write"))
 async def set_holdout(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Upload the labelled holdout set (JSON: ``inputs``, ``labels``, optional ``protected``)."""
     doc = await _json_body(request)
@@ -330,12 +343,12 @@ async def set_holdout(
     return json_response(view)
 
 
-@router.post("/models/{name}/versions/{version}/evaluate", status_code=202, tags=["lifecycle"])
+@router.post("/models/{name}/versions/{version}/evaluate", status_code=202, tags=["lifecycle"], **needs("models:write"))
 async def evaluate(
     name: str,
     version: int,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Evaluate the version on the model's holdout set, on a worker; poll the version for the report."""
     plane = _plane(request)
@@ -343,7 +356,7 @@ async def evaluate(
     return json_response({"model": name, "version": version, "job_id": job_id, "status": "running"}, status_code=202)
 
 
-@router.get("/models/{name}/versions/{version}/gates", tags=["lifecycle"])
+@router.get("/models/{name}/versions/{version}/gates", tags=["lifecycle"], **needs("models:read"))
 async def version_gates(name: str, version: int, request: Request) -> Response:
     """Every gate of the model's policy for this version, with whether it passes and why."""
     plane = _plane(request)
@@ -352,19 +365,19 @@ async def version_gates(name: str, version: int, request: Request) -> Response:
     return json_response({"model": name, "version": version, "gates": gates})
 
 
-@router.get("/models/{name}/versions/{version}/history", tags=["lifecycle"])
+@router.get("/models/{name}/versions/{version}/history", tags=["lifecycle"], **needs("models:read"))
 async def version_history(name: str, version: int, request: Request) -> Response:
     """Who registered, evaluated, approved and moved the version, in order."""
     events = await run_in_threadpool(_plane(request).registry.lifecycle.history, name, version)
     return json_response({"model": name, "version": version, "events": events})
 
 
-@router.post("/models/{name}/versions/{version}/approve", tags=["lifecycle"])
+@router.post("/models/{name}/versions/{version}/approve", tags=["lifecycle"], **needs("deploy"))
 async def approve(
     name: str,
     version: int,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Approve a version for production; the uploader cannot approve its own (four-eyes)."""
     view = await run_in_threadpool(_plane(request).registry.lifecycle.approve, name, version, str(admin["id"]))
@@ -372,13 +385,13 @@ async def approve(
     return json_response(view)
 
 
-@router.post("/models/{name}/versions/{version}/stage", tags=["lifecycle"])
+@router.post("/models/{name}/versions/{version}/stage", tags=["lifecycle"], **needs("deploy"))
 async def set_stage(
     name: str,
     version: int,
     body: StageSet,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Move a version to ``staging``, ``production`` (gates must pass; it becomes the primary) or ``retired``."""
     plane = _plane(request)
@@ -403,18 +416,18 @@ async def _json_body(request: Request) -> Any:
         raise InvalidInput("the body is not valid JSON") from exc
 
 
-@router.get("/models/{name}/deployment", tags=["deployments"])
+@router.get("/models/{name}/deployment", tags=["deployments"], **needs("models:read"))
 async def get_deployment(name: str, request: Request) -> Response:
     """The model's routes, fallback version and kill-switch state."""
     return json_response(await run_in_threadpool(_plane(request).registry.deployments.get, name))
 
 
-@router.put("/models/{name}/deployment", tags=["deployments"])
+@router.put("/models/{name}/deployment", tags=["deployments"], **needs("deploy"))
 async def set_deployment(
     name: str,
     body: DeploymentSet,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Route traffic: one primary and optional weighted canaries (sticky per subject), and a fallback."""
     plane = _plane(request)
@@ -432,11 +445,11 @@ async def set_deployment(
     return await _published(plane, {**view, "warm": warm}, "deployment_set", name, admin)
 
 
-@router.post("/models/{name}/rollback", tags=["deployments"])
+@router.post("/models/{name}/rollback", tags=["deployments"], **needs("deploy"))
 async def rollback(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """All traffic back to the production version (canaries dropped), or to the previous one."""
     plane = _plane(request)
@@ -444,11 +457,11 @@ async def rollback(
     return await _published(plane, view, "deployment_rolled_back", name, admin)
 
 
-@router.post("/models/{name}/disable", tags=["deployments"])
+@router.post("/models/{name}/disable", tags=["deployments"], **needs("deploy"))
 async def disable(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Kill switch: gateways answer 503 (or the fallback version) for this model at once."""
     plane = _plane(request)
@@ -456,11 +469,11 @@ async def disable(
     return await _published(plane, view, "model_disabled", name, admin)
 
 
-@router.post("/models/{name}/enable", tags=["deployments"])
+@router.post("/models/{name}/enable", tags=["deployments"], **needs("deploy"))
 async def enable(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     plane = _plane(request)
     view = await run_in_threadpool(plane.registry.deployments.set_disabled, name, False, str(admin["id"]))
@@ -476,7 +489,7 @@ async def _published(
     return json_response(view)
 
 
-@router.get("/models/{name}/shadow", tags=["deployments"])
+@router.get("/models/{name}/shadow", tags=["deployments"], **needs("models:read"))
 async def shadow_comparison(name: str, request: Request) -> Response:
     """Per shadow version: requests copied and compared, label agreement rate, mean absolute difference."""
     plane = _plane(request)
@@ -485,30 +498,31 @@ async def shadow_comparison(name: str, request: Request) -> Response:
     return json_response({"model": name, "versions": await run_in_threadpool(plane.shadow_totals, name, versions)})
 
 
-@router.delete("/models/{name}/shadow", tags=["deployments"])
+@router.delete("/models/{name}/shadow", tags=["deployments"], **needs("deploy"))
 async def reset_shadow_comparison(
     name: str,
     request: Request,
-    admin: dict[str, Any] = Depends(require_admin),  # noqa: B008 - FastAPI dependency
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Start the shadow comparison figures afresh (e.g. when a new shadow period begins)."""
     plane = _plane(request)
     model = await run_in_threadpool(plane.registry.get_model, name)
     keys = [shadow_key(name, v["version"]) for v in model["versions"]]
     try:
-        await run_in_threadpool(plane.redis.delete, *keys)
+        if keys:
+            await run_in_threadpool(plane.redis.delete, *keys)
     except redis.RedisError as exc:
         raise Unavailable("shadow figures are unavailable: Redis is unreachable") from exc
     log.info("shadow_reset", model=name, by=admin["id"])
     return json_response({"model": name, "versions": {}})
 
 
-@router.get("/tenants", tags=["tenants"])
+@router.get("/tenants", tags=["tenants"], **needs("keys"))
 async def list_tenants(request: Request) -> Response:
     return json_response({"tenants": await run_in_threadpool(_plane(request).registry.list_tenants)})
 
 
-@router.put("/tenants/{name}", tags=["tenants"])
+@router.put("/tenants/{name}", tags=["tenants"], **needs("keys"))
 async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
     """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
     its Ed25519 ``signing_key`` verifies the artifacts it signs."""
@@ -522,7 +536,7 @@ async def set_tenant(name: str, body: TenantSet, request: Request) -> Response:
     return json_response(view)
 
 
-@router.post("/keys", status_code=201, tags=["keys"])
+@router.post("/keys", status_code=201, tags=["keys"], **needs("keys"))
 async def create_key(body: KeyCreate, request: Request) -> Response:
     """Create an API key. The key itself is in this response only; it is stored as a hash."""
     plane = _plane(request)
@@ -544,12 +558,12 @@ async def create_key(body: KeyCreate, request: Request) -> Response:
     )
 
 
-@router.get("/keys", tags=["keys"])
+@router.get("/keys", tags=["keys"], **needs("keys"))
 async def list_keys(request: Request, tenant: str | None = Query(default=None, max_length=64)) -> Response:
     return json_response({"keys": await run_in_threadpool(_plane(request).registry.list_keys, tenant)})
 
 
-@router.delete("/keys/{key_id}", tags=["keys"])
+@router.delete("/keys/{key_id}", tags=["keys"], **needs("keys"))
 async def revoke_key(key_id: str, request: Request) -> Response:
     """Revoke a key; gateways stop accepting it as soon as they see the new snapshot."""
     plane = _plane(request)
@@ -559,7 +573,7 @@ async def revoke_key(key_id: str, request: Request) -> Response:
     return json_response(view)
 
 
-@router.post("/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+@router.post("/keys/{key_id}/rotate", status_code=201, tags=["keys"], **needs("keys"))
 async def rotate_key(key_id: str, body: KeyRotate, request: Request) -> Response:
     """A new secret for the key's tenant, scopes and tier; the old secret keeps working for
     ``overlap_s`` seconds. The new secret is in this response only."""
@@ -570,7 +584,7 @@ async def rotate_key(key_id: str, body: KeyRotate, request: Request) -> Response
     return json_response({**view, "secret": plaintext}, status_code=201)
 
 
-@router.post("/snapshot", tags=["snapshot"])
+@router.post("/snapshot", tags=["snapshot"], **needs("deploy"))
 async def publish_snapshot(request: Request) -> Response:
     """Publish the snapshot again (gateways and workers reload it)."""
     return json_response({"serial": await run_in_threadpool(_plane(request).publish)})

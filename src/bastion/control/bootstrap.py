@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 from bastion import logs
+from bastion.constants import OPERATORS_TENANT
 from bastion.registry.service import Registry
 
 log = logs.get("bastion.control")
-
-OPERATORS_TENANT = "operators"
 
 
 def ensure_admin_key(registry: Registry, key_file: Path) -> None:

@@ -18,6 +18,16 @@ from bastion.gateway.state import GatewayState
 from bastion.security import apikeys, oidc
 from bastion.snapshot import KeyInfo, Limits, Snapshot
 
+# Which scopes each kind of gateway route accepts (any one of them). The OpenAPI document
+# carries the same lists as ``x-bastion-scopes``; the security suite checks every pair.
+PREDICT = ("predict",)
+JOBS = ("jobs",)
+READ_MODELS = ("models:read", "predict")
+
+
+def declares(scopes: tuple[str, ...]) -> dict[str, list[str]]:
+    return {"x-bastion-scopes": list(scopes)}
+
 
 async def authenticate(request: Request, state: GatewayState, *scopes: str) -> KeyInfo:
     """The caller if its credential is live and holds one of ``scopes``; else raise 401 / 403."""

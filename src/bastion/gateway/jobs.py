@@ -19,7 +19,7 @@ from bastion import codec
 from bastion.constants import STATUS_SUCCEEDED, TERMINAL_STATUSES, job_key
 from bastion.errors import NotFound
 from bastion.gateway import payloads
-from bastion.gateway.auth import authenticate
+from bastion.gateway.auth import JOBS, authenticate, declares
 from bastion.gateway.dispatch import redis_errors
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
@@ -56,19 +56,19 @@ def _document(job_id: str, fields: dict[str, bytes]) -> dict[str, Any]:
     return doc
 
 
-@router.get("/v1/jobs/{job_id}", tags=["jobs"])
+@router.get("/v1/jobs/{job_id}", tags=["jobs"], openapi_extra=declares(JOBS))
 async def get_job(job_id: str, request: Request) -> Response:
     """The job's status, and its outputs once it has succeeded."""
     state: GatewayState = request.app.state.gateway
-    key = await authenticate(request, state, "jobs")
+    key = await authenticate(request, state, *JOBS)
     return json_response(await _load(state, key.tenant, job_id))
 
 
-@router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+@router.get("/v1/jobs/{job_id}/events", tags=["jobs"], openapi_extra=declares(JOBS))
 async def job_events(job_id: str, request: Request) -> Response:
     """Server-sent events: a ``status`` event on each change, then ``result`` when the job ends."""
     state: GatewayState = request.app.state.gateway
-    key = await authenticate(request, state, "jobs")
+    key = await authenticate(request, state, *JOBS)
     first = await _load(state, key.tenant, job_id)
 
     async def events() -> AsyncIterator[bytes]:

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bastion.gateway import payloads
-from bastion.gateway.auth import authenticate
+from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
 from bastion.gateway.dispatch import (
     copy_to_shadows,
     ratelimit_headers,
@@ -105,11 +105,11 @@ class Admitted:
         return headers
 
 
-async def _admit(request: Request, scope: str) -> Admitted:
+async def _admit(request: Request, scopes: tuple[str, ...]) -> Admitted:
     """Authenticate, route to a version, then read and parse the body: in that order, so an
     unauthenticated or misdirected request never has its body read."""
     state = _state(request)
-    key = await authenticate(request, state, scope)
+    key = await authenticate(request, state, *scopes)
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
     version, fallback = resolve(state, request.path_params["name"], subject, key)
     doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
@@ -119,7 +119,7 @@ async def _admit(request: Request, scope: str) -> Admitted:
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
-    a = await _admit(request, "predict")
+    a = await _admit(request, PREDICT)
     wait = timeout_s(a.state, wait_header)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
@@ -137,7 +137,7 @@ async def predict(request: Request) -> Response:
 
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
-    a = await _admit(request, "jobs")
+    a = await _admit(request, JOBS)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, admission = await submit_async(a.state, a.key, a.version, tensors)
     location = f"/v1/jobs/{job_id}"
@@ -157,7 +157,7 @@ async def submit_job(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
-    a = await _admit(request, "predict")
+    a = await _admit(request, PREDICT)
     wait = timeout_s(a.state, wait_header)
     tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
@@ -171,11 +171,11 @@ async def infer(request: Request) -> Response:
     return json_response(body, headers=a.response_headers(admission))
 
 
-@router.get("/v2/models/{name}", tags=["open inference protocol"])
+@router.get("/v2/models/{name}", tags=["open inference protocol"], openapi_extra=declares(READ_MODELS))
 async def model_metadata(name: str, request: Request) -> Response:
     """Open Inference Protocol model metadata: versions, inputs and outputs."""
     state = _state(request)
-    key = await authenticate(request, state, "models:read", "predict")
+    key = await authenticate(request, state, *READ_MODELS)
     version, _ = resolve(state, name, key.tenant, key)
     versions = sorted(v for (m, v) in state.snapshots.current.versions if m == name)
     return json_response(
@@ -189,11 +189,11 @@ async def model_metadata(name: str, request: Request) -> Response:
     )
 
 
-@router.get("/v2/models/{name}/ready", tags=["open inference protocol"])
+@router.get("/v2/models/{name}/ready", tags=["open inference protocol"], openapi_extra=declares(READ_MODELS))
 async def model_ready(name: str, request: Request) -> Response:
     """200 when the model has a live version the gateway can route to."""
     state = _state(request)
-    key = await authenticate(request, state, "models:read", "predict")
+    key = await authenticate(request, state, *READ_MODELS)
     resolve(state, name, key.tenant, key)
     return json_response({"name": name, "ready": True})
 
@@ -212,12 +212,15 @@ _PROBLEM = {
     "description": "a problem (RFC 9457)",
     "content": {"application/problem+json": {"schema": {"type": "object"}}},
 }
-_ERRORS = {str(code): _PROBLEM for code in (400, 401, 403, 404, 413, 415, 502, 503, 504)}
+_ERRORS = {str(code): _PROBLEM for code in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
 _SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}]
 
 
-def _operation(summary: str, tag: str, body: dict[str, Any], ok: str, op_id: str) -> dict[str, Any]:
+def _operation(
+    summary: str, tag: str, body: dict[str, Any], ok: str, op_id: str, scopes: tuple[str, ...]
+) -> dict[str, Any]:
     return {
+        **declares(scopes),
         "summary": summary,
         "operationId": op_id,
         "tags": [tag],
@@ -232,9 +235,11 @@ def _operation(summary: str, tag: str, body: dict[str, Any], ok: str, op_id: str
 
 
 OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/models/{name}/predict": {"post": _operation("Predict (sync)", "predict", _V1_BODY, "200", "predict")},
-    "/v1/models/{name}/jobs": {"post": _operation("Submit an async job", "jobs", _V1_BODY, "202", "submit_job")},
+    "/v1/models/{name}/predict": {"post": _operation("Predict (sync)", "predict", _V1_BODY, "200", "predict", PREDICT)},
+    "/v1/models/{name}/jobs": {"post": _operation("Submit an async job", "jobs", _V1_BODY, "202", "submit_job", JOBS)},
     "/v2/models/{name}/infer": {
-        "post": _operation("Open Inference Protocol v2 inference", "open inference protocol", _V2_BODY, "200", "infer")
+        "post": _operation(
+            "Open Inference Protocol v2 inference", "open inference protocol", _V2_BODY, "200", "infer", PREDICT
+        )
     },
 }
