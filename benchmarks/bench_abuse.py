@@ -14,22 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.security.test_abuse import _p99, run_attack_rounds
+from tests.security.test_abuse import GUARDED, _p99, run_attack_rounds
 from tests.support import Stack
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     with tempfile.TemporaryDirectory() as root:
-        stack = Stack(
-            Path(root),
-            workers=1,
-            gateways=2,
-            trusted_proxies="127.0.0.1",
-            abuse_tarpit_after=10,
-            abuse_ban_after=30,
-            abuse_tarpit_step_ms=20,
-        )
+        stack = Stack(Path(root), **GUARDED)
         try:
             stack.start()
             results, baseline, during = run_attack_rounds(stack, rounds)

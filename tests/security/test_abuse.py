@@ -18,18 +18,22 @@ ROW = [1.0] * 30
 PREDICT = "/v1/models/breast-cancer/predict"
 
 
+# The real thresholds (defaults), a shorter tarpit step to keep the run short, and 127.0.0.1 as a
+# trusted proxy so that test clients can stand for different addresses.
+GUARDED: dict[str, Any] = {
+    "workers": 1,
+    "gateways": 2,
+    "trusted_proxies": "127.0.0.1",
+    "abuse_tarpit_after": 10,
+    "abuse_ban_after": 30,
+    "abuse_tarpit_step_ms": 20,
+    "abuse_ban_s": 60,
+}
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(
-        tmp_path_factory.mktemp("abuse"),
-        workers=1,
-        gateways=2,
-        trusted_proxies="127.0.0.1",
-        abuse_tarpit_after=10,
-        abuse_ban_after=30,
-        abuse_tarpit_step_ms=20,
-        abuse_ban_s=60,
-    )
+    s = Stack(tmp_path_factory.mktemp("abuse"), **GUARDED)
     try:
         s.start()
         yield s
