@@ -69,7 +69,10 @@ class Stack:
     def start(self) -> Stack:
         url = self.redis.start()
         self.settings = Settings(
-            data_dir=self.root, redis_url=url, control_port=free_port(), log_level="warning", **self.settings_overrides
+            data_dir=self.root,
+            redis_url=url,
+            control_port=free_port(),
+            **{"log_level": "warning", **self.settings_overrides},
         )
         self.env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         self.control_url = f"http://127.0.0.1:{self.settings.control_port}"

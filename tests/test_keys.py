@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 
@@ -53,3 +54,29 @@ def test_admin_api_requires_an_admin_key(stack: Stack) -> None:
 def test_admin_keys_are_not_published_to_gateways(stack: Stack) -> None:
     """Gateways never learn admin keys: the admin key is refused on the public port."""
     assert _predict(stack, stack.admin_key) == 401
+
+
+def test_no_key_or_input_reaches_the_logs(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, log_level="debug")
+    try:
+        stack.start()
+        _no_secrets_in_logs(stack)
+    finally:
+        stack.stop()
+
+
+def _no_secrets_in_logs(stack: Stack) -> None:
+    secret = stack.keys["acme"]
+    marker = 12345.678901
+    assert _predict(stack, secret) == 200
+    httpx.post(
+        f"{stack.gateway}/v1/models/breast-cancer/predict",
+        json={"inputs": [[marker] * 30]},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    httpx.post(f"{stack.gateway}/v1/models/breast-cancer/predict", headers={"Authorization": f"Bearer {secret}x"})
+    time.sleep(0.5)
+    logs = "".join(p.read_text(errors="replace") for p in stack.root.glob("*.log"))
+    assert logs, "the processes write logs"
+    for leaked in (secret, secret[len("bst_") + 13 :], stack.admin_key, str(marker)):
+        assert leaked not in logs
