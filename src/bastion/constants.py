@@ -12,8 +12,8 @@ job:{id}               job state hash (tenant, status, result)     TTL: result_t
                                                                    sync_result_ttl
 snap:current           the published control-plane snapshot        control plane (overwritten)
 snap:notify            pub/sub channel announcing a new snapshot   -
-shadow:{model}:{ver}   shadow comparison counters of one version   control plane (kept with the
-                                                                   model's history; no TTL)
+shadow:{model}:{ver}   shadow comparison counters of one version   workers; TTL 30 days, refreshed
+                                                                   on each comparison
 rl:t:{tenant}:{model}  compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
 rl:k:{key id}          compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
 cc:{tenant}            jobs in flight of a tenant with a cap       enqueue.lua / complete.lua; TTL 1 h

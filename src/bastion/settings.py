@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     abuse_tarpit_max_ms: int = Field(default=5000, ge=0, description="longest delay of a tarpitted answer")
     abuse_ban_s: int = Field(default=60, ge=1, description="first ban; each further ban within a day doubles")
     abuse_ban_max_s: int = Field(default=86_400, ge=1, description="longest ban")
+    cors_origins: str = Field(
+        default="", description="comma-separated browser origins allowed to call the gateway; empty: CORS off"
+    )
     docs_enabled: bool = Field(default=False, description="serve /docs and /openapi.json")
 
     @model_validator(mode="after")

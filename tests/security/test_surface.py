@@ -142,3 +142,27 @@ def test_docs_and_cors_are_off_unless_enabled(stack: Stack) -> None:
     assert "access-control-allow-origin" not in r.headers
     answer = httpx.get(f"{stack.gateway}/healthz")
     assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+def test_cors_allows_only_the_configured_origins(tmp_path_factory: pytest.TempPathFactory) -> None:
+    s = Stack(tmp_path_factory.mktemp("cors"), cors_origins="https://app.example")
+    try:
+        s.start()
+        url = f"{s.gateway}/v1/models/breast-cancer/predict"
+        for origin, allowed in (("https://app.example", True), ("https://evil.example", False)):
+            r = httpx.options(
+                url,
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
+            assert (r.headers.get("access-control-allow-origin") == origin) is allowed, (origin, r.headers)
+        with s.client(headers={"Origin": "https://app.example"}) as http:
+            answer = http.post("/v1/models/breast-cancer/predict", json={"inputs": [ROW]})
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-bastion-model-version" in answer.headers["access-control-expose-headers"].lower()
+    finally:
+        s.stop()

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from bastion import logs
 from bastion.asgi import new_app
@@ -90,6 +91,15 @@ def create_app(settings: Settings) -> FastAPI:
     app = new_app(
         "Bastion gateway", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_body_bytes
     )
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # off unless configured: no Access-Control-* header is ever sent otherwise
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Bastion-Subject", "X-Bastion-Timeout-Ms"],
+            expose_headers=["X-Bastion-Model-Version", "RateLimit", "RateLimit-Policy", "Retry-After"],
+        )
     app.add_middleware(AbuseMiddleware)  # outermost: a banned client is refused before anything else
     app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)

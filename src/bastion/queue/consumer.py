@@ -34,6 +34,7 @@ from bastion.queue.scripts import Lua, run_pipeline
 _COMPLETE = Lua("complete")
 _START = Lua("start")
 _SETTLE = Lua("settle")
+SHADOW_TTL_S = 30 * 86_400  # comparison figures of a shadow that stopped receiving copies expire
 
 
 @dataclass(slots=True)
@@ -207,6 +208,7 @@ class Consumer:
             pipe.hincrby(key, "agree_rows", int(agree))
             pipe.hincrbyfloat(key, "abs_diff_sum", abs_sum)
             pipe.hincrby(key, "values", int(values))
+            pipe.expire(key, SHADOW_TTL_S)
         pipe.execute()
 
     def _sync_ttl(self, job: Job, now_ms: int) -> int:
