@@ -18,6 +18,8 @@ rl:t:{tenant}:{model}  compute-cost bucket of a tenant and model   enqueue.lua; 
 rl:k:{key id}          compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
 cc:{tenant}            jobs in flight of a tenant with a cap       enqueue.lua / complete.lua; TTL 1 h
 cost:{model}           measured compute units per row (EWMA)       workers (settle.lua); TTL 1 day
+idem:{tenant}:{digest} an Idempotency-Key's request fingerprint,   enqueue.lua / gateway; TTL 24 h
+                       job id and (sync) stored outcome
 warm:{model}:{ver}     sorted set: workers that loaded and warmed  workers (score: report time);
                        up this version                             TTL 1 h, refreshed
 =====================  ==========================================  ==============================
@@ -101,6 +103,10 @@ def key_bucket_key(key_id: str) -> str:
 
 def inflight_key(tenant: str) -> str:
     return f"{INFLIGHT_PREFIX}{tenant}"
+
+
+def idempotency_key(tenant: str, digest: str) -> str:
+    return f"idem:{tenant}:{digest}"
 
 
 def cost_key(model: str) -> str:

@@ -7,7 +7,8 @@ Domain errors know nothing of HTTP; ``bastion.problems`` maps them to RFC 9457
     ├── InvalidInput            the request or upload is malformed (400)
     │   ├── PayloadTooLarge     the body exceeds the configured limit (413)
     │   ├── UnsupportedMedia    the content type is not accepted (415)
-    │   └── InvalidArtifact     an uploaded model is not a safe, valid ONNX graph (422)
+    │   ├── InvalidArtifact     an uploaded model is not a safe, valid ONNX graph (422)
+    │   └── IdempotencyMismatch an Idempotency-Key reused for a different request (422)
     ├── Unauthenticated         no or unknown credentials (401)
     ├── Forbidden               credentials lack the scope (403)
     ├── NotFound                no such object *for this tenant* (404)
@@ -49,6 +50,10 @@ class UnsupportedMedia(InvalidInput):
 
 class InvalidArtifact(InvalidInput):
     title = "Invalid model artifact"
+
+
+class IdempotencyMismatch(InvalidInput):
+    title = "Idempotency key reused"
 
 
 class Unauthenticated(BastionError):

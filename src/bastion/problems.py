@@ -22,6 +22,7 @@ _STATUS: list[tuple[type[errors.BastionError], int]] = [
     (errors.PayloadTooLarge, 413),
     (errors.UnsupportedMedia, 415),
     (errors.InvalidArtifact, 422),
+    (errors.IdempotencyMismatch, 422),
     (errors.InvalidInput, 400),
     (errors.Unauthenticated, 401),
     (errors.Forbidden, 403),

@@ -16,6 +16,8 @@ from redis.exceptions import RedisError
 from bastion import codec, logs, metrics, routing
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
+from bastion.gateway import idempotency
+from bastion.gateway.idempotency import Idempotency
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
 from bastion.queue.producer import Admission
@@ -94,12 +96,20 @@ def ratelimit_headers(limits: Limits, admission: Admission) -> dict[str, str]:
 
 
 async def run_sync(
-    state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray], wait_s: float
+    state: GatewayState,
+    key: KeyInfo,
+    version: VersionInfo,
+    tensors: dict[str, np.ndarray],
+    wait_s: float,
+    idem: Idempotency | None = None,
 ) -> tuple[str, dict[str, np.ndarray], Admission]:
-    """Admit and queue on the sync lane, await the reply; returns (job id, outputs, admission)."""
-    job_id = state.replies.new_id()
+    """Admit and queue on the sync lane, await the reply; returns (job id, outputs, admission).
+
+    With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
+    request's outcome is returned (``admission.replayed_job`` says so)."""
+    job_id = own_id = state.replies.new_id()
     deadline_ms = int((time.time() + wait_s) * 1000)
-    future = state.replies.expect(job_id)
+    future = state.replies.expect(own_id)
     metrics.INFLIGHT_SYNC.inc()
     try:
         async with redis_errors():
@@ -115,14 +125,26 @@ async def run_sync(
                 rows=rows_of(tensors),
                 key_id=key.id,
                 limits=key.limits,
+                idempotency=idem.pair if idem else None,
             )
-        try:
-            reply = await _await_reply(future, wait_s, job_id)
-        except DeadlineExceeded:
-            await _abandon(state, key, version, job_id, admission.counted)
-            raise
+        if admission.replayed_job is not None and idem is not None:
+            job_id = admission.replayed_job
+            async with redis_errors():
+                reply = await idempotency.replay(state.redis, idem, job_id, wait_s)
+        else:
+            try:
+                reply = await _await_reply(future, wait_s, job_id)
+            except DeadlineExceeded:
+                await _abandon(state, key, version, job_id, admission.counted)
+                if idem is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await state.redis.delete(idem.redis_key)
+                raise
+            if idem is not None:
+                async with redis_errors():
+                    await idempotency.record(state.redis, idem, reply)
     finally:
-        state.replies.forget(job_id)
+        state.replies.forget(own_id)
         metrics.INFLIGHT_SYNC.dec()
     if reply.status == STATUS_SUCCEEDED:
         return job_id, codec.decode(reply.blob), admission
@@ -211,8 +233,13 @@ async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str
 
 
 async def submit_async(
-    state: GatewayState, key: KeyInfo, version: VersionInfo, tensors: dict[str, np.ndarray]
+    state: GatewayState,
+    key: KeyInfo,
+    version: VersionInfo,
+    tensors: dict[str, np.ndarray],
+    idem: Idempotency | None = None,
 ) -> tuple[str, Admission]:
+    """Admit and queue on the batch lane; with a reused Idempotency-Key, the first job's id."""
     job_id = new_job_id()
     async with redis_errors():
         admission = await state.producer.enqueue(
@@ -225,5 +252,6 @@ async def submit_async(
             rows=rows_of(tensors),
             key_id=key.id,
             limits=key.limits,
+            idempotency=idem.pair if idem else None,
         )
-    return job_id, admission
+    return admission.replayed_job or job_id, admission

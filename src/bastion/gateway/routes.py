@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.gateway import payloads
+from bastion.gateway import idempotency, payloads
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
 from bastion.gateway.dispatch import (
     copy_to_shadows,
@@ -20,6 +20,7 @@ from bastion.gateway.dispatch import (
     submit_async,
     timeout_s,
 )
+from bastion.gateway.idempotency import Idempotency
 from bastion.gateway.state import GatewayState
 from bastion.queue.producer import Admission
 from bastion.responses import json_response
@@ -93,6 +94,7 @@ class Admitted:
     fallback: bool
     doc: Any
     subject: str
+    idem: Idempotency | None
 
     def response_headers(self, admission: Admission) -> dict[str, str]:
         """Which version answered, whether it was the fallback of a disabled model, and what is
@@ -100,6 +102,8 @@ class Admitted:
         headers = {"X-Bastion-Model-Version": str(self.version.version)}
         if self.fallback:
             headers["X-Bastion-Fallback"] = "true"
+        if admission.replayed_job is not None:
+            headers["Idempotent-Replayed"] = "true"
         if admission.tenant_left is not None or admission.key_left is not None:
             headers.update(ratelimit_headers(self.key.limits, admission))
         return headers
@@ -112,8 +116,10 @@ async def _admit(request: Request, scopes: tuple[str, ...]) -> Admitted:
     key = await authenticate(request, state, *scopes)
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
     version, fallback = resolve(state, request.path_params["name"], subject, key)
-    doc = payloads.parse_json(await request.body(), request.headers.get("content-type"))
-    return Admitted(state, key, version, fallback, doc, subject)
+    body = await request.body()
+    doc = payloads.parse_json(body, request.headers.get("content-type"))
+    idem = idempotency.from_request(request.headers.get("idempotency-key"), key.tenant, request.url.path, body)
+    return Admitted(state, key, version, fallback, doc, subject, idem)
 
 
 async def predict(request: Request) -> Response:
@@ -122,8 +128,9 @@ async def predict(request: Request) -> Response:
     a = await _admit(request, PREDICT)
     wait = timeout_s(a.state, wait_header)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
-    copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
+    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+    if admission.replayed_job is None:
+        copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     return json_response(
         {
             "id": job_id,
@@ -139,7 +146,7 @@ async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
     a = await _admit(request, JOBS)
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, admission = await submit_async(a.state, a.key, a.version, tensors)
+    job_id, admission = await submit_async(a.state, a.key, a.version, tensors, a.idem)
     location = f"/v1/jobs/{job_id}"
     return json_response(
         {
@@ -160,8 +167,9 @@ async def infer(request: Request) -> Response:
     a = await _admit(request, PREDICT)
     wait = timeout_s(a.state, wait_header)
     tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait)
-    copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
+    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+    if admission.replayed_job is None:
+        copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     body: dict[str, Any] = {
         "model_name": a.version.model,
         "model_version": str(a.version.version),

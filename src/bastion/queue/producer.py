@@ -23,7 +23,7 @@ from bastion.constants import (
     queue_key,
     tenant_bucket_key,
 )
-from bastion.errors import Overloaded, RateLimited
+from bastion.errors import IdempotencyMismatch, Overloaded, RateLimited
 from bastion.queue.protocol import entry_fields
 from bastion.queue.scripts import Lua, arun_pipeline
 from bastion.snapshot import Limits
@@ -40,9 +40,11 @@ class Admission:
     tenant_left: float | None
     key_left: float | None
     counted: bool = False
+    replayed_job: str | None = None  # the Idempotency-Key was used for this request before: its job
 
 
 UNLIMITED = Limits()
+IDEMPOTENCY_TTL_S = 86_400
 
 
 class Producer:
@@ -77,6 +79,7 @@ class Producer:
         rows: int = 1,
         key_id: str = "",
         limits: Limits = UNLIMITED,
+        idempotency: tuple[str, str] | None = None,
     ) -> Admission:
         """Admit and queue a job, or raise ``RateLimited`` (a budget or the in-flight cap is spent)
         or ``Overloaded`` (the model's queue is over its limit)."""
@@ -99,6 +102,9 @@ class Producer:
             limits.key_burst,
             limits.max_concurrency,
             self._cost_default,
+            idempotency[1] if idempotency else "",
+            IDEMPOTENCY_TTL_S,
+            job_id,
             *fields,
         ]
         keys = [
@@ -108,6 +114,7 @@ class Producer:
             key_bucket_key(key_id or "-"),
             inflight_key(tenant),
             cost_key(model),
+            idempotency[0] if idempotency else "idem:-",
         ]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -162,7 +169,7 @@ def enqueue_evaluation(
     """
     now_ms = int(time.time() * 1000)
     fields = entry_fields(job_id, EVALUATION_TENANT, model, version, 0, "", now_ms, b"", evaluation=spec)
-    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, 0, 0, 0, 0, 0, 0, 0, *fields]
+    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, 0, 0, 0, 0, 0, 0, 0, "", 0, job_id, *fields]
     keys = [
         queue_key(model, LANE_BATCH),
         job_key(job_id),
@@ -170,6 +177,7 @@ def enqueue_evaluation(
         key_bucket_key("-"),
         inflight_key(EVALUATION_TENANT),
         cost_key(model),
+        "idem:-",
     ]
     admitted(_ENQUEUE.call(client, keys, args), model, LANE_BATCH)
 
@@ -178,7 +186,13 @@ def admitted(reply: Any, model: str, lane: str) -> Admission:
     """Turn enqueue.lua's answer into an ``Admission`` or the error that says why it was refused."""
     if int(reply[0]) == 1:
         return Admission(float(reply[2]), _number(reply[3]), _number(reply[4]), int(reply[5]) == 1)
+    if int(reply[0]) == 2:
+        return Admission(0.0, None, None, replayed_job=_text(reply[1]))
     reason = _text(reply[1])
+    if reason == "idempotency":
+        raise IdempotencyMismatch(
+            "this Idempotency-Key was already used for a different request; use a new key for a new request"
+        )
     if reason == "queue":
         raise Overloaded(f"model {model!r} has {int(reply[2])} jobs waiting on the {lane} lane; retry later")
     if reason == "concurrency":

@@ -13,15 +13,28 @@
 -- KEYS[1] queue stream q:{model}:{lane}     KEYS[2] job state hash job:{id}
 -- KEYS[3] tenant bucket rl:t:{tenant}:{model}   KEYS[4] key bucket rl:k:{key id}
 -- KEYS[5] tenant in-flight counter cc:{tenant}  KEYS[6] model cost hash cost:{model}
+-- KEYS[7] idempotency record idem:{tenant}:{key digest} (any key when none)
 -- ARGV[1] queue length limit  ARGV[2] '1' to create the job state hash (async)  ARGV[3] state TTL s
 -- ARGV[4] tenant  ARGV[5] model  ARGV[6] created (ms)  ARGV[7] rows
 -- ARGV[8] tenant rate  ARGV[9] tenant burst (0: no bucket)  ARGV[10] key rate  ARGV[11] key burst
 -- ARGV[12] in-flight cap (0: none; only capped tenants are counted)  ARGV[13] cost per row when the model is not measured yet
--- ARGV[14..] stream entry field/value pairs
+-- ARGV[14] request fingerprint for the idempotency record ('' : no Idempotency-Key)
+-- ARGV[15] idempotency record TTL s  ARGV[16] job id
+-- ARGV[17..] stream entry field/value pairs
 -- Returns {1, entry-id, cost, tenant tokens left or '', key tokens left or '', 1 if counted in flight}
 -- when queued, or
 -- {0, reason, detail...}: {'queue', length}, {'concurrency', in flight},
--- {'tenant' | 'key', tokens, cost, rate, burst}.
+-- {'tenant' | 'key', tokens, cost, rate, burst}, {'idempotency'} (the key was used for another
+-- request), or {2, job id} when the key was already used for this request (nothing is queued).
+if ARGV[14] ~= '' then
+  local seen = redis.call('HMGET', KEYS[7], 'fp', 'job')
+  if seen[1] then
+    if seen[1] ~= ARGV[14] then
+      return {0, 'idempotency'}
+    end
+    return {2, seen[2]}
+  end
+end
 local len = redis.call('XLEN', KEYS[1])
 if len >= tonumber(ARGV[1]) then
   return {0, 'queue', len}
@@ -74,7 +87,7 @@ if cap > 0 then
   redis.call('EXPIRE', KEYS[5], 3600)
   fields[3], fields[4] = 'q', '1'  -- the worker (or an abandoning gateway) releases it with the outcome
 end
-for i = 14, #ARGV do
+for i = 17, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 if ARGV[2] == '1' then
@@ -82,4 +95,8 @@ if ARGV[2] == '1' then
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+if ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[7], 'fp', ARGV[14], 'job', ARGV[16])
+  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[15]))
+end
 return {1, id, tostring(cost), left[1], left[2], #fields > 2 and fields[3] == 'q' and 1 or 0}
