@@ -103,7 +103,10 @@ class Stack:
         log.close()
 
     def start_worker(self, i: int, **env: str) -> None:
-        self._spawn(f"worker-{i}", ["worker"], {"BASTION_WORKER_NAME": f"worker-{i}", **env})
+        own = {"BASTION_WORKER_NAME": f"worker-{i}"}
+        if self.settings.worker_metrics_port:  # worker i listens on port + i, as under bastion up
+            own["BASTION_WORKER_METRICS_PORT"] = str(self.settings.worker_metrics_port + i)
+        self._spawn(f"worker-{i}", ["worker"], {**own, **env})
 
     def signal(self, name: str, signum: int) -> None:
         self.procs[name].send_signal(signum)

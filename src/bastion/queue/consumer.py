@@ -117,6 +117,19 @@ class Consumer:
                         run.append(job)
         return run, dead
 
+    def touch(self, jobs: list[Job]) -> None:
+        """Reset the idle time of jobs this consumer holds, so nobody reclaims them while they run.
+
+        ``XCLAIM … 0 … JUSTID`` by the owner: the entry stays ours, its delivery count unchanged.
+        """
+        streams: dict[str, list[Any]] = {}
+        for job in jobs:
+            streams.setdefault(job.stream, []).append(job.entry_id)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in streams.items():
+            pipe.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
+        pipe.execute()
+
     def depths(self, models: list[str]) -> list[tuple[str, str, int]]:
         """(model, lane, entries waiting or in progress) for each stream."""
         pipe = self.client.pipeline(transaction=False)

@@ -34,6 +34,7 @@ from bastion.settings import Settings
 from bastion.snapshot import Snapshot
 from bastion.worker import evaluation, shadow
 from bastion.worker.batching import run_batch, run_each
+from bastion.worker.heartbeat import Heartbeat
 from bastion.worker.models import ModelCache
 
 log = logs.get("bastion.worker")
@@ -177,6 +178,11 @@ class Worker:
 
     # work --------------------------------------------------------------------------------
     def process(self, jobs: list[Job]) -> None:
+        """Run and complete ``jobs``, keeping their claim alive while they run."""
+        with Heartbeat(self.consumer, jobs, self.settings.visibility_timeout_s):
+            self._process(jobs)
+
+    def _process(self, jobs: list[Job]) -> None:
         now_ms = int(time.time() * 1000)
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int], list[Job]] = defaultdict(list)

@@ -1,0 +1,96 @@
+"""A job that runs for several visibility timeouts is kept by its worker (heartbeat) and runs once."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from bastion.embedded.redis_server import free_port
+from tests.support import Stack, wait_until
+
+VISIBILITY_S = 0.5
+
+
+def slow_model(size: int = 1500, steps: int = 36) -> bytes:
+    """Returns x[:, :1] after ``steps`` 1500x1500 matrix products built from the input (nothing
+    for onnxruntime to fold away): about 50 ms a product on one core."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["z", "tiny"], ["v"]),
+        helper.make_node("Expand", ["v", "shape"], ["m0"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]) for i in range(steps)]
+    nodes += [
+        helper.make_node("ReduceMean", [f"m{steps}"], ["r"], keepdims=0),
+        helper.make_node("Mul", ["r", "zero"], ["r0"]),
+        helper.make_node("Slice", ["x", "start", "end", "axis"], ["x0"]),
+        helper.make_node("Add", ["x0", "r0"], ["y"]),
+    ]
+    constants = {
+        "zero": np.array(0.0, np.float32),
+        "tiny": np.array(1e-4, np.float32),
+        "shape": np.array([size, size], np.int64),
+        "start": np.array([0], np.int64),
+        "end": np.array([1], np.int64),
+        "axis": np.array([1], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 30])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(
+        tmp_path_factory.mktemp("long"),
+        workers=2,
+        visibility_timeout_s=VISIBILITY_S,
+        worker_metrics_port=free_port(),
+        request_timeout_s=60,
+    )
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def _runs(stack: Stack) -> float:
+    total = 0.0
+    for i in range(2):
+        text = httpx.get(f"http://127.0.0.1:{stack.settings.worker_metrics_port + i}/metrics").text
+        total += sum(float(v) for v in re.findall(r'bastion_worker_jobs_total\{model="slow",[^}]*\} ([0-9.e+]+)', text))
+    return total
+
+
+def test_a_job_three_times_longer_than_the_visibility_timeout_runs_once(stack: Stack) -> None:
+    stack.admin.register("slow", slow_model(), rows_independent=False)
+    with stack.client(timeout=60) as http:
+        job = http.post("/v1/models/slow/jobs", json={"inputs": [[1.0] * 30]}).json()["id"]
+        wait_until(lambda: http.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", 60, "the slow job")
+    client = stack.redis_client()
+    state = {k.decode(): v.decode() for k, v in client.hgetall(f"job:{job}").items() if k != b"result"}
+    client.close()
+    took = (int(state["finished"]) - int(state["started"])) / 1000
+    time.sleep(took + 1)  # a second run, had another worker reclaimed the job, would end by now
+    runs = _runs(stack)
+    logs = stack.log("worker-0") + stack.log("worker-1")
+    print(f"slow job ran {took:.2f} s ({took / VISIBILITY_S:.1f}x the visibility timeout); runs counted: {runs:g}")
+    assert took > 3 * VISIBILITY_S
+    assert runs == 1, "the other worker never reclaimed and re-ran it"
+    assert "jobs_reclaimed" not in logs
