@@ -187,6 +187,16 @@ class AdminClient:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 
+    def dead_letters(self, model: str, count: int = 100) -> list[dict[str, Any]]:
+        path = f"/admin/v1/models/{model}/dead-letters"
+        result: list[dict[str, Any]] = self._call("GET", path, params={"count": count})["dead_letters"]
+        return result
+
+    def replay(self, model: str, ids: list[str] | None = None) -> dict[str, Any]:
+        path = f"/admin/v1/models/{model}/dead-letters/replay"
+        result: dict[str, Any] = self._call("POST", path, json={"ids": ids or []})
+        return result
+
     def shadow(self, model: str, reset: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = self._call("DELETE" if reset else "GET", f"/admin/v1/models/{model}/shadow")
         return result

@@ -452,5 +452,35 @@ def deploy_enable(
     _run(lambda: client.set_enabled(name, True))
 
 
+jobs_app = typer.Typer(help="Dead-lettered jobs: list and replay.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("dead-letters")
+def jobs_dead_letters(
+    name: str,
+    count: int = 100,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List NAME's newest dead-lettered jobs (never their inputs)."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.dead_letters(name, count))
+
+
+@jobs_app.command("replay")
+def jobs_replay(
+    name: str,
+    entry: Annotated[list[str] | None, typer.Option("--id", help="dead-letter id (repeatable); default: all")] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Queue NAME's dead-lettered async jobs again."""
+    client = _client(control_url, admin_key, data_dir)
+    _run(lambda: client.replay(name, entry))
+
+
 def main() -> None:
     app(prog_name="bastion")

@@ -21,8 +21,9 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.asgi import new_app
 from bastion.constants import OPERATORS_TENANT, TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.control.bootstrap import ensure_admin_key
-from bastion.control.schemas import DeploymentSet, KeyCreate, KeyRotate, StageSet, TenantSet
+from bastion.control.schemas import DeploymentSet, KeyCreate, KeyRotate, ReplayRequest, StageSet, TenantSet
 from bastion.errors import Forbidden, InvalidInput, Overloaded, Unauthenticated, Unavailable, UnsupportedMedia
+from bastion.queue import deadletters
 from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
 from bastion.registry import db
@@ -515,6 +516,37 @@ async def reset_shadow_comparison(
         raise Unavailable("shadow figures are unavailable: Redis is unreachable") from exc
     log.info("shadow_reset", model=name, by=admin["id"])
     return json_response({"model": name, "versions": {}})
+
+
+@router.get("/models/{name}/dead-letters", tags=["jobs"], **needs("deploy"))
+async def dead_letters(name: str, request: Request, count: int = Query(default=100, ge=1, le=10_000)) -> Response:
+    """The newest dead-lettered jobs of the model (ids, tenant, reason; never their inputs)."""
+    plane = _plane(request)
+    await run_in_threadpool(plane.registry.get_model, name)
+    try:
+        found = await run_in_threadpool(deadletters.listing, plane.redis, name, count)
+    except redis.RedisError as exc:
+        raise Unavailable("dead letters are unavailable: Redis is unreachable") from exc
+    return json_response({"model": name, "dead_letters": found})
+
+
+@router.post("/models/{name}/dead-letters/replay", tags=["jobs"], **needs("deploy"))
+async def replay_dead_letters(
+    name: str,
+    body: ReplayRequest,
+    request: Request,
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Queue dead-lettered async jobs again (all of the newest 1,000 when no ids are given)."""
+    plane = _plane(request)
+    await run_in_threadpool(plane.registry.get_model, name)
+    try:
+        ids = body.ids or [d["id"] for d in await run_in_threadpool(deadletters.listing, plane.redis, name, 1000)]
+        counts = await run_in_threadpool(deadletters.replay, plane.redis, name, ids, plane.settings.result_ttl_s)
+    except redis.RedisError as exc:
+        raise Unavailable("dead letters are unavailable: Redis is unreachable") from exc
+    log.info("dead_letters_replayed", model=name, by=admin["id"], **counts)
+    return json_response({"model": name, **counts})
 
 
 @router.get("/tenants", tags=["tenants"], **needs("keys"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -24,6 +24,14 @@ class KeyRotate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     overlap_s: int = Field(default=3600, ge=0, le=30 * 86_400, description="how long the old secret keeps working")
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(pattern=r"^[0-9]{1,19}-[0-9]{1,19}$")]] = Field(
+        default_factory=list, max_length=1000, description="dead-letter entry ids; empty: the newest 1,000"
+    )
 
 
 class RouteIn(BaseModel):

@@ -1,0 +1,45 @@
+"""Dead letters: list them (without their inputs) and replay async ones (sync client)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from bastion.constants import JOB_PREFIX, LANE_BATCH, dead_letter_key, queue_key
+from bastion.queue.protocol import Job
+from bastion.queue.scripts import Lua
+
+_REPLAY = Lua("replay")
+
+
+def listing(client: Any, model: str, count: int) -> list[dict[str, Any]]:
+    """The newest ``count`` dead letters of ``model``: ids, job, tenant, version, reason - no inputs."""
+    out = []
+    for entry_id, fields in client.xrevrange(dead_letter_key(model), count=count):
+        job = Job.from_entry("", "", fields)
+        out.append(
+            {
+                "id": entry_id.decode(),
+                "job_id": job.job_id,
+                "tenant": job.tenant,
+                "version": job.version,
+                "kind": "sync" if job.reply_to else "async",
+                "created_ms": job.created_ms,
+                "reason": fields.get(b"reason", b"").decode(),
+            }
+        )
+    return out
+
+
+def replay(client: Any, model: str, ids: list[str], result_ttl_s: int) -> dict[str, int]:
+    """Queue the async dead letters ``ids`` again; sync ones are dropped (their callers are gone)."""
+    counts = {"replayed": 0, "discarded": 0, "not_found": 0}
+    keys = [dead_letter_key(model), queue_key(model, LANE_BATCH)]
+    for entry_id in ids:
+        try:
+            done = int(_REPLAY.call(client, keys, [entry_id, result_ttl_s, JOB_PREFIX]))
+        except redis.ResponseError:  # not a stream id Redis accepts
+            done = 0
+        counts[{1: "replayed", 2: "discarded"}.get(done, "not_found")] += 1
+    return counts
