@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from bastion.gateway import idempotency
 from bastion.gateway.idempotency import Idempotency
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
-from bastion.queue.producer import Admission
+from bastion.queue.producer import Admission, ratelimit_fields, refill_seconds
 from bastion.snapshot import KeyInfo, Limits, VersionInfo
 
 log = logs.get("bastion.gateway")
@@ -87,12 +86,7 @@ def ratelimit_headers(limits: Limits, admission: Admission) -> dict[str, str]:
     if not found:
         return {}
     left, burst, rate, name = min(found)
-    window = math.ceil(burst / rate) if rate > 0 else 86_400
-    refill = math.ceil((burst - left) / rate) if rate > 0 else window
-    return {
-        "RateLimit-Policy": f'"{name}";q={int(burst)};w={window}',
-        "RateLimit": f'"{name}";r={max(int(left), 0)};t={max(refill, 0)}',
-    }
+    return ratelimit_fields(name, left, burst, rate, refill_seconds(burst - left, rate))
 
 
 async def run_sync(

@@ -201,7 +201,7 @@ def admitted(reply: Any, model: str, lane: str) -> Admission:
         )
     tokens, cost, rate, burst = (float(_text(v)) for v in reply[2:6])
     name = "tenant-model" if reason == "tenant" else "key"
-    window = math.ceil(burst / rate) if rate > 0 else 86_400
+    window = refill_seconds(burst, rate)
     if cost > burst:
         wait = window
         detail = f"the request costs {cost:.4g} compute units, more than the {name} budget of {burst:.4g}"
@@ -209,11 +209,22 @@ def admitted(reply: Any, model: str, lane: str) -> Admission:
         wait = max(1, math.ceil((cost - tokens) / rate)) if rate > 0 else window
         left = max(tokens, 0)
         detail = f"the {name} budget is spent ({left:.4g} of {burst:.4g} units left; this request costs {cost:.4g})"
-    headers = {
-        "RateLimit-Policy": f'"{name}";q={int(burst)};w={window}',
-        "RateLimit": f'"{name}";r={max(int(tokens), 0)};t={wait}',
+    raise RateLimited(
+        detail + f"; retry in {wait} s", retry_after=wait, headers=ratelimit_fields(name, tokens, burst, rate, wait)
+    )
+
+
+def refill_seconds(units: float, rate: float) -> int:
+    """Seconds for a bucket to regain ``units`` (a day when it never refills: its key's TTL)."""
+    return max(math.ceil(units / rate), 0) if rate > 0 else 86_400
+
+
+def ratelimit_fields(name: str, left: float, burst: float, rate: float, reset_s: int) -> dict[str, str]:
+    """The IETF ``RateLimit-Policy`` and ``RateLimit`` header fields of one bucket."""
+    return {
+        "RateLimit-Policy": f'"{name}";q={int(burst)};w={refill_seconds(burst, rate)}',
+        "RateLimit": f'"{name}";r={max(int(left), 0)};t={reset_s}',
     }
-    raise RateLimited(detail + f"; retry in {wait} s", retry_after=wait, headers=headers)
 
 
 def _text(value: Any) -> str:
