@@ -27,5 +27,13 @@ def sync_client(url: str, **options: Any) -> redis.Redis:
     return redis.Redis.from_url(url, **_no_setinfo(), **options)
 
 
-def async_client(url: str, **options: Any) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, **_no_setinfo(), **options)
+def async_client(url: str, max_connections: int | None = None, **options: Any) -> aioredis.Redis:
+    """With ``max_connections``, a bounded pool: a burst waits for a free connection (up to the
+    socket timeout) instead of opening thousands of new ones at once."""
+    if max_connections is None:
+        return aioredis.Redis.from_url(url, **_no_setinfo(), **options)
+    timeout = options.get("socket_timeout") or 5
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **_no_setinfo(), **options
+    )
+    return aioredis.Redis(connection_pool=pool)

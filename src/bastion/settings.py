@@ -78,6 +78,9 @@ class Settings(BaseSettings):
         description="how long a deployment change waits for workers to load and warm up new versions, seconds",
     )
 
+    redis_max_connections: int = Field(
+        default=64, ge=8, le=10_000, description="Redis connections per gateway process (bursts wait for one)"
+    )
     rate_tiers: str = Field(
         default='{"standard": {"units_per_s": 20000, "burst": 40000}, "unlimited": {}}',
         description="per-key rate tiers as JSON: name -> {units_per_s, burst} in compute units (1 unit = 1 ms "

@@ -49,7 +49,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = async_client(
-            settings.require_redis_url(), socket_connect_timeout=1, socket_timeout=5, health_check_interval=0
+            settings.require_redis_url(),
+            max_connections=settings.redis_max_connections,
+            socket_connect_timeout=1,
+            socket_timeout=5,
+            health_check_interval=0,
         )
         state = GatewayState(
             settings=settings,
