@@ -15,7 +15,6 @@ the key verified, so nobody can get someone else's key banned by sending its id 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems
+from bastion.gateway.channel import ChannelWatcher
 from bastion.queue.scripts import Lua
 from bastion.settings import Settings
 
@@ -42,7 +42,7 @@ class AbuseGuard:
             ipaddress.ip_network(p.strip(), strict=False) for p in settings.trusted_proxies.split(",") if p.strip()
         ]
         self._bans: dict[str, float] = {}  # client id -> ban end (epoch seconds)
-        self._task: asyncio.Task[None] | None = None
+        self._channel = ChannelWatcher(redis, BAN_CHANNEL, on_connect=self._load, on_tick=self._on_ban, idle_s=30.0)
 
     # bans ----------------------------------------------------------------------------------
     def banned_for(self, client: str) -> float:
@@ -60,41 +60,22 @@ class AbuseGuard:
         self._bans[client] = time.time() + seconds
 
     async def start(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._load()
-        self._task = asyncio.create_task(self._watch())
+        await self._channel.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._channel.stop()
 
     async def _load(self) -> None:
+        """Bans set while this gateway was not listening (at start, or after a reconnect)."""
         async for raw in self.redis.scan_iter(match="ban:*", count=500):
             ttl = await self.redis.ttl(raw)
             if ttl > 0:
                 self._ban(raw.decode()[4:], ttl)
 
-    async def _watch(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(BAN_CHANNEL)
-                await self._load()
-                while True:
-                    message = await pubsub.get_message(timeout=30.0)
-                    if message and message.get("type") == "message":
-                        client, _, seconds = message["data"].decode().rpartition("|")
-                        self._ban(client, float(seconds))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("ban_watch_failed", error_type=type(exc).__name__)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    async def _on_ban(self, message: dict[str, Any] | None) -> None:
+        if message and message.get("type") == "message":
+            client, _, seconds = message["data"].decode().rpartition("|")
+            self._ban(client, float(seconds))
 
     # strikes -------------------------------------------------------------------------------
     async def strike(self, clients: list[str]) -> float:
