@@ -12,7 +12,7 @@ import redis
 
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.redisconn import sync_client
-from tests.support import Stack
+from tests.support import Stack, running
 
 PG_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("BASTION_REQUIRE_POSTGRES", "") == "1" or os.environ.get("CI") == "true"
@@ -66,12 +66,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One running stack (1 gateway, 1 worker) shared by a test module."""
-    s = Stack(tmp_path_factory.mktemp("stack"), workers=1)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("stack"), workers=1) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -6,11 +6,13 @@ control plane are the real ``python -m bastion ...`` processes, talking over soc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,14 @@ class Stack:
 
     def redis_client(self) -> redis.Redis:
         return sync_client(self.settings.require_redis_url())
+
+
+@contextlib.contextmanager
+def running(root: Path, **settings: Any) -> Iterator[Stack]:
+    """A started stack, stopped on the way out (module fixtures ``yield`` from inside it)."""
+    stack = Stack(root, **settings)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from bastion import demo
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 ROW = [1.0] * 30
 JOBS = f"/v1/models/{demo.MODEL_NAME}/jobs"
@@ -25,18 +25,14 @@ TIERS = {"standard": {"units_per_s": 20000, "burst": 40000}, "unlimited": {}, "s
 @pytest.fixture(scope="module")
 def no_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Two gateways and no worker: admitted jobs stay queued, so nothing is refunded during a test."""
-    s = Stack(
+    with running(
         tmp_path_factory.mktemp("admission"),
         workers=0,
         gateways=2,
         cost_per_row_default=1.0,
         rate_tiers=json.dumps(TIERS),
-    )
-    try:
-        s.start()
+    ) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _key(stack: Stack, tenant: str, tier: str = "unlimited", **limits: Any) -> str:

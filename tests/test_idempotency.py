@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from bastion.embedded.redis_server import free_port
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 ROW = [1.0] * 30
 JOBS = "/v1/models/breast-cancer/jobs"
@@ -21,12 +21,8 @@ PREDICT = "/v1/models/breast-cancer/predict"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("idem"), workers=1, gateways=2, worker_metrics_port=free_port())
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("idem"), workers=1, gateways=2, worker_metrics_port=free_port()) as s:
         yield s
-    finally:
-        s.stop()
 
 
 async def _together(stack: Stack, path: str, key: str, body: dict[str, Any], n: int = 100) -> list[httpx.Response]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bastion.adminclient import AdminClient, AdminError
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 MODEL = "credit"
 PREDICT = f"/v1/models/{MODEL}/predict"
@@ -100,12 +100,8 @@ def holdout(rows: int = 2000) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("lifecycle"), workers=1, gateways=2)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("lifecycle"), workers=1, gateways=2) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

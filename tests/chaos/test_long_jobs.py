@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bastion.embedded.redis_server import free_port
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 VISIBILITY_S = 0.5
 
@@ -56,18 +56,14 @@ def slow_model(size: int = 1500, steps: int = 36) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(
+    with running(
         tmp_path_factory.mktemp("long"),
         workers=2,
         visibility_timeout_s=VISIBILITY_S,
         worker_metrics_port=free_port(),
         request_timeout_s=60,
-    )
-    try:
-        s.start()
+    ) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _runs(stack: Stack) -> float:

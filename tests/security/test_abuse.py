@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Stack
+from tests.support import Stack, running
 
 ROW = [1.0] * 30
 PREDICT = "/v1/models/breast-cancer/predict"
@@ -33,12 +33,8 @@ GUARDED: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("abuse"), **GUARDED)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("abuse"), **GUARDED) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def attack(url: str, keys: list[str], rounds: Any, results: Any) -> None:

@@ -9,19 +9,15 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 ROW = [1.0] * 30
 
 
 @pytest.fixture(scope="module")
 def two_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("identity"), workers=1, gateways=2)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("identity"), workers=1, gateways=2) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _status(url: str, key: str) -> int:

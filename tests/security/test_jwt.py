@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bastion.embedded.redis_server import free_port
-from tests.support import Stack, wait_until
+from tests.support import Stack, running, wait_until
 
 ROW = [1.0] * 30
 PREDICT = "/v1/models/breast-cancer/predict"
@@ -93,12 +93,10 @@ def issuer() -> Iterator[Issuer]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, issuer: Issuer) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("jwt"), oidc_issuer=issuer.url, oidc_audience=AUDIENCE, oidc_jwks_cache_s=2.0)
-    try:
-        s.start()
+    with running(
+        tmp_path_factory.mktemp("jwt"), oidc_issuer=issuer.url, oidc_audience=AUDIENCE, oidc_jwks_cache_s=2.0
+    ) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _call(stack: Stack, token: str) -> httpx.Response:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Stack
+from tests.support import Stack, running
 
 CONFIG = """
 [parameters]
@@ -21,12 +21,8 @@ CONFIG = """
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("schemathesis"), workers=1, gateways=1, docs_enabled=True)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("schemathesis"), workers=1, gateways=1, docs_enabled=True) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _run(stack: Stack, url: str, key: str) -> str:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from bastion.constants import SCOPES
-from tests.support import Stack
+from tests.support import Stack, running
 
 ROW = [1.0] * 30
 PUBLIC = {"/healthz", "/readyz", "/v2", "/v2/health/live", "/v2/health/ready"}
@@ -20,12 +20,8 @@ FILL = {"name": "breast-cancer", "job_id": "no-such-job", "version": "99", "key_
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("surface"), workers=1, gateways=1)
-    try:
-        s.start()
+    with running(tmp_path_factory.mktemp("surface"), workers=1, gateways=1) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _documents(stack: Stack) -> dict[str, dict[str, Any]]:
