@@ -51,31 +51,50 @@ class Lua:
 
 
 def run_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
-    """Execute a non-transactional pipeline of script calls, loading scripts on NOSCRIPT."""
+    """Execute a non-transactional pipeline of script calls, loading scripts on NOSCRIPT.
+
+    Only the calls that got NOSCRIPT are sent again: the others already ran (a pipeline is not
+    atomic, so another process may load a script between two of its calls)."""
     commands = list(pipe.command_stack)
     results: list[Any] = pipe.execute(raise_on_error=False)
-    if any(isinstance(r, NoScriptError) for r in results):
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
         for lua in scripts:
             client.script_load(lua.source)
         retry = client.pipeline(transaction=False)
-        for args, options in commands:
+        for i in missing:
+            args, options = commands[i]
             retry.execute_command(*args, **options)
-        results = retry.execute(raise_on_error=False)
+        for i, result in zip(missing, retry.execute(raise_on_error=False), strict=True):
+            results[i] = result
     for result in results:
         if isinstance(result, Exception):
             raise result
     return results
 
 
-async def arun_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
-    """``run_pipeline`` for redis-py's asyncio client; errors are returned per call, not raised."""
+async def arun_pipeline(client: Any, pipe: Any, scripts: list[Lua], tail: tuple[Any, ...] = ()) -> list[Any]:
+    """``run_pipeline`` for redis-py's asyncio client; errors are returned per call, not raised.
+
+    ``tail`` (a WAIT / WAITAOF) is sent after the calls, and again after any retried ones, on
+    the same connection: its answer, the last item returned, covers every write made."""
     commands = list(pipe.command_stack)
+    if tail:
+        pipe.execute_command(*tail)
     results: list[Any] = await pipe.execute(raise_on_error=False)
-    if any(isinstance(r, NoScriptError) for r in results):
+    last = results.pop() if tail else None
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
         for lua in scripts:
             await client.script_load(lua.source)
         retry = client.pipeline(transaction=False)
-        for args, options in commands:
+        for i in missing:
+            args, options = commands[i]
             retry.execute_command(*args, **options)
-        results = await retry.execute(raise_on_error=False)
-    return results
+        if tail:
+            retry.execute_command(*tail)
+        again = await retry.execute(raise_on_error=False)
+        last = again.pop() if tail else None
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    return [*results, last] if tail else results
