@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,13 @@ class Stack:
         self.n_gateways = gateways
         # Tests send many failing requests from one address on purpose; abuse handling is tested
         # on its own (tests/security/test_abuse.py) with its real thresholds.
-        self.settings_overrides = {"abuse_tarpit_after": 1_000_000, "abuse_ban_after": 1_000_000, **settings}
+        # Gateways stop at once (the drain delay is tested on its own, tests/test_serving.py).
+        self.settings_overrides = {
+            "abuse_tarpit_after": 1_000_000,
+            "abuse_ban_after": 1_000_000,
+            "drain_s": 0,
+            **settings,
+        }
         self.gateway_urls: list[str] = []
         self.control_url = ""
         self.admin_key = ""
@@ -109,6 +116,29 @@ class Stack:
         if self.settings.worker_metrics_port:  # worker i listens on port + i, as under bastion up
             own["BASTION_WORKER_METRICS_PORT"] = str(self.settings.worker_metrics_port + i)
         self._spawn(f"worker-{i}", ["worker"], {**own, **env})
+
+    @contextlib.contextmanager
+    def keep_workers(self) -> Iterator[list[str]]:
+        """Restart any worker that exits, at once and under its own name, as ``bastion up`` does
+        (without its backoff); yields the list of restarts made so far."""
+        restarts: list[str] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.02):
+                for i in range(self.n_workers):
+                    name = f"worker-{i}"
+                    if self.procs[name].poll() is not None and not stop.is_set():
+                        self.start_worker(i)
+                        restarts.append(name)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            yield restarts
+        finally:
+            stop.set()
+            thread.join()
 
     def signal(self, name: str, signum: int) -> None:
         self.procs[name].send_signal(signum)

@@ -305,6 +305,9 @@ class _Scores:
         rows = inputs["x"][:, 0].astype(int)
         return {"label": self.labels[rows], "probabilities": self.scores[rows]}
 
+    def terminate(self) -> None:
+        """Runs are instant: nothing to stop."""
+
 
 def test_evaluation_metrics_match_scikit_learn() -> None:
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score

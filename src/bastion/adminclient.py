@@ -86,6 +86,14 @@ class AdminClient:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/policy", json=policy)
         return result
 
+    def serving(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/serving")
+        return result
+
+    def set_serving(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/serving", json=options)
+        return result
+
     def set_holdout(self, model: str, holdout: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/holdout", json=holdout)
         return result

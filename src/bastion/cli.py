@@ -211,6 +211,33 @@ def models_policy(
         _run(lambda: client.set_policy(name, policy))
 
 
+@models_app.command("serving")
+def models_serving(
+    name: str,
+    timeout_s: Annotated[float | None, typer.Option(help="default deadline of a sync call, seconds")] = None,
+    max_queue_sync: Annotated[int | None, typer.Option(help="sync jobs waiting beyond which calls get 503")] = None,
+    max_queue_batch: Annotated[
+        int | None, typer.Option(help="async jobs waiting beyond which submissions get 503")
+    ] = None,
+    cache_ttl_s: Annotated[
+        int | None, typer.Option(help="answer identical inputs from a per-tenant cache; 0: off")
+    ] = None,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Show or set NAME's serving options (all at once: an option left out goes back to its default)."""
+    client = _client(control_url, admin_key, data_dir)
+    given = {"timeout_s": timeout_s, "max_queue_sync": max_queue_sync, "max_queue_batch": max_queue_batch}
+    if cache_ttl_s is not None:
+        given["cache_ttl_s"] = cache_ttl_s
+    options = {k: v for k, v in given.items() if v is not None}
+    if not options:
+        _run(lambda: client.serving(name))
+    else:
+        _run(lambda: client.set_serving(name, options))
+
+
 @models_app.command("holdout")
 def models_holdout(
     name: str,

@@ -115,3 +115,8 @@ def cost_key(model: str) -> str:
 
 def warm_key(model: str, version: int) -> str:
     return f"{WARM_PREFIX}{model}:{version}"
+
+
+def response_cache_key(tenant: str, model: str, version: int, digest: str) -> str:
+    """A cached answer: per tenant (never shared across tenants), per version, by input digest."""
+    return f"rc:{tenant}:{model}:{version}:{digest}"

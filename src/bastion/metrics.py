@@ -33,3 +33,17 @@ JOBS = Counter("bastion_worker_jobs_total", "Jobs finished by a worker", ["model
 RECLAIMED = Counter("bastion_worker_reclaimed_total", "Jobs reclaimed from a dead consumer", ["model"])
 DEAD_LETTERED = Counter("bastion_worker_dead_lettered_total", "Jobs moved to the dead-letter stream", ["model"])
 MODELS_LOADED = Gauge("bastion_worker_models_loaded", "Model versions loaded in this worker")
+BREAKER_STATE = Gauge(
+    "bastion_breaker_state",
+    "Circuit breaker of a model version in this gateway: 0 closed, 1 half-open, 2 open",
+    ["model", "version"],
+)
+BREAKER_TRANSITIONS = Counter(
+    "bastion_breaker_transitions_total", "Circuit breaker state changes", ["model", "version", "to"]
+)
+BREAKER_DIVERTED = Counter(
+    "bastion_breaker_diverted_total",
+    "Requests an open breaker sent elsewhere: to the fallback, or refused with 503",
+    ["model", "version", "outcome"],
+)
+CACHE = Counter("bastion_gateway_cache_total", "Response cache lookups", ["model", "result"])

@@ -42,15 +42,8 @@ def choose(
         raise NotFound(f"no model {model!r} is being served", model=model)
     if not routes.rules and not routes.disabled and len(routes.routes) == 1:
         return routes.routes[0].version, False  # the common case: one production version, no policy
-    allowed: frozenset[int] | None = None
-    stopped_by: list[str] = []
-    for rule in routes.rules:
-        if rule.applies(tenant, jurisdiction, consents):
-            allowed = rule.allow if allowed is None else allowed & rule.allow
-            stopped_by.append(_describe(rule))
-    fallback = routes.fallback
-    if allowed is not None and fallback is not None and fallback.version not in allowed:
-        fallback = None
+    allowed, stopped_by = _allowed(routes, tenant, jurisdiction, consents)
+    fallback = fallback_for(routes, tenant, jurisdiction, consents)
     if routes.disabled:
         if fallback is not None:
             return fallback, True
@@ -65,6 +58,49 @@ def choose(
             model=model,
         )
     return _weighted(model, candidates, subject), False
+
+
+def fallback_for(
+    routes: ModelRoutes, tenant: str = "", jurisdiction: str | None = None, consents: frozenset[str] = frozenset()
+) -> VersionInfo | None:
+    """The deployment's fallback version, if policy lets this caller reach it."""
+    fallback = routes.fallback
+    if fallback is None or not routes.rules:
+        return fallback
+    allowed, _ = _allowed(routes, tenant, jurisdiction, consents)
+    return fallback if allowed is None or fallback.version in allowed else None
+
+
+def alternatives(
+    routes: ModelRoutes,
+    failing: int,
+    tenant: str = "",
+    jurisdiction: str | None = None,
+    consents: frozenset[str] = frozenset(),
+) -> list[VersionInfo]:
+    """Where a call goes when version ``failing`` cannot take it: the fallback, then the primary
+    (a failing canary's calls go back to the primary), each only if policy lets this caller in."""
+    allowed, _ = _allowed(routes, tenant, jurisdiction, consents)
+    found: list[VersionInfo] = []
+    for v in [routes.fallback, *(r.version for r in routes.routes if r.role == "primary")]:
+        if v is None or v.version == failing or any(f.version == v.version for f in found):
+            continue
+        if allowed is None or v.version in allowed:
+            found.append(v)
+    return found
+
+
+def _allowed(
+    routes: ModelRoutes, tenant: str, jurisdiction: str | None, consents: frozenset[str]
+) -> tuple[frozenset[int] | None, list[str]]:
+    """The versions the policy rules that apply to this caller allow (None: no rule applies)."""
+    allowed: frozenset[int] | None = None
+    stopped_by: list[str] = []
+    for rule in routes.rules:
+        if rule.applies(tenant, jurisdiction, consents):
+            allowed = rule.allow if allowed is None else allowed & rule.allow
+            stopped_by.append(_describe(rule))
+    return allowed, stopped_by
 
 
 def _describe(rule: Rule) -> str:

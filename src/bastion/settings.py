@@ -78,6 +78,37 @@ class Settings(BaseSettings):
         description="how long a deployment change waits for workers to load and warm up new versions, seconds",
     )
 
+    drain_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="on SIGTERM a gateway reports not ready and keeps serving this long before it stops, seconds",
+    )
+    durability: Literal["everysec", "always", "waitaof", "replicas"] = Field(
+        default="everysec",
+        description="when a 202 is said: everysec (AOF written, fsynced each second: survives a Redis crash), "
+        "always (embedded Redis fsyncs every write: survives a machine crash), waitaof (WAITAOF: the local AOF "
+        "is fsynced before the answer; Redis >= 7.2), replicas (WAIT: durability_replicas replicas have it)",
+    )
+    durability_replicas: int = Field(default=1, ge=1, le=16, description="replicas WAIT needs under 'replicas'")
+    durability_timeout_ms: int = Field(
+        default=1000, ge=1, description="how long WAIT/WAITAOF may take before the answer is 503, milliseconds"
+    )
+    breaker_window: int = Field(
+        default=20, ge=2, description="calls per (model, version) a gateway's circuit breaker judges over"
+    )
+    breaker_min_calls: int = Field(default=10, ge=1, description="calls in the window before the breaker may open")
+    breaker_failure_rate: float = Field(
+        default=0.5, gt=0, le=1, description="share of failed calls in the window that opens the breaker"
+    )
+    breaker_slow_rate: float = Field(
+        default=0.8, gt=0, le=1, description="share of slow calls in the window that opens the breaker"
+    )
+    breaker_slow_s: float = Field(default=5.0, gt=0, description="a call slower than this counts as slow, seconds")
+    breaker_open_s: float = Field(default=5.0, gt=0, description="how long an open breaker waits before probing")
+    breaker_probes: int = Field(
+        default=3, ge=1, description="probe calls let through while half-open; all must succeed to close"
+    )
+
     redis_max_connections: int = Field(
         default=64, ge=8, le=10_000, description="Redis connections per gateway process (bursts wait for one)"
     )
@@ -100,6 +131,19 @@ class Settings(BaseSettings):
     )
     max_deliveries: int = Field(
         default=3, ge=1, description="deliveries after which a job goes to the dead-letter stream"
+    )
+    max_job_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a batch still running after this long ends its worker (jobs redelivered, counted), seconds",
+    )
+    model_retry_s: float = Field(
+        default=30.0, gt=0, description="how long a worker waits before loading a refused model version again, seconds"
+    )
+    consumer_expiry_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a stream consumer (a worker name) idle this long with nothing pending is removed, seconds",
     )
     ort_intra_threads: int = Field(
         default=1, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides)"

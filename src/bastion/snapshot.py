@@ -100,6 +100,26 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Serving:
+    """A model's serving options (``bastion.registry.serving``); None: the process setting."""
+
+    timeout_s: float | None = None
+    max_queue_sync: int | None = None
+    max_queue_batch: int | None = None
+    cache_ttl_s: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Serving:
+        data = data or {}
+        return cls(
+            data.get("timeout_s"), data.get("max_queue_sync"), data.get("max_queue_batch"), data.get("cache_ttl_s", 0)
+        )
+
+
+DEFAULT_SERVING = Serving()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoutes:
     """How one model's traffic is split now (see ``bastion.registry.deployments``)."""
 
@@ -108,6 +128,7 @@ class ModelRoutes:
     disabled: bool
     rules: tuple[Rule, ...] = ()
     preload: tuple[int, ...] = ()  # versions about to take traffic: workers load and warm them up now
+    serving: Serving = DEFAULT_SERVING
 
     @property
     def total_weight(self) -> int:
@@ -172,6 +193,7 @@ class Snapshot:
                     for r in model.get("rules") or []
                 ),
                 preload=tuple(int(v) for v in model.get("preload") or ()),
+                serving=Serving.from_dict(model.get("serving")),
             )
         tenants = {
             name: TenantInfo(

@@ -7,51 +7,13 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 
 from bastion.embedded.redis_server import free_port
+from tests.chaos.models import slow_model
 from tests.support import Stack, running, wait_until
 
 VISIBILITY_S = 0.5
-
-
-def slow_model(size: int = 1500, steps: int = 36) -> bytes:
-    """Returns x[:, :1] after ``steps`` 1500x1500 matrix products built from the input (nothing
-    for onnxruntime to fold away): about 50 ms a product on one core."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [
-        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-        helper.make_node("Mul", ["s", "zero"], ["z"]),
-        helper.make_node("Add", ["z", "tiny"], ["v"]),
-        helper.make_node("Expand", ["v", "shape"], ["m0"]),
-    ]
-    nodes += [helper.make_node("MatMul", [f"m{i}", f"m{i}"], [f"m{i + 1}"]) for i in range(steps)]
-    nodes += [
-        helper.make_node("ReduceMean", [f"m{steps}"], ["r"], keepdims=0),
-        helper.make_node("Mul", ["r", "zero"], ["r0"]),
-        helper.make_node("Slice", ["x", "start", "end", "axis"], ["x0"]),
-        helper.make_node("Add", ["x0", "r0"], ["y"]),
-    ]
-    constants = {
-        "zero": np.array(0.0, np.float32),
-        "tiny": np.array(1e-4, np.float32),
-        "shape": np.array([size, size], np.int64),
-        "start": np.array([0], np.int64),
-        "end": np.array([1], np.int64),
-        "axis": np.array([1], np.int64),
-    }
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 30])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
-        [numpy_helper.from_array(v, k) for k, v in constants.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 @pytest.fixture(scope="module")

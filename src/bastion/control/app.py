@@ -30,6 +30,7 @@ from bastion.registry import db
 from bastion.registry.limits import parse_tiers
 from bastion.registry.metadata import GatePolicy
 from bastion.registry.service import Registry
+from bastion.registry.serving import ServingOptions
 from bastion.responses import json_response
 from bastion.security import apikeys
 from bastion.settings import Settings
@@ -328,6 +329,27 @@ async def set_policy(
     lifecycle = _plane(request).registry.lifecycle
     view = await run_in_threadpool(lifecycle.set_policy, name, body.model_dump(exclude_none=True), str(admin["id"]))
     log.info("policy_set", model=name, by=admin["id"])
+    return json_response(view)
+
+
+@router.get("/models/{name}/serving", tags=["deployments"], **needs("models:read"))
+async def get_serving(name: str, request: Request) -> Response:
+    """The model's default deadline, queue limits and response cache."""
+    return json_response(await run_in_threadpool(_plane(request).registry.serving.get, name))
+
+
+@router.put("/models/{name}/serving", tags=["deployments"], **needs("deploy"))
+async def set_serving(
+    name: str,
+    body: ServingOptions,
+    request: Request,
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Set the model's default deadline, queue limits (503 + Retry-After beyond) and response cache TTL."""
+    plane = _plane(request)
+    view = await run_in_threadpool(plane.registry.serving.set, name, body.model_dump(), str(admin["id"]))
+    await run_in_threadpool(plane.publish)
+    log.info("serving_set", model=name, by=admin["id"], serving=view["serving"])
     return json_response(view)
 
 

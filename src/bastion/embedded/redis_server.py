@@ -2,8 +2,10 @@
 
 It listens on a unix socket inside the data directory (no TCP port, so it never clashes with
 a Redis the machine already runs), or on a free loopback port when the socket path would be
-too long. A random password is set through a 0600 config file, and AOF is on
-(``appendfsync everysec``) so accepted jobs survive a restart.
+too long. A random password is set through a 0600 config file, and AOF is on so accepted jobs
+survive a restart: ``appendfsync everysec`` (every write reaches the file before its reply, so a
+killed Redis loses nothing; a machine crash loses up to a second) or, with durability
+``always``, an fsync per write.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fsync: str = "everysec") -> None:
         self.directory = directory
+        self.fsync = "always" if fsync == "always" else "everysec"
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self._config = directory / "redis.conf"
@@ -60,7 +63,7 @@ class EmbeddedRedis:
         lines = [
             f"dir {self.directory}",
             "appendonly yes",
-            "appendfsync everysec",
+            f"appendfsync {self.fsync}",
             'save ""',
             f"logfile {self.directory / 'redis.log'}",
             f"requirepass {password}",

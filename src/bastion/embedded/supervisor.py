@@ -175,7 +175,7 @@ class Supervisor:
         self.sockets = [*gateway_socks, control_sock]
         redis_url = s.redis_url
         if not redis_url:
-            self.redis = EmbeddedRedis(s.data_dir / "redis")
+            self.redis = EmbeddedRedis(s.data_dir / "redis", fsync=s.durability)
             redis_url = self.redis.start()
         control = self._child(
             "control",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -12,15 +13,18 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from redis.exceptions import RedisError
 from starlette.middleware.cors import CORSMiddleware
 
 from bastion import logs
 from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
+from bastion.gateway.breakers import Breakers, Policy
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
+from bastion.queue.durability import Durability
 from bastion.queue.producer import Producer
 from bastion.redisconn import async_client
 from bastion.security.oidc import JwksCache, OidcConfig
@@ -55,6 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
             socket_timeout=5,
             health_check_interval=0,
         )
+        durability = Durability(settings.durability, settings.durability_replicas, settings.durability_timeout_ms)
+        with contextlib.suppress(RedisError, OSError):  # Redis away at start: the check waits for the next start
+            await durability.check(client)
         state = GatewayState(
             settings=settings,
             gateway_id=gateway_id,
@@ -65,11 +72,13 @@ def create_app(settings: Settings) -> FastAPI:
                 max_queue_batch=settings.max_queue_batch,
                 result_ttl_s=settings.result_ttl_s,
                 cost_per_row_default=settings.cost_per_row_default,
+                durability=durability,
             ),
             replies=ReplyRouter(client, gateway_id),
             snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),
             jwks=_jwks(settings),
             abuse=AbuseGuard(client, settings),
+            breakers=Breakers(Policy.from_settings(settings)),
         )
         app.state.gateway = state
         await state.snapshots.start()
@@ -102,7 +111,16 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Bastion-Subject", "X-Bastion-Timeout-Ms"],
-            expose_headers=["X-Bastion-Model-Version", "RateLimit", "RateLimit-Policy", "Retry-After"],
+            expose_headers=[
+                "X-Bastion-Model-Version",
+                "X-Bastion-Fallback",
+                "X-Bastion-Fallback-Reason",
+                "X-Bastion-Cache",
+                "Idempotent-Replayed",
+                "RateLimit",
+                "RateLimit-Policy",
+                "Retry-After",
+            ],
         )
     app.add_middleware(AbuseMiddleware)  # outermost: a banned client is refused before anything else
     app.router.routes.extend(routes.FAST_ROUTES)

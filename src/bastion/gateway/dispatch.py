@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -15,12 +16,13 @@ from redis.exceptions import RedisError
 from bastion import codec, logs, metrics, routing
 from bastion.constants import LANE_BATCH, LANE_SYNC, STATUS_EXPIRED, STATUS_SUCCEEDED
 from bastion.errors import DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
-from bastion.gateway import idempotency
+from bastion.gateway import idempotency, response_cache
+from bastion.gateway.breakers import Outcome, Permit
 from bastion.gateway.idempotency import Idempotency
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
 from bastion.queue.producer import Admission, ratelimit_fields, refill_seconds
-from bastion.snapshot import KeyInfo, Limits, VersionInfo
+from bastion.snapshot import DEFAULT_SERVING, KeyInfo, Limits, Serving, VersionInfo
 
 log = logs.get("bastion.gateway")
 
@@ -31,6 +33,60 @@ def resolve(state: GatewayState, name: str, subject: str, key: KeyInfo) -> tuple
         raise NotFound("no such model")
     routes = state.snapshots.current.models.get(name)
     return routing.choose(name, routes, subject, key.tenant, key.jurisdiction, key.consents)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The version that answers a request, why (``fallback``: 'disabled', 'circuit-open' or ''),
+    and the breaker permit to hand back with the call's outcome."""
+
+    version: VersionInfo
+    fallback: str
+    permit: Permit
+
+
+def route(state: GatewayState, name: str, subject: str, key: KeyInfo) -> Choice:
+    """``resolve`` through the version's circuit breaker: an open one sends the call to the
+    fallback, or to the primary when a canary is failing (each only when policy lets this caller
+    reach it and its own breaker lets the call through), or refuses it at once with 503."""
+    version, fallback = resolve(state, name, subject, key)
+    breakers = state.breakers
+    now = time.monotonic()
+    breaker = breakers.get(version.model, version.version)
+    permit = breaker.allow(now)
+    if permit is not None:
+        return Choice(version, "disabled" if fallback else "", permit)
+    routes = state.snapshots.current.models[name]
+    for alternative in routing.alternatives(routes, version.version, key.tenant, key.jurisdiction, key.consents):
+        other = breakers.get(alternative.model, alternative.version).allow(now)
+        if other is not None:
+            metrics.BREAKER_DIVERTED.labels(version.model, str(version.version), "fallback").inc()
+            return Choice(alternative, "circuit-open", other)
+    metrics.BREAKER_DIVERTED.labels(version.model, str(version.version), "refused").inc()
+    raise Unavailable(
+        f"model {name!r} version {version.version} is failing (circuit open) and no fallback can answer; "
+        f"retry in {breaker.retry_after(now)} s",
+        retry_after=breaker.retry_after(now),
+        model=name,
+    )
+
+
+@contextlib.contextmanager
+def breaker_call(state: GatewayState, permit: Permit) -> Iterator[None]:
+    """Hand the permit back with what happened: the worker failed, the deadline passed, it
+    answered - or it was refused before running (not the version's fault: not counted)."""
+    outcome = Outcome.IGNORED
+    try:
+        yield
+        outcome = Outcome.OK
+    except JobFailed:
+        outcome = Outcome.FAILED
+        raise
+    except DeadlineExceeded:
+        outcome = Outcome.TIMEOUT
+        raise
+    finally:
+        state.breakers.record(permit, outcome)
 
 
 def subject_of(header: str | None, tenant: str) -> str:
@@ -47,10 +103,17 @@ def new_job_id() -> str:
     return secrets.token_urlsafe(16)
 
 
-def timeout_s(state: GatewayState, header: str | None) -> float:
+def serving_of(state: GatewayState, model: str) -> Serving:
+    routes = state.snapshots.current.models.get(model)
+    return routes.serving if routes is not None else DEFAULT_SERVING
+
+
+def timeout_s(state: GatewayState, header: str | None, model: str = "") -> float:
+    """The caller's deadline (``X-Bastion-Timeout-Ms``), else the model's default, within the limit."""
     limit = state.settings.request_timeout_s
     if header is None:
-        return limit
+        default = serving_of(state, model).timeout_s if model else None
+        return min(default, limit) if default else limit
     try:
         millis = float(header)
     except ValueError as exc:
@@ -102,6 +165,17 @@ async def run_sync(
     With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
     request's outcome is returned (``admission.replayed_job`` says so)."""
     job_id = own_id = state.replies.new_id()
+    serving = serving_of(state, version.model)
+    blob = codec.encode(tensors)
+    cached_at = None
+    if serving.cache_ttl_s and idem is None:
+        cached_at = response_cache.key_for(key.tenant, version, blob)
+        async with redis_errors():
+            hit = await state.redis.get(cached_at)
+        if hit is not None:
+            metrics.CACHE.labels(version.model, "hit").inc()
+            return job_id, codec.decode(hit), Admission(0.0, None, None, cached=True)
+        metrics.CACHE.labels(version.model, "miss").inc()
     deadline_ms = int((time.time() + wait_s) * 1000)
     future = state.replies.expect(own_id)
     metrics.INFLIGHT_SYNC.inc()
@@ -113,13 +187,14 @@ async def run_sync(
                 tenant=key.tenant,
                 model=version.model,
                 version=version.version,
-                blob=codec.encode(tensors),
+                blob=blob,
                 deadline_ms=deadline_ms,
                 reply_to=state.gateway_id,
                 rows=rows_of(tensors),
                 key_id=key.id,
                 limits=key.limits,
                 idempotency=idem.pair if idem else None,
+                max_queue=serving.max_queue_sync,
             )
         if admission.replayed_job is not None and idem is not None:
             job_id = admission.replayed_job
@@ -141,6 +216,9 @@ async def run_sync(
         state.replies.forget(own_id)
         metrics.INFLIGHT_SYNC.dec()
     if reply.status == STATUS_SUCCEEDED:
+        if cached_at is not None:
+            async with redis_errors():
+                await state.redis.set(cached_at, reply.blob, ex=serving.cache_ttl_s)
         return job_id, codec.decode(reply.blob), admission
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=job_id)
@@ -247,5 +325,6 @@ async def submit_async(
             key_id=key.id,
             limits=key.limits,
             idempotency=idem.pair if idem else None,
+            max_queue=serving_of(state, version.model).max_queue_batch,
         )
     return admission.replayed_job or job_id, admission

@@ -11,10 +11,13 @@ from starlette.routing import Route
 
 from bastion.gateway import idempotency, payloads
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
+from bastion.gateway.breakers import Outcome, Permit
 from bastion.gateway.dispatch import (
+    breaker_call,
     copy_to_shadows,
     ratelimit_headers,
     resolve,
+    route,
     run_sync,
     subject_of,
     submit_async,
@@ -91,19 +94,23 @@ class Admitted:
     state: GatewayState
     key: KeyInfo
     version: VersionInfo
-    fallback: bool
+    fallback: str  # why the fallback answers ('disabled', 'circuit-open'), or ''
+    permit: Permit
     doc: Any
     subject: str
     idem: Idempotency | None
 
     def response_headers(self, admission: Admission) -> dict[str, str]:
-        """Which version answered, whether it was the fallback of a disabled model, and what is
-        left of the caller's budget."""
+        """Which version answered, whether (and why) it was the fallback, and what is left of the
+        caller's budget."""
         headers = {"X-Bastion-Model-Version": str(self.version.version)}
         if self.fallback:
             headers["X-Bastion-Fallback"] = "true"
+            headers["X-Bastion-Fallback-Reason"] = self.fallback
         if admission.replayed_job is not None:
             headers["Idempotent-Replayed"] = "true"
+        if admission.cached:
+            headers["X-Bastion-Cache"] = "hit"
         if admission.tenant_left is not None or admission.key_left is not None:
             headers.update(ratelimit_headers(self.key.limits, admission))
         return headers
@@ -115,21 +122,26 @@ async def _admit(request: Request, scopes: tuple[str, ...]) -> Admitted:
     state = _state(request)
     key = await authenticate(request, state, *scopes)
     subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
-    version, fallback = resolve(state, request.path_params["name"], subject, key)
-    body = await request.body()
-    doc = payloads.parse_json(body, request.headers.get("content-type"))
-    idem = idempotency.from_request(request.headers.get("idempotency-key"), key.tenant, request.url.path, body)
-    return Admitted(state, key, version, fallback, doc, subject, idem)
+    choice = route(state, request.path_params["name"], subject, key)
+    try:
+        body = await request.body()
+        doc = payloads.parse_json(body, request.headers.get("content-type"))
+        idem = idempotency.from_request(request.headers.get("idempotency-key"), key.tenant, request.url.path, body)
+    except BaseException:
+        state.breakers.record(choice.permit, Outcome.IGNORED)
+        raise
+    return Admitted(state, key, choice.version, choice.fallback, choice.permit, doc, subject, idem)
 
 
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
     a = await _admit(request, PREDICT)
-    wait = timeout_s(a.state, wait_header)
-    tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
-    if admission.replayed_job is None:
+    with breaker_call(a.state, a.permit):
+        wait = timeout_s(a.state, wait_header, a.version.model)
+        tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
+        job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+    if admission.replayed_job is None and not admission.cached:
         copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     return json_response(
         {
@@ -145,6 +157,7 @@ async def predict(request: Request) -> Response:
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
     a = await _admit(request, JOBS)
+    a.state.breakers.record(a.permit, Outcome.IGNORED)  # an async job's outcome comes later, elsewhere
     tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
     job_id, admission = await submit_async(a.state, a.key, a.version, tensors, a.idem)
     location = f"/v1/jobs/{job_id}"
@@ -165,10 +178,11 @@ async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
     a = await _admit(request, PREDICT)
-    wait = timeout_s(a.state, wait_header)
-    tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
-    if admission.replayed_job is None:
+    with breaker_call(a.state, a.permit):
+        wait = timeout_s(a.state, wait_header, a.version.model)
+        tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
+        job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+    if admission.replayed_job is None and not admission.cached:
         copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     body: dict[str, Any] = {
         "model_name": a.version.model,

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import gc
 import socket
+import threading
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from bastion import logs
 from bastion.gateway.app import create_app
 from bastion.settings import Settings
+
+log = logs.get("bastion.gateway")
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT the gateway reports not ready (``/readyz`` 503) and keeps
+    serving for ``drain_s``, so a load balancer stops sending before the listener closes; then
+    uvicorn's graceful shutdown finishes the requests in flight. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_s = drain_s
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self._app.state, "gateway", None)
+        if self._drain_s <= 0 or state is None or self._timer is not None:
+            super().handle_exit(sig, frame)
+            return
+        state.draining = True
+        log.info("gateway_draining", seconds=self._drain_s)
+        self._timer = threading.Timer(self._drain_s, super().handle_exit, (sig, None))
+        self._timer.daemon = True
+        self._timer.start()
 
 
 def tune_gc() -> None:
@@ -26,8 +54,9 @@ def tune_gc() -> None:
 
 def serve(settings: Settings, fd: int | None = None) -> None:
     logs.configure(settings.log_level, "gateway")
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.gateway_port,
         loop="uvloop",
@@ -39,7 +68,7 @@ def serve(settings: Settings, fd: int | None = None) -> None:
         timeout_graceful_shutdown=10,
         backlog=2048,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.drain_s)
     tune_gc()
     if fd is None:
         server.run()

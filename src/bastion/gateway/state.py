@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.gateway.abuse import AbuseGuard
+from bastion.gateway.breakers import Breakers, Policy
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.queue.producer import Producer
@@ -24,6 +25,7 @@ class GatewayState:
     snapshots: SnapshotWatcher
     jwks: JwksCache | None = None  # set when an OIDC issuer is configured
     abuse: AbuseGuard | None = None
+    breakers: Breakers = field(default_factory=lambda: Breakers(Policy()))
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
 

@@ -34,6 +34,7 @@ from bastion.queue.scripts import Lua, run_pipeline
 _COMPLETE = Lua("complete")
 _START = Lua("start")
 _SETTLE = Lua("settle")
+_PRUNE = Lua("prune")
 SHADOW_TTL_S = 30 * 86_400  # comparison figures of a shadow that stopped receiving copies expire
 
 
@@ -117,6 +118,16 @@ class Consumer:
                         run.append(job)
         return run, dead
 
+    def prune(self, models: list[str], idle_s: float) -> int:
+        """Remove consumers (dead workers' names) idle ``idle_s`` with nothing pending; how many."""
+        pipe = self.client.pipeline(transaction=False)
+        for model in models:
+            for lane in LANES:
+                _PRUNE.queue(pipe, [queue_key(model, lane)], [CONSUMER_GROUP, int(idle_s * 1000), self.name])
+        if not pipe.command_stack:
+            return 0
+        return sum(int(n) for n in run_pipeline(self.client, pipe, [_PRUNE]))
+
     def touch(self, jobs: list[Job]) -> None:
         """Reset the idle time of jobs this consumer holds, so nobody reclaims them while they run.
 
@@ -128,6 +139,17 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for stream, ids in streams.items():
             pipe.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
+        pipe.execute()
+
+    def release(self, jobs: list[Job], idle_ms: int) -> None:
+        """Give jobs back without an outcome: their idle time is set past the visibility timeout,
+        so the next reclaim by any worker takes them (counting a delivery)."""
+        streams: dict[str, list[Any]] = {}
+        for job in jobs:
+            streams.setdefault(job.stream, []).append(job.entry_id)
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in streams.items():
+            pipe.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, idle=idle_ms, justid=True)
         pipe.execute()
 
     def depths(self, models: list[str]) -> list[tuple[str, str, int]]:

@@ -24,6 +24,7 @@ from bastion.constants import (
     tenant_bucket_key,
 )
 from bastion.errors import IdempotencyMismatch, Overloaded, RateLimited
+from bastion.queue.durability import Durability
 from bastion.queue.protocol import entry_fields
 from bastion.queue.scripts import Lua, arun_pipeline
 from bastion.snapshot import Limits
@@ -41,9 +42,11 @@ class Admission:
     key_left: float | None
     counted: bool = False
     replayed_job: str | None = None  # the Idempotency-Key was used for this request before: its job
+    cached: bool = False  # answered from the model's response cache: nothing was queued
 
 
 UNLIMITED = Limits()
+EVERYSEC = Durability()
 IDEMPOTENCY_TTL_S = 86_400
 
 
@@ -56,8 +59,10 @@ class Producer:
         max_queue_batch: int,
         result_ttl_s: int,
         cost_per_row_default: float = 0.1,
+        durability: Durability = EVERYSEC,
     ) -> None:
         self.redis = redis
+        self.durability = durability
         self._limits = {LANE_SYNC: max_queue_sync, LANE_BATCH: max_queue_batch}
         self._result_ttl_s = result_ttl_s
         self._cost_default = cost_per_row_default
@@ -80,16 +85,17 @@ class Producer:
         key_id: str = "",
         limits: Limits = UNLIMITED,
         idempotency: tuple[str, str] | None = None,
+        max_queue: int | None = None,
     ) -> Admission:
         """Admit and queue a job, or raise ``RateLimited`` (a budget or the in-flight cap is spent)
-        or ``Overloaded`` (the model's queue is over its limit)."""
+        or ``Overloaded`` (the model's queue is over ``max_queue``, else the lane's limit)."""
         now_ms = int(time.time() * 1000)
         fields = entry_fields(
             job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob, compare, rows=rows, key_id=key_id
         )
         keep_state = "1" if lane == LANE_BATCH else "0"
         args = [
-            self._limits[lane],
+            self._limits[lane] if max_queue is None else max_queue,
             keep_state,
             self._result_ttl_s,
             tenant,
@@ -137,25 +143,31 @@ class Producer:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        confirm = self.durability.command
         try:
-            if len(batch) == 1:
+            if len(batch) == 1 and not confirm:
                 keys, args, future = batch[0]
                 results: list[Any] = [await _ENQUEUE.acall(self.redis, keys, args)]
             else:
                 pipe = self.redis.pipeline(transaction=False)
                 for keys, args, _ in batch:
                     _ENQUEUE.queue(pipe, keys, args)
-                results = await arun_pipeline(self.redis, pipe, [_ENQUEUE])
+                results = await arun_pipeline(self.redis, pipe, [_ENQUEUE], tail=confirm)
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
+        durable = True
+        if confirm:
+            durable = self.durability.confirmed(results.pop())
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)
+            elif not durable and int(result[0]) in (1, 2):  # queued now, or earlier (a replay)
+                future.set_exception(self.durability.refusal())
             else:
                 future.set_result(result)
 

@@ -17,6 +17,7 @@ from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore, sha256_hex
 from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
+from bastion.registry import serving
 from bastion.registry.deployments import Deployments
 from bastion.registry.lifecycle import Lifecycle, policy_of, record
 from bastion.registry.limits import Budget, TenantLimits
@@ -46,6 +47,7 @@ class Registry:
         self.max_upload_bytes = max_upload_bytes
         self.deployments = Deployments(sessions)
         self.lifecycle = Lifecycle(sessions, store, self.deployments)
+        self.serving = serving.Serving(sessions)
 
     # tenants and keys -------------------------------------------------------------------
     def ensure_tenant(self, name: str) -> Tenant:
@@ -361,6 +363,7 @@ class Registry:
                 "fallback": dep["fallback_version"],
                 "disabled": dep["disabled"],
                 "preload": (preload or {}).get(model["name"], []),
+                "serving": model["serving"],
                 "versions": {
                     str(v["version"]): _snapshot_version(v) for v in model["versions"] if v["stage"] != "retired"
                 },
@@ -404,6 +407,7 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
         "current_version": model.current_version,
         "policy": policy_of(model).model_dump(exclude_none=True),
         "holdout": model.holdout,
+        "serving": serving.of(model).model_dump(exclude_none=True),
         "deployment": {
             "routes": dep.routes if dep else [],
             "rules": (dep.rules or []) if dep else [],

@@ -52,6 +52,7 @@ class Model(Base):
     current_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     holdout: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -12,6 +12,10 @@ class LoadedModel(Protocol):
         """Run one batched call; every output's first dimension matches the inputs' rows."""
         ...
 
+    def terminate(self) -> None:
+        """Ask a ``run`` in progress on another thread to stop: it raises soon after."""
+        ...
+
 
 class Runtime(Protocol):
     def load(self, artifact: bytes) -> LoadedModel: ...

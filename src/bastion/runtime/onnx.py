@@ -10,10 +10,16 @@ class OnnxModel:
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session = session
         self._outputs = [o.name for o in session.get_outputs()]
+        self._options = ort.RunOptions()  # one caller at a time: the worker loop
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._outputs, inputs)
+        self._options.terminate = False
+        values = self._session.run(self._outputs, inputs, self._options)
         return {name: np.asarray(v) for name, v in zip(self._outputs, values, strict=True)}
+
+    def terminate(self) -> None:
+        """onnxruntime checks the flag between operators and fails the run."""
+        self._options.terminate = True
 
 
 class OnnxRuntime:

@@ -25,6 +25,7 @@ def run(settings: Settings) -> None:
     cache = ModelCache(
         ArtifactStore(settings.resolved_artifact_dir),
         OnnxRuntime(settings.ort_intra_threads, settings.ort_inter_threads),
+        retry_s=settings.model_retry_s,
     )
     worker = Worker(settings, client, cache, name)
     worker.install_signal_handlers()

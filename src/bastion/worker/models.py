@@ -23,12 +23,10 @@ from bastion.worker import postprocess
 log = logs.get("bastion.worker")
 
 
-_RETRY_REFUSED_S = 30.0
-
-
 class ModelCache:
-    def __init__(self, store: ArtifactStore, runtime: Runtime) -> None:
+    def __init__(self, store: ArtifactStore, runtime: Runtime, retry_s: float = 30.0) -> None:
         self.store = store
+        self.retry_s = retry_s
         self.runtime = runtime
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._refused: dict[tuple[str, int], tuple[float, str]] = {}
@@ -43,7 +41,7 @@ class ModelCache:
         if info is None:
             raise NotFound(f"model {model!r} version {version} is not registered")
         refused = self._refused.get(key)
-        if refused is not None and time.monotonic() - refused[0] < _RETRY_REFUSED_S:
+        if refused is not None and time.monotonic() - refused[0] < self.retry_s:
             raise JobFailed(refused[1])
         try:
             loaded = postprocess.wrap(

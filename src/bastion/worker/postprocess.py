@@ -49,6 +49,9 @@ class Thresholded:
         out[self.label] = np.where(decided, self.positive, self.negative).astype(label.dtype).reshape(label.shape)
         return out
 
+    def terminate(self) -> None:
+        self.inner.terminate()
+
 
 def wrap(loaded: LoadedModel, signature: Signature, post: dict[str, Any] | None) -> LoadedModel:
     if not post or post.get("threshold") is None:

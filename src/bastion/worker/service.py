@@ -34,7 +34,7 @@ from bastion.settings import Settings
 from bastion.snapshot import Snapshot
 from bastion.worker import evaluation, shadow
 from bastion.worker.batching import run_batch, run_each
-from bastion.worker.heartbeat import Heartbeat
+from bastion.worker.heartbeat import Heartbeat, TimeLimited
 from bastion.worker.models import ModelCache
 
 log = logs.get("bastion.worker")
@@ -54,6 +54,7 @@ class Worker:
         self.stopping = False
         self._next_refresh = 0.0
         self._next_reclaim = 0.0
+        self._next_prune = 0.0
         self._reported_warm: set[tuple[str, int]] = set()
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
 
@@ -174,15 +175,28 @@ class Worker:
             for job in run:
                 metrics.RECLAIMED.labels(job.model).inc()
             log.info("jobs_reclaimed", count=len(run))
-            self.process(run)
+            # A redelivered job may be the one that killed its last worker: each runs alone, so a
+            # poison job takes down only itself and its batch-mates are not charged a delivery.
+            for job in run:
+                self.process([job])
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self._next_prune = now + min(60.0, self.settings.consumer_expiry_s / 2)
+            removed = self.consumer.prune(self.models, self.settings.consumer_expiry_s)
+            if removed:
+                log.info("consumers_pruned", count=removed)
 
     # work --------------------------------------------------------------------------------
     def process(self, jobs: list[Job]) -> None:
-        """Run and complete ``jobs``, keeping their claim alive while they run."""
-        with Heartbeat(self.consumer, jobs, self.settings.visibility_timeout_s):
-            self._process(jobs)
+        """Run and complete ``jobs``, keeping their claim alive while they run; jobs whose model
+        call was stopped by the time limit are released for redelivery (counted)."""
+        with Heartbeat(self.consumer, jobs, self.settings.visibility_timeout_s, self.settings.max_job_s) as beat:
+            released = self._process(jobs, beat)
+        if released:
+            log.warning("jobs_released", reason="time_limit", job_ids=[j.job_id for j in released][:20])
+            self.consumer.release(released, int(self.settings.visibility_timeout_s * 1000) + 1)
 
-    def _process(self, jobs: list[Job]) -> None:
+    def _process(self, jobs: list[Job], beat: Heartbeat) -> list[Job]:
         now_ms = int(time.time() * 1000)
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
@@ -196,8 +210,17 @@ class Worker:
             else:
                 groups[(job.model, job.version)].append(job)
         self.consumer.mark_running([j for group in groups.values() for j in group])
+        self._finish(outcomes)
+        released: list[Job] = []
+        # Each model version's outcomes are stored as soon as it has run: if a later group kills
+        # this worker, only that group's jobs come back.
         for (model, version), group in groups.items():
-            outcomes.extend(self._run_group(model, version, group))
+            self._finish(self._run_group(model, version, group, beat, released))
+        return released
+
+    def _finish(self, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
         statuses = self.consumer.complete(outcomes)
         for outcome, stored in zip(outcomes, statuses, strict=True):
             metrics.JOBS.labels(outcome.job.model, stored).inc()
@@ -241,7 +264,9 @@ class Worker:
             t[4] += c.values
         self.consumer.record_shadow(totals)
 
-    def _run_group(self, model: str, version: int, jobs: list[Job]) -> list[Outcome]:
+    def _run_group(
+        self, model: str, version: int, jobs: list[Job], beat: Heartbeat, released: list[Job]
+    ) -> list[Outcome]:
         try:
             loaded = self._load(model, version)
         except BastionError as exc:
@@ -254,10 +279,20 @@ class Worker:
             chunk = jobs[start : start + size]
             started = time.perf_counter()
             try:
-                results = run_batch(loaded, [j.blob for j in chunk])
+                with beat.call(loaded):
+                    results = run_batch(loaded, [j.blob for j in chunk])
                 done = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
+            except TimeLimited:  # one of them may be a runaway: each comes back alone, counted
+                released.extend(chunk)
+                continue
             except Exception:  # one bad job, or unsplittable outputs: run the jobs one by one
-                done = [self._run_one(loaded, j) for j in chunk]
+                done = []
+                for job in chunk:
+                    one = self._run_one(loaded, job, beat)
+                    if one is None:
+                        released.append(job)
+                    else:
+                        done.append(one)
             elapsed = time.perf_counter() - started
             _share_cost(done, elapsed * 1000)
             outcomes += done
@@ -270,9 +305,13 @@ class Worker:
             self.refresh(force=True)  # a version registered after our last snapshot
         return self.cache.get(self.snapshot, model, version)
 
-    def _run_one(self, loaded: LoadedModel, job: Job) -> Outcome:
+    def _run_one(self, loaded: LoadedModel, job: Job, beat: Heartbeat) -> Outcome | None:
+        """The job's outcome, or None when the time limit stopped it (to be released)."""
         try:
-            return Outcome(job, STATUS_SUCCEEDED, result=run_each(loaded, job.blob))
+            with beat.call(loaded):
+                return Outcome(job, STATUS_SUCCEEDED, result=run_each(loaded, job.blob))
+        except TimeLimited:
+            return None
         except InvalidInput as exc:
             return Outcome(job, STATUS_FAILED, error=exc.detail)
         except Exception as exc:

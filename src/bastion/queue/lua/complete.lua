@@ -2,9 +2,9 @@
 --
 -- Guarantees: the first outcome written for a job id wins (HSETNX on 'final'); a redelivered
 -- job that finishes again replies with the stored outcome, so a client never sees two
--- different answers. The entry is acknowledged and removed from the queue in the same step,
--- so it is never acknowledged without its outcome stored. A dead-lettered job is also copied
--- to the dead-letter stream with its original fields.
+-- different answers ('repeats' counts such extra runs). The entry is acknowledged and removed
+-- from the queue in the same step, so it is never acknowledged without its outcome stored.
+-- A dead-lettered job is also copied to the dead-letter stream with its original fields.
 --
 -- KEYS[1] job state hash   KEYS[2] queue stream   KEYS[3] reply stream (or any key when none)
 -- KEYS[4] dead-letter stream  KEYS[5] tenant in-flight counter cc:{tenant}
@@ -24,6 +24,7 @@ if redis.call('HSETNX', KEYS[1], 'final', '1') == 1 then
     redis.call('SET', KEYS[5], 0, 'EX', 3600)
   end
 else
+  redis.call('HINCRBY', KEYS[1], 'repeats', 1)  -- ran again after a redelivery; its outcome is dropped
   local stored = redis.call('HMGET', KEYS[1], 'status', 'result', 'error')
   status, result, err = stored[1] or ARGV[3], stored[2] or '', stored[3] or ''
 end

@@ -1,0 +1,75 @@
+"""The circuit breaker's state machine (pure; the end-to-end test is tests/chaos/test_faults.py)."""
+
+from __future__ import annotations
+
+from bastion.gateway.breakers import Breaker, Outcome, Policy, State
+
+POLICY = Policy(window=10, min_calls=5, failure_rate=0.5, slow_rate=0.8, slow_s=1.0, open_s=2.0, probes=2)
+
+
+def _calls(b: Breaker, outcome: Outcome, n: int, now: float = 0.0, elapsed: float = 0.0) -> None:
+    for _ in range(n):
+        permit = b.allow(now)
+        assert permit is not None
+        b.record(permit, POLICY.judge(outcome, elapsed), now)
+
+
+def test_failures_open_it_only_past_the_minimum_and_the_rate() -> None:
+    b = Breaker("m", 1, POLICY)
+    _calls(b, Outcome.FAILED, 4)
+    assert b.state is State.CLOSED, "fewer than min_calls never open it"
+    _calls(b, Outcome.FAILED, 1)
+    assert b.state is State.OPEN
+    assert b.allow(1.0) is None and b.retry_after(1.0) == 1
+
+    healthy = Breaker("m", 2, POLICY)
+    _calls(healthy, Outcome.OK, 6)
+    _calls(healthy, Outcome.FAILED, 4)
+    assert healthy.state is State.CLOSED, "4 failures in 10 calls is under 50%"
+    _calls(healthy, Outcome.FAILED, 1)
+    assert healthy.state is State.OPEN
+
+
+def test_slow_calls_open_it_and_short_client_deadlines_are_not_counted() -> None:
+    b = Breaker("m", 1, POLICY)
+    _calls(b, Outcome.TIMEOUT, 50, elapsed=0.05)  # callers with 50 ms deadlines: not the version's fault
+    assert b.state is State.CLOSED and not b.window
+    _calls(b, Outcome.OK, 5, elapsed=1.5)
+    assert b.state is State.OPEN, "answers slower than slow_s count as slow"
+
+
+def test_half_open_lets_one_probe_at_a_time_and_closes_after_enough_successes() -> None:
+    b = Breaker("m", 1, POLICY)
+    _calls(b, Outcome.FAILED, 5)
+    assert b.allow(1.9) is None
+    probe = b.allow(2.0)
+    assert probe is not None and probe.probe and b.state is State.HALF_OPEN
+    assert b.allow(2.0) is None, "one probe in flight at a time"
+    b.record(probe, Outcome.OK, 2.1)
+    assert b.state is State.HALF_OPEN
+    second = b.allow(2.1)
+    assert second is not None
+    b.record(second, Outcome.OK, 2.2)
+    assert b.state is State.CLOSED and b.allow(2.2) is not None
+
+
+def test_a_failed_probe_opens_it_again_and_an_ignored_one_frees_the_slot() -> None:
+    b = Breaker("m", 1, POLICY)
+    _calls(b, Outcome.FAILED, 5)
+    probe = b.allow(2.0)
+    assert probe is not None
+    b.record(probe, Outcome.IGNORED, 2.0)  # refused before it ran (bad input): no verdict
+    assert b.state is State.HALF_OPEN
+    probe = b.allow(2.0)
+    assert probe is not None
+    b.record(probe, Outcome.FAILED, 2.5)
+    assert b.state is State.OPEN and b.allow(4.0) is None and b.allow(4.5) is not None
+
+
+def test_calls_let_through_before_it_opened_do_not_count_afterwards() -> None:
+    b = Breaker("m", 1, POLICY)
+    late = b.allow(0.0)
+    assert late is not None
+    _calls(b, Outcome.FAILED, 5)
+    b.record(late, Outcome.OK, 0.1)
+    assert b.state is State.OPEN and not b.window
