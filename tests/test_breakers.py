@@ -73,3 +73,18 @@ def test_calls_let_through_before_it_opened_do_not_count_afterwards() -> None:
     _calls(b, Outcome.FAILED, 5)
     b.record(late, Outcome.OK, 0.1)
     assert b.state is State.OPEN and not b.window
+
+
+def test_where_calls_go_when_a_version_is_failing() -> None:
+    from bastion.routing import alternatives
+    from bastion.signature import Signature
+    from bastion.snapshot import ModelRoutes, Route, Rule, VersionInfo
+
+    v = {n: VersionInfo("m", n, "0" * 64, Signature((), ())) for n in (1, 2, 3)}
+    live = ModelRoutes((Route(v[1], 90, "primary"), Route(v[2], 10, "canary")), fallback=v[3], disabled=False)
+    assert [x.version for x in alternatives(live, 2)] == [3, 1], "a failing canary: the fallback, then the primary"
+    assert [x.version for x in alternatives(live, 1)] == [3]
+    killed = ModelRoutes(live.routes, fallback=v[3], disabled=True)
+    assert alternatives(killed, 3) == [], "the kill switch holds even when the fallback fails"
+    eu_only = ModelRoutes(live.routes, fallback=v[3], disabled=False, rules=(Rule("EU", None, frozenset({1, 2})),))
+    assert [x.version for x in alternatives(eu_only, 2, jurisdiction="EU")] == [1], "policy still applies"

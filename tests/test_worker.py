@@ -276,3 +276,36 @@ def test_routed_versions_are_loaded_warm_and_unrouted_ones_unloaded(redis_client
     publish([{"version": 1, "weight": 100, "role": "primary"}])
     worker.refresh()
     assert worker.cache.loaded_versions() == {(MODEL, 1)}
+
+
+def test_a_runaway_call_is_stopped_its_batch_mates_answered_and_it_is_dead_lettered(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from tests.chaos.models import runaway_model
+
+    _publish_models(redis_client, ArtifactStore(tmp_path / "artifacts"), {"runaway": runaway_model()})
+    stream = queue_key("runaway", "batch")
+
+    def enqueue(job_id: str, value: float) -> None:
+        blob = codec.encode({"x": np.full((1, 30), value, np.float32)})
+        fields = entry_fields(job_id, "acme", "runaway", 1, 0, "", int(time.time() * 1000), blob)
+        redis_client.hset(job_key(job_id), mapping={"status": "queued", "tenant": "acme", "model": "runaway"})
+        redis_client.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
+
+    enqueue("runaway", 1000.0)  # first in the batch: its value sizes the whole call's matrix
+    for i in range(3):
+        enqueue(f"mate{i}", 1.0)
+    worker = _worker(redis_client, tmp_path, "w1", visibility_timeout_s=0.2, max_job_s=0.3, max_deliveries=2)
+    t0 = time.monotonic()
+    worker.step()  # the batched call is stopped; each job then runs alone; only the runaway is stopped again
+    took = time.monotonic() - t0
+    assert [_status(redis_client, f"mate{i}") for i in range(3)] == ["succeeded"] * 3
+    assert _status(redis_client, "runaway") == "running"
+    (pending,) = redis_client.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10)
+    assert pending["times_delivered"] == 1, "released without a delivery charged"
+    assert pending["time_since_delivered"] >= 200, "released: idle past the visibility timeout at once"
+    assert 0.5 < took < 5, "stopped twice at about max_job_s each"
+    worker.reclaim()  # delivery 2: stopped again, released
+    worker.reclaim()  # past max_deliveries: dead-lettered
+    assert _status(redis_client, "runaway") == "dead_lettered"
+    assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0

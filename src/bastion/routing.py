@@ -79,10 +79,12 @@ def alternatives(
     consents: frozenset[str] = frozenset(),
 ) -> list[VersionInfo]:
     """Where a call goes when version ``failing`` cannot take it: the fallback, then the primary
-    (a failing canary's calls go back to the primary), each only if policy lets this caller in."""
+    (a failing canary's calls go back to the primary; never while the kill switch is on), each
+    only if policy lets this caller in."""
     allowed, _ = _allowed(routes, tenant, jurisdiction, consents)
     found: list[VersionInfo] = []
-    for v in [routes.fallback, *(r.version for r in routes.routes if r.role == "primary")]:
+    primaries = [] if routes.disabled else [r.version for r in routes.routes if r.role == "primary"]
+    for v in [routes.fallback, *primaries]:
         if v is None or v.version == failing or any(f.version == v.version for f in found):
             continue
         if allowed is None or v.version in allowed:

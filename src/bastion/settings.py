@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
     durability_replicas: int = Field(default=1, ge=1, le=16, description="replicas WAIT needs under 'replicas'")
     durability_timeout_ms: int = Field(
-        default=1000, ge=1, description="how long WAIT/WAITAOF may take before the answer is 503, milliseconds"
+        default=1000, ge=1, le=4000, description="how long WAIT/WAITAOF may take before the answer is 503, milliseconds"
     )
     breaker_window: int = Field(
         default=20, ge=2, description="calls per (model, version) a gateway's circuit breaker judges over"

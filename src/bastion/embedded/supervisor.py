@@ -297,7 +297,7 @@ class Supervisor:
         for group in order:
             for child in group:
                 child.signal(signal.SIGTERM)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 15 + self.settings.drain_s
             for child in group:
                 if child.process is None:
                     continue

@@ -71,14 +71,25 @@ def route(state: GatewayState, name: str, subject: str, key: KeyInfo) -> Choice:
     )
 
 
+class Call:
+    """Set ``ignored`` when the answer did not come from the version now (a cached answer, an
+    Idempotency-Key replay): it says nothing about the version's health."""
+
+    __slots__ = ("ignored",)
+
+    def __init__(self) -> None:
+        self.ignored = False
+
+
 @contextlib.contextmanager
-def breaker_call(state: GatewayState, permit: Permit) -> Iterator[None]:
+def breaker_call(state: GatewayState, permit: Permit) -> Iterator[Call]:
     """Hand the permit back with what happened: the worker failed, the deadline passed, it
     answered - or it was refused before running (not the version's fault: not counted)."""
     outcome = Outcome.IGNORED
+    call = Call()
     try:
-        yield
-        outcome = Outcome.OK
+        yield call
+        outcome = Outcome.IGNORED if call.ignored else Outcome.OK
     except JobFailed:
         outcome = Outcome.FAILED
         raise
@@ -163,7 +174,9 @@ async def run_sync(
     """Admit and queue on the sync lane, await the reply; returns (job id, outputs, admission).
 
     With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
-    request's outcome is returned (``admission.replayed_job`` says so)."""
+    request's outcome is returned (``admission.replayed_job`` says so). With the model's response
+    cache on, an answer cached for this tenant, version and input is returned before admission
+    (``admission.cached``): it costs no compute, so it takes nothing from the budgets."""
     job_id = own_id = state.replies.new_id()
     serving = serving_of(state, version.model)
     blob = codec.encode(tensors)
@@ -217,7 +230,7 @@ async def run_sync(
         metrics.INFLIGHT_SYNC.dec()
     if reply.status == STATUS_SUCCEEDED:
         if cached_at is not None:
-            async with redis_errors():
+            with contextlib.suppress(RedisError, OSError):  # an answer not cached is still the answer
                 await state.redis.set(cached_at, reply.blob, ex=serving.cache_ttl_s)
         return job_id, codec.decode(reply.blob), admission
     if reply.status == STATUS_EXPIRED:

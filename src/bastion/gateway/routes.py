@@ -137,10 +137,11 @@ async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
     a = await _admit(request, PREDICT)
-    with breaker_call(a.state, a.permit):
+    with breaker_call(a.state, a.permit) as call:
         wait = timeout_s(a.state, wait_header, a.version.model)
         tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
         job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+        call.ignored = admission.cached or admission.replayed_job is not None
     if admission.replayed_job is None and not admission.cached:
         copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     return json_response(
@@ -178,10 +179,11 @@ async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
     wait_header = request.headers.get("x-bastion-timeout-ms")
     a = await _admit(request, PREDICT)
-    with breaker_call(a.state, a.permit):
+    with breaker_call(a.state, a.permit) as call:
         wait = timeout_s(a.state, wait_header, a.version.model)
         tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
         job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
+        call.ignored = admission.cached or admission.replayed_job is not None
     if admission.replayed_job is None and not admission.cached:
         copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
     body: dict[str, Any] = {

@@ -48,6 +48,15 @@ class Outcome:
     measured_units: float | None = None  # compute units (ms of inference) this job's rows took
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An entry delivered but not acknowledged, and how many times it was delivered."""
+
+    stream: str
+    entry_id: str
+    times: int
+
+
 class Consumer:
     def __init__(
         self,
@@ -84,6 +93,30 @@ class Consumer:
         reply = self.client.xreadgroup(CONSUMER_GROUP, self.name, streams, count=count, block=block_ms)  # type: ignore[arg-type]
         return _jobs(reply)
 
+    def pending(
+        self, models: list[str], min_idle_ms: int, count: int = 100, only_consumer: str | None = None
+    ) -> list[Pending]:
+        """Entries idle at least ``min_idle_ms`` (of ``only_consumer``, or anyone's), oldest first."""
+        found: list[Pending] = []
+        for model in models:
+            for lane in LANES:
+                stream = queue_key(model, lane)
+                listed: Any = self.client.xpending_range(
+                    stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms, consumername=only_consumer
+                )
+                found += [Pending(stream, _s(p["message_id"]), int(p["times_delivered"])) for p in listed or []]
+        return found
+
+    def claim(self, entry: Pending, min_idle_ms: int) -> Job | None:
+        """Take one idle entry (a delivery more); None when another consumer took it first or it is gone."""
+        claimed: Any = self.client.xclaim(entry.stream, CONSUMER_GROUP, self.name, min_idle_ms, [entry.entry_id])
+        for entry_id, fields in claimed or []:
+            if not fields:  # deleted while pending: nothing to run, stop tracking it
+                self.client.xack(entry.stream, CONSUMER_GROUP, entry_id)
+                return None
+            return Job.from_entry(entry.stream, _s(entry_id), fields)
+        return None
+
     def reclaim(
         self,
         models: list[str],
@@ -92,30 +125,18 @@ class Consumer:
         count: int = 100,
         only_consumer: str | None = None,
     ) -> tuple[list[Job], list[Job]]:
-        """Claim entries idle past the visibility timeout: (to run again, to dead-letter)."""
+        """Claim every entry idle past ``min_idle_ms`` at once: (to run again, to dead-letter).
+
+        The worker claims one at a time instead (``pending`` + ``claim``), just before running
+        each, so nothing it holds waits unwatched and a crash charges only the job it was running.
+        """
         run: list[Job] = []
         dead: list[Job] = []
-        for model in models:
-            for lane in LANES:
-                stream = queue_key(model, lane)
-                pending: Any = self.client.xpending_range(
-                    stream, CONSUMER_GROUP, min="-", max="+", count=count, idle=min_idle_ms, consumername=only_consumer
-                )
-                if not pending:
-                    continue
-                ids = [p["message_id"] for p in pending]
-                times = {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
-                claimed: Any = self.client.xclaim(stream, CONSUMER_GROUP, self.name, min_idle_ms, ids)
-                for entry_id, fields in claimed:
-                    if not fields:  # deleted while pending: nothing to run, stop tracking it
-                        self.client.xack(stream, CONSUMER_GROUP, entry_id)
-                        continue
-                    job = Job.from_entry(stream, _s(entry_id), fields)
-                    # XPENDING counted the earlier deliveries; XCLAIM just added one more.
-                    if times.get(job.entry_id, 0) >= max_deliveries:
-                        dead.append(job)
-                    else:
-                        run.append(job)
+        for entry in self.pending(models, min_idle_ms, count, only_consumer):
+            job = self.claim(entry, min_idle_ms)
+            if job is not None:
+                # XPENDING counted the earlier deliveries; XCLAIM just added one more.
+                (dead if entry.times >= max_deliveries else run).append(job)
         return run, dead
 
     def prune(self, models: list[str], idle_s: float) -> int:

@@ -60,6 +60,8 @@ class Durability:
             config = await redis.config_get("append*")
         except Exception:  # managed Redis often refuses CONFIG: nothing to check then
             return
+        if self.mode == "waitaof" and config.get("appendonly") != "yes":
+            raise Unavailable("durability 'waitaof' needs the Redis append-only file on (appendonly yes)")
         if config.get("appendonly") != "yes":
             log.warning("redis_aof_off", durability=self.mode, hint="a Redis restart loses queued jobs")
         elif self.mode == "always" and config.get("appendfsync") != "always":

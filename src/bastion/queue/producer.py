@@ -160,7 +160,7 @@ class Producer:
             return
         durable = True
         if confirm:
-            durable = self.durability.confirmed(results.pop())
+            durable = all(self.durability.confirmed(t) for t in results.pop())
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

@@ -76,13 +76,14 @@ def run_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
 async def arun_pipeline(client: Any, pipe: Any, scripts: list[Lua], tail: tuple[Any, ...] = ()) -> list[Any]:
     """``run_pipeline`` for redis-py's asyncio client; errors are returned per call, not raised.
 
-    ``tail`` (a WAIT / WAITAOF) is sent after the calls, and again after any retried ones, on
-    the same connection: its answer, the last item returned, covers every write made."""
+    ``tail`` (a WAIT / WAITAOF) is sent after the calls, and again after any retried ones (on
+    that pipeline's connection): the last item returned is the list of its answers, one per
+    pipeline, which together cover every write made."""
     commands = list(pipe.command_stack)
     if tail:
         pipe.execute_command(*tail)
     results: list[Any] = await pipe.execute(raise_on_error=False)
-    last = results.pop() if tail else None
+    tails = [results.pop()] if tail else []
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if missing:
         for lua in scripts:
@@ -94,7 +95,8 @@ async def arun_pipeline(client: Any, pipe: Any, scripts: list[Lua], tail: tuple[
         if tail:
             retry.execute_command(*tail)
         again = await retry.execute(raise_on_error=False)
-        last = again.pop() if tail else None
+        if tail:
+            tails.append(again.pop())
         for i, result in zip(missing, again, strict=True):
             results[i] = result
-    return [*results, last] if tail else results
+    return [*results, tails] if tail else results

@@ -160,25 +160,27 @@ class Worker:
             metrics.QUEUE_DEPTH.labels(model, lane).set(depth)
 
     def reclaim(self, idle_ms: int | None = None, own: bool = False) -> None:
-        """Claim jobs idle past the visibility timeout (or, with ``own``, this consumer's own)."""
+        """Take back jobs idle past the visibility timeout (or, with ``own``, this consumer's own),
+        one at a time, each claimed just before it runs alone: a redelivered job may be the one
+        that killed its last worker, and then it takes down only itself, charging no other job a
+        delivery. A job past ``max_deliveries`` is dead-lettered instead."""
         if idle_ms is None:
             idle_ms = int(self.settings.visibility_timeout_s * 1000)
-        run, dead = self.consumer.reclaim(
-            self.models, idle_ms, self.settings.max_deliveries, only_consumer=self.name if own else None
-        )
-        if dead:
-            for job in dead:
+        limit = self.settings.max_deliveries
+        for entry in self.consumer.pending(self.models, idle_ms, only_consumer=self.name if own else None):
+            if self.stopping:
+                break
+            job = self.consumer.claim(entry, idle_ms)
+            if job is None:
+                continue  # another worker took it first
+            if entry.times >= limit:  # XPENDING counted the earlier deliveries; the claim is one more
                 metrics.DEAD_LETTERED.labels(job.model).inc()
-            log.warning("jobs_dead_lettered", count=len(dead), job_ids=[j.job_id for j in dead][:20])
-            self.consumer.dead_letter(dead, self.settings.max_deliveries)
-        if run:
-            for job in run:
-                metrics.RECLAIMED.labels(job.model).inc()
-            log.info("jobs_reclaimed", count=len(run))
-            # A redelivered job may be the one that killed its last worker: each runs alone, so a
-            # poison job takes down only itself and its batch-mates are not charged a delivery.
-            for job in run:
-                self.process([job])
+                log.warning("job_dead_lettered", job_id=job.job_id, model=job.model, deliveries=entry.times)
+                self.consumer.dead_letter([job], limit)
+                continue
+            metrics.RECLAIMED.labels(job.model).inc()
+            log.info("job_reclaimed", job_id=job.job_id, model=job.model, deliveries=entry.times + 1)
+            self.process([job])
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + min(60.0, self.settings.consumer_expiry_s / 2)
@@ -282,17 +284,15 @@ class Worker:
                 with beat.call(loaded):
                     results = run_batch(loaded, [j.blob for j in chunk])
                 done = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
-            except TimeLimited:  # one of them may be a runaway: each comes back alone, counted
-                released.extend(chunk)
-                continue
+            except TimeLimited:
+                if len(chunk) == 1:  # released: it comes back alone, counted
+                    released.extend(chunk)
+                    continue
+                # One of them is a runaway: run each alone now (each watched), so the others are
+                # answered without being charged a delivery; only the runaway is released.
+                done = self._run_alone(loaded, chunk, beat, released)
             except Exception:  # one bad job, or unsplittable outputs: run the jobs one by one
-                done = []
-                for job in chunk:
-                    one = self._run_one(loaded, job, beat)
-                    if one is None:
-                        released.append(job)
-                    else:
-                        done.append(one)
+                done = self._run_alone(loaded, chunk, beat, released)
             elapsed = time.perf_counter() - started
             _share_cost(done, elapsed * 1000)
             outcomes += done
@@ -304,6 +304,16 @@ class Worker:
         if (model, version) not in self.snapshot.versions:
             self.refresh(force=True)  # a version registered after our last snapshot
         return self.cache.get(self.snapshot, model, version)
+
+    def _run_alone(self, loaded: LoadedModel, jobs: list[Job], beat: Heartbeat, released: list[Job]) -> list[Outcome]:
+        done: list[Outcome] = []
+        for job in jobs:
+            one = self._run_one(loaded, job, beat)
+            if one is None:
+                released.append(job)
+            else:
+                done.append(one)
+        return done
 
     def _run_one(self, loaded: LoadedModel, job: Job, beat: Heartbeat) -> Outcome | None:
         """The job's outcome, or None when the time limit stopped it (to be released)."""
