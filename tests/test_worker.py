@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -309,3 +310,21 @@ def test_a_runaway_call_is_stopped_its_batch_mates_answered_and_it_is_dead_lette
     worker.reclaim()  # past max_deliveries: dead-lettered
     assert _status(redis_client, "runaway") == "dead_lettered"
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_job_run_in_a_child_process_answers_the_same_and_a_killed_child_is_reported() -> None:
+    from bastion.worker.isolation import ChildDied, run_isolated
+
+    loaded = OnnxRuntime().load(demo.model_bytes())
+    children: list[int] = []
+    isolated = run_isolated(loaded, BLOB, lambda child: children.append(child.pid))
+    assert codec.decode(isolated)["probabilities"].tolist() == loaded.run(codec.decode(BLOB))["probabilities"].tolist()
+    assert children and children[0] != os.getpid()
+
+    from tests.chaos.models import runaway_model
+
+    runaway = OnnxRuntime().load(runaway_model())
+    hostile = codec.encode({"x": np.full((1, 30), 1000.0, np.float32)})
+    with pytest.raises(ChildDied, match="signal 9"):
+        run_isolated(runaway, hostile, lambda child: child.terminate())  # what the OOM killer does
+    assert runaway.run({"x": np.ones((1, 30), np.float32)})["y"].tolist() == [[1.0]], "the worker's copy is unharmed"

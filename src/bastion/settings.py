@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         gt=0,
         description="a batch still running after this long ends its worker (jobs redelivered, counted), seconds",
     )
+    isolate_redelivered: bool = Field(
+        default=True,
+        description="run a redelivered job in a child process (forked), so a job that kills its process "
+        "kills only the child",
+    )
     model_retry_s: float = Field(
         default=30.0, gt=0, description="how long a worker waits before loading a refused model version again, seconds"
     )

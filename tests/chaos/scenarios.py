@@ -8,6 +8,7 @@ disk, workers frozen with SIGSTOP, a job that runs past the worker's time limit.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -298,8 +299,9 @@ def enqueue_direct(stack: Stack, rows: np.ndarray) -> list[str]:
 
 
 class OomKiller(threading.Thread):
-    """Kill the worker running a poison job, once per run (each run stamps 'started'), as the
-    kernel's OOM killer would kill a worker a job blew up."""
+    """Kill the process running a poison job, once per run (each run stamps 'started'), as the
+    kernel's OOM killer would kill the process a job blew up: the worker, or the child process
+    a worker runs a redelivered job in (its pid is in the job's state)."""
 
     def __init__(self, stack: Stack, poison_ids: list[str]) -> None:
         super().__init__(daemon=True)
@@ -319,8 +321,14 @@ class OomKiller(threading.Thread):
                         continue
                     seen.add(started)
                     time.sleep(0.05)  # it is computing now
-                    self.stack.procs[name.decode()].kill()
-                    self.kills.append(f"{job_id[:6]}:{name.decode()}:{started.decode()}")
+                    # the process computing it: the child a worker runs a redelivered job in, or the worker
+                    pid = rc.hget(f"job:{job_id}", "pid")
+                    if pid is not None:
+                        os.kill(int(pid), signal.SIGKILL)
+                        self.kills.append(f"{job_id[:6]}:child of {name.decode()}")
+                    else:
+                        self.stack.procs[name.decode()].kill()
+                        self.kills.append(f"{job_id[:6]}:{name.decode()}")
                 time.sleep(0.005)
         except Exception as exc:
             self.kills.append(f"killer failed: {exc!r}")

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Protocol
 
 from bastion import logs, metrics
 from bastion.queue.consumer import Consumer
@@ -29,6 +30,10 @@ from bastion.queue.protocol import Job
 from bastion.runtime.base import LoadedModel
 
 log = logs.get("bastion.worker")
+
+
+class Stoppable(Protocol):
+    def terminate(self) -> None: ...
 
 
 class TimeLimited(Exception):
@@ -52,7 +57,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._lock = threading.Lock()
-        self._model: LoadedModel | None = None
+        self._model: Stoppable | None = None
         self._deadline = 0.0
         self._terminated = False
 
@@ -67,6 +72,11 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+    def watch(self, target: Stoppable) -> None:
+        """Stop ``target`` instead (a child process that now runs the call)."""
+        with self._lock:
+            self._model = target
 
     @contextlib.contextmanager
     def call(self, model: LoadedModel) -> Iterator[None]:

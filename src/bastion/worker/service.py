@@ -18,12 +18,14 @@ import redis
 
 from bastion import holdout, logs, metrics
 from bastion.constants import (
+    LANE_BATCH,
     SNAPSHOT_CHANNEL,
     SNAPSHOT_KEY,
     STATUS_EXPIRED,
     STATUS_FAILED,
     STATUS_SUCCEEDED,
     WARM_TTL_S,
+    job_key,
     warm_key,
 )
 from bastion.errors import BastionError, InvalidInput
@@ -35,6 +37,7 @@ from bastion.snapshot import Snapshot
 from bastion.worker import evaluation, shadow
 from bastion.worker.batching import run_batch, run_each
 from bastion.worker.heartbeat import Heartbeat, TimeLimited
+from bastion.worker.isolation import Child, ChildDied, run_isolated
 from bastion.worker.models import ModelCache
 
 log = logs.get("bastion.worker")
@@ -180,7 +183,7 @@ class Worker:
                 continue
             metrics.RECLAIMED.labels(job.model).inc()
             log.info("job_reclaimed", job_id=job.job_id, model=job.model, deliveries=entry.times + 1)
-            self.process([job])
+            self.process([job], suspect=self.settings.isolate_redelivered)
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + min(60.0, self.settings.consumer_expiry_s / 2)
@@ -189,16 +192,17 @@ class Worker:
                 log.info("consumers_pruned", count=removed)
 
     # work --------------------------------------------------------------------------------
-    def process(self, jobs: list[Job]) -> None:
+    def process(self, jobs: list[Job], suspect: bool = False) -> None:
         """Run and complete ``jobs``, keeping their claim alive while they run; jobs whose model
-        call was stopped by the time limit are released for redelivery (counted)."""
+        call was stopped by the time limit, or whose process died, are released for redelivery
+        (counted). ``suspect`` jobs (redelivered ones) run alone, each in a child process."""
         with Heartbeat(self.consumer, jobs, self.settings.visibility_timeout_s, self.settings.max_job_s) as beat:
-            released = self._process(jobs, beat)
+            released = self._process(jobs, beat, suspect)
         if released:
             log.warning("jobs_released", reason="time_limit", job_ids=[j.job_id for j in released][:20])
             self.consumer.release(released, int(self.settings.visibility_timeout_s * 1000) + 1)
 
-    def _process(self, jobs: list[Job], beat: Heartbeat) -> list[Job]:
+    def _process(self, jobs: list[Job], beat: Heartbeat, suspect: bool = False) -> list[Job]:
         now_ms = int(time.time() * 1000)
         outcomes: list[Outcome] = []
         groups: dict[tuple[str, int], list[Job]] = defaultdict(list)
@@ -217,7 +221,7 @@ class Worker:
         # Each model version's outcomes are stored as soon as it has run: if a later group kills
         # this worker, only that group's jobs come back.
         for (model, version), group in groups.items():
-            self._finish(self._run_group(model, version, group, beat, released))
+            self._finish(self._run_group(model, version, group, beat, released, suspect))
         return released
 
     def _finish(self, outcomes: list[Outcome]) -> None:
@@ -267,12 +271,14 @@ class Worker:
         self.consumer.record_shadow(totals)
 
     def _run_group(
-        self, model: str, version: int, jobs: list[Job], beat: Heartbeat, released: list[Job]
+        self, model: str, version: int, jobs: list[Job], beat: Heartbeat, released: list[Job], suspect: bool = False
     ) -> list[Outcome]:
         try:
             loaded = self._load(model, version)
         except BastionError as exc:
             return [Outcome(j, STATUS_FAILED, error=exc.detail) for j in jobs]
+        if suspect:
+            return self._run_alone(loaded, jobs, beat, released, isolated=True)
         info = self.snapshot.versions.get((model, version))
         batchable = info is not None and info.signature.batchable
         outcomes: list[Outcome] = []
@@ -305,22 +311,42 @@ class Worker:
             self.refresh(force=True)  # a version registered after our last snapshot
         return self.cache.get(self.snapshot, model, version)
 
-    def _run_alone(self, loaded: LoadedModel, jobs: list[Job], beat: Heartbeat, released: list[Job]) -> list[Outcome]:
+    def _child_started(self, job: Job, child: Child, beat: Heartbeat) -> None:
+        """Watch the child instead of the model; name its pid in the job's state (async jobs)."""
+        beat.watch(child)
+        if job.stream.endswith(":" + LANE_BATCH):
+            self.client.hset(job_key(job.job_id), "pid", child.pid)
+
+    def _run_alone(
+        self, loaded: LoadedModel, jobs: list[Job], beat: Heartbeat, released: list[Job], isolated: bool = False
+    ) -> list[Outcome]:
         done: list[Outcome] = []
         for job in jobs:
-            one = self._run_one(loaded, job, beat)
+            started = time.perf_counter()
+            one = self._run_one(loaded, job, beat, isolated)
+            if one is not None and isolated:
+                _share_cost([one], (time.perf_counter() - started) * 1000)
             if one is None:
                 released.append(job)
             else:
                 done.append(one)
         return done
 
-    def _run_one(self, loaded: LoadedModel, job: Job, beat: Heartbeat) -> Outcome | None:
-        """The job's outcome, or None when the time limit stopped it (to be released)."""
+    def _run_one(self, loaded: LoadedModel, job: Job, beat: Heartbeat, isolated: bool = False) -> Outcome | None:
+        """The job's outcome, or None when the time limit stopped it or its process died (to be
+        released)."""
         try:
             with beat.call(loaded):
-                return Outcome(job, STATUS_SUCCEEDED, result=run_each(loaded, job.blob))
+                if isolated:
+                    result = run_isolated(loaded, job.blob, lambda child: self._child_started(job, child, beat))
+                else:
+                    result = run_each(loaded, job.blob)
+            return Outcome(job, STATUS_SUCCEEDED, result=result)
         except TimeLimited:
+            return None
+        except ChildDied as exc:
+            metrics.ERRORS.labels("worker", "job_process_died").inc()
+            log.warning("job_process_died", job_id=job.job_id, model=job.model, reason=str(exc))
             return None
         except InvalidInput as exc:
             return Outcome(job, STATUS_FAILED, error=exc.detail)
