@@ -144,7 +144,8 @@ def rows_poison(quick: bool) -> list[tuple[str, str, str, bool]]:
             (
                 f"poison job x {n} ({what})",
                 f"{'/'.join(f['poison_status'])}; dead letters {f['dead_letter_entries']}; "
-                f"time-limit stops {f['time_limit_stops']}, worker kills {f['worker_kills']}",
+                f"time-limit stops {f['time_limit_stops']}, processes killed {f['worker_kills']} "
+                f"(worker exits {f['worker_exits']})",
                 "dead-lettered after max_deliveries (3)",
                 f["poison_status"] == ["dead_lettered"] and f["dead_letter_entries"] == n,
             ),

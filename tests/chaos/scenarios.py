@@ -8,6 +8,7 @@ disk, workers frozen with SIGSTOP, a job that runs past the worker's time limit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import redis
 
 from bastion import demo
 from bastion.constants import CONSUMER_GROUP, dead_letter_key, queue_key
@@ -89,7 +91,8 @@ def forget(stack: Stack, ids: list[str]) -> None:
     try:
         for start in range(0, len(ids), 5000):
             client.unlink(*(f"job:{i}" for i in ids[start : start + 5000]))
-        client.bgrewriteaof()
+        with contextlib.suppress(redis.ResponseError):  # one already running
+            client.bgrewriteaof()
     finally:
         client.close()
 
