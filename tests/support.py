@@ -107,7 +107,11 @@ class Stack:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "bastion", *args], env={**self.env, **env}, stdout=log, stderr=log
+            [sys.executable, "-m", "bastion", *args],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # its own process group: a signal reaches a worker's forked loop too
         )
         log.close()
 
@@ -141,7 +145,13 @@ class Stack:
             thread.join()
 
     def signal(self, name: str, signum: int) -> None:
-        self.procs[name].send_signal(signum)
+        """Signal the process and what it forked (a worker's loop and its children) - SIGSTOP freezes
+        a worker, SIGCONT wakes it; SIGTERM reaches the master, which stops its loop."""
+        proc = self.procs[name]
+        if signum == signal.SIGTERM or proc.poll() is not None:
+            proc.send_signal(signum)
+        else:
+            os.killpg(proc.pid, signum)
 
     def wait(self, name: str, timeout_s: float = 20) -> int:
         return self.procs[name].wait(timeout_s)

@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         gt=0,
         description="a batch still running after this long ends its worker (jobs redelivered, counted), seconds",
     )
+    worker_prefork: bool = Field(
+        default=True,
+        description="a worker process is a master that forks its loop and forks it again when it dies "
+        "(a restart in milliseconds, not a fresh start)",
+    )
     isolate_redelivered: bool = Field(
         default=True,
         description="run a redelivered job in a child process (forked), so a job that kills its process "

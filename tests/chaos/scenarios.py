@@ -303,8 +303,8 @@ def enqueue_direct(stack: Stack, rows: np.ndarray) -> list[str]:
 
 class OomKiller(threading.Thread):
     """Kill the process running a poison job, once per run (each run stamps 'started'), as the
-    kernel's OOM killer would kill the process a job blew up: the worker, or the child process
-    a worker runs a redelivered job in (its pid is in the job's state)."""
+    kernel's OOM killer would kill the process a job blew up: the worker's loop, or the child
+    process it runs a redelivered job in (the job's state names the pid)."""
 
     def __init__(self, stack: Stack, poison_ids: list[str]) -> None:
         super().__init__(daemon=True)
@@ -324,14 +324,11 @@ class OomKiller(threading.Thread):
                         continue
                     seen.add(started)
                     time.sleep(0.05)  # it is computing now
-                    # the process computing it: the child a worker runs a redelivered job in, or the worker
-                    pid = rc.hget(f"job:{job_id}", "pid")
-                    if pid is not None:
-                        os.kill(int(pid), signal.SIGKILL)
-                        self.kills.append(f"{job_id[:6]}:child of {name.decode()}")
-                    else:
-                        self.stack.procs[name.decode()].kill()
-                        self.kills.append(f"{job_id[:6]}:{name.decode()}")
+                    # the process computing it: the worker's loop, or the child it runs a redelivered job in
+                    pid = int(rc.hget(f"job:{job_id}", "pid") or 0)
+                    if pid:
+                        os.kill(pid, signal.SIGKILL)
+                        self.kills.append(f"{job_id[:6]}:{name.decode()}:{pid}")
                 time.sleep(0.005)
         except Exception as exc:
             self.kills.append(f"killer failed: {exc!r}")

@@ -8,7 +8,6 @@ first, then workers (which finish their batch), then the control plane and Redis
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -27,6 +26,7 @@ from bastion import demo, logs
 from bastion.adminclient import AdminClient
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.errors import BastionError, Unavailable
+from bastion.procs import die_with_parent
 from bastion.settings import Settings
 
 log = logs.get("bastion.up")
@@ -38,15 +38,6 @@ class PortInUse(BastionError):
 
 class AlreadyRunning(BastionError):
     title = "Already running"
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: receive SIGTERM if the supervisor dies, however it dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 # Settings a role must not receive: gateways and workers hold no SQL credentials or admin key.
@@ -110,7 +101,7 @@ class Child:
             stdout=out,
             stderr=out,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         if self.log_path:
             out.close()  # type: ignore[union-attr]

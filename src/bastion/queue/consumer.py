@@ -7,6 +7,7 @@ consumer; an entry delivered ``max_deliveries`` times is dead-lettered instead o
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -186,7 +187,7 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for job in jobs:
             if job.stream.endswith(":" + LANE_BATCH):
-                _START.queue(pipe, [job_key(job.job_id)], [self.name, now_ms])
+                _START.queue(pipe, [job_key(job.job_id)], [self.name, now_ms, os.getpid()])
         if pipe.command_stack:
             run_pipeline(self.client, pipe, [_START])
 

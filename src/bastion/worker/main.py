@@ -13,12 +13,21 @@ from bastion.redisconn import sync_client
 from bastion.runtime.onnx import OnnxRuntime
 from bastion.settings import Settings
 from bastion.worker.models import ModelCache
+from bastion.worker.prefork import Prefork
 from bastion.worker.service import Worker
 
 
 def run(settings: Settings) -> None:
     logs.configure(settings.log_level, "worker")
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    if settings.worker_prefork:
+        Prefork(lambda: serve(settings, name)).run()
+    else:
+        serve(settings, name)
+
+
+def serve(settings: Settings, name: str) -> None:
+    """The worker loop, until SIGTERM."""
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.host)
     client = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
