@@ -43,7 +43,9 @@ def choose(
     if not routes.rules and not routes.disabled and len(routes.routes) == 1:
         return routes.routes[0].version, False  # the common case: one production version, no policy
     allowed, stopped_by = _allowed(routes, tenant, jurisdiction, consents)
-    fallback = fallback_for(routes, tenant, jurisdiction, consents)
+    fallback = routes.fallback
+    if fallback is not None and allowed is not None and fallback.version not in allowed:
+        fallback = None
     if routes.disabled:
         if fallback is not None:
             return fallback, True
@@ -58,17 +60,6 @@ def choose(
             model=model,
         )
     return _weighted(model, candidates, subject), False
-
-
-def fallback_for(
-    routes: ModelRoutes, tenant: str = "", jurisdiction: str | None = None, consents: frozenset[str] = frozenset()
-) -> VersionInfo | None:
-    """The deployment's fallback version, if policy lets this caller reach it."""
-    fallback = routes.fallback
-    if fallback is None or not routes.rules:
-        return fallback
-    allowed, _ = _allowed(routes, tenant, jurisdiction, consents)
-    return fallback if allowed is None or fallback.version in allowed else None
 
 
 def alternatives(

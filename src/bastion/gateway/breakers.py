@@ -173,7 +173,3 @@ class Breakers:
             return
         now = time.monotonic()
         permit.breaker.record(permit, self.policy.judge(outcome, now - permit.started), now)
-
-    def states(self) -> dict[str, str]:
-        """``model:version`` -> state, for health output."""
-        return {f"{m}:{v}": b.state.name.lower() for (m, v), b in self._breakers.items()}

@@ -27,7 +27,6 @@ from typing import Protocol
 from bastion import logs, metrics
 from bastion.queue.consumer import Consumer
 from bastion.queue.protocol import Job
-from bastion.runtime.base import LoadedModel
 
 log = logs.get("bastion.worker")
 
@@ -57,7 +56,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._lock = threading.Lock()
-        self._model: Stoppable | None = None
+        self._target: Stoppable | None = None
         self._deadline = 0.0
         self._terminated = False
 
@@ -76,13 +75,13 @@ class Heartbeat:
     def watch(self, target: Stoppable) -> None:
         """Stop ``target`` instead (a child process that now runs the call)."""
         with self._lock:
-            self._model = target
+            self._target = target
 
     @contextlib.contextmanager
-    def call(self, model: LoadedModel) -> Iterator[None]:
+    def call(self, model: Stoppable) -> Iterator[None]:
         """Watch one model call; raise ``TimeLimited`` if the watchdog had to stop it."""
         with self._lock:
-            self._model, self._deadline, self._terminated = model, time.monotonic() + self.max_job_s, False
+            self._target, self._deadline, self._terminated = model, time.monotonic() + self.max_job_s, False
         try:
             yield
         except Exception as exc:
@@ -91,7 +90,7 @@ class Heartbeat:
             raise
         finally:
             with self._lock:
-                self._model = None
+                self._target = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -104,8 +103,8 @@ class Heartbeat:
 
     def _watch(self) -> None:
         with self._lock:
-            model, late = self._model, time.monotonic() - self._deadline
-            if model is None or late < 0:
+            target, late = self._target, time.monotonic() - self._deadline
+            if target is None or late < 0:
                 return
             if not self._terminated:
                 self._terminated = True
@@ -113,7 +112,7 @@ class Heartbeat:
                 log.warning(
                     "job_time_limit_exceeded", max_job_s=self.max_job_s, job_ids=[j.job_id for j in self.jobs][:20]
                 )
-                model.terminate()
+                target.terminate()
                 return
         if late >= self.exit_grace_s:
             log.error("model_call_unstoppable", action="worker exits; its jobs are redelivered, counted")
