@@ -125,8 +125,8 @@ def test_workers_release_the_cap_and_correct_the_bucket_with_measured_cost(tmp_p
         with httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
             for _ in range(20):  # sequential sync calls: each releases its slot, so the cap never bites
                 assert http.post(PREDICT, json={"inputs": [ROW]}).status_code == 200
-            wait_until(lambda: client.get("cc:settled") in (None, b"0"), 5, "the in-flight count to drain")
-            per_row = float(client.hget(f"cost:{demo.MODEL_NAME}", "per_row") or 0)
+            wait_until(lambda: client.zcard("inflight:settled") == 0, 5, "the in-flight slots to be given back")
+            per_row = float(client.hget(f"cost:{demo.MODEL_NAME}:1", "per_row") or 0)
             left = float(client.hget(f"rl:t:settled:{demo.MODEL_NAME}", "tokens") or 0)
             last = http.post(PREDICT, json={"inputs": [ROW]})
         client.close()
@@ -163,4 +163,74 @@ def test_with_redis_down_predict_fails_fast_and_recovers_without_restart(tmp_pat
             wait_until(lambda: http.post(PREDICT, json={"inputs": [ROW]}).status_code == 200, 5, "service to resume")
             print(f"service resumed {time.monotonic() - back:.2f} s after Redis returned")
     finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(300)
+def test_the_budget_still_holds_exactly_after_10000_jobs_expired_before_running(tmp_path_factory: Any) -> None:
+    """Jobs that expire before they run (1 ms deadlines, or plain overload) teach the price
+    nothing: after 10,000 of them - 1,000 through the gateways with 1 ms deadlines, 9,000 queued
+    with deadlines already past - a 100-unit budget still admits exactly 100 one-unit jobs."""
+    import signal
+
+    from bastion.queue.envelope import Envelope
+    from bastion.queue.producer import Producer
+    from bastion.redisconn import async_client
+
+    stack = Stack(
+        tmp_path_factory.mktemp("expired"), workers=1, gateways=2, cost_per_row_default=1.0, max_queue_sync=20_000
+    )
+    try:
+        stack.start()
+        stack.signal("worker-0", signal.SIGSTOP)  # every job of the flood expires before it runs
+
+        async def flood() -> Counter[int]:
+            headers = {"Authorization": f"Bearer {stack.keys['acme']}", "X-Bastion-Timeout-Ms": "1"}
+            limits = httpx.Limits(max_connections=32)
+            clients = [
+                httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30)
+                for url in stack.gateway_urls
+            ]
+            redis = async_client(stack.settings.require_redis_url())
+            producer = Producer(redis, max_queue_sync=20_000, max_queue_batch=10, result_ttl_s=60)
+            counts: Counter[int] = Counter()
+            try:
+                answers = await asyncio.gather(
+                    *(clients[i % 2].post(PREDICT, json={"inputs": [ROW]}) for i in range(1000))
+                )
+                counts.update(r.status_code for r in answers)
+                past = int(time.time() * 1000) - 1
+                for start in range(0, 9000, 500):
+                    await asyncio.gather(
+                        *(
+                            producer.enqueue(
+                                Envelope(f"late{i}", "acme", demo.MODEL_NAME, 1, "sync", deadline_ms=past, rows=1)
+                            )
+                            for i in range(start, start + 500)
+                        )
+                    )
+            finally:
+                for c in clients:
+                    await c.aclose()
+                await redis.aclose()
+            return counts
+
+        counts = asyncio.run(flood())
+        assert counts == Counter({504: 1000}), counts
+        client = stack.redis_client()
+        assert client.xlen(f"q:{demo.MODEL_NAME}:sync") == 10_000
+        stack.signal("worker-0", signal.SIGCONT)
+        wait_until(lambda: client.xlen(f"q:{demo.MODEL_NAME}:sync") == 0, 60, "the worker to drop the expired jobs")
+        time.sleep(0.5)  # the last batch's settle call
+        price = client.hget(f"cost:{demo.MODEL_NAME}:1", "per_row")
+        assert price is None or float(price) >= 1.0, f"expired jobs drove the price down to {price!r}"
+        key = _key(stack, "exact", burst=100, units_per_s=0)
+        stack.signal("worker-0", signal.SIGSTOP)  # nothing settles during the burst: exact counting
+        answers = asyncio.run(_burst(stack, key, [{"inputs": [ROW]}] * 300))
+        assert sum(r.status_code == 202 for r in answers) == 100
+        assert {r.status_code for r in answers} == {202, 429}
+        client.close()
+    finally:
+        if "worker-0" in stack.procs:
+            stack.signal("worker-0", signal.SIGCONT)
         stack.stop()

@@ -18,7 +18,7 @@ from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore
 from bastion.constants import CONSUMER_GROUP, dead_letter_key, job_key, queue_key
 from bastion.queue.consumer import Consumer, Outcome
-from bastion.queue.protocol import entry_fields
+from bastion.queue.envelope import Envelope
 from bastion.runtime.onnx import OnnxRuntime
 from bastion.settings import Settings
 from bastion.worker.models import ModelCache
@@ -43,7 +43,10 @@ def _publish(client: redis.Redis, store: ArtifactStore) -> None:
 
 
 def _enqueue(client: redis.Redis, job_id: str, deadline_ms: int = 0, lane: str = "batch") -> None:
-    fields = entry_fields(job_id, "acme", MODEL, 1, deadline_ms, "", int(time.time() * 1000), BLOB)
+    env = Envelope(
+        job_id, "acme", MODEL, 1, lane, deadline_ms=deadline_ms, created_ms=int(time.time() * 1000), blob=BLOB
+    )
+    fields = env.fields()
     client.xadd(queue_key(MODEL, lane), dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
 
 
@@ -101,7 +104,7 @@ def test_an_abandoned_job_is_reclaimed_then_dead_lettered(redis_client: redis.Re
     worker.reclaim()
     assert _status(redis_client, "poison") == "dead_lettered"
     dead_entries = redis_client.xrange(dead_letter_key(MODEL))
-    assert len(dead_entries) == 1 and dead_entries[0][1][b"h"].startswith(b"poison|")
+    assert len(dead_entries) == 1 and dead_entries[0][1][b"id"] == b"poison"
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
 
 
@@ -182,7 +185,9 @@ def _graph_model(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], output
 
 
 def _enqueue_to(client: redis.Redis, model: str, job_id: str, tensors: dict[str, np.ndarray], tenant: str) -> None:
-    fields = entry_fields(job_id, tenant, model, 1, 0, "", int(time.time() * 1000), codec.encode(tensors))
+    fields = Envelope(
+        job_id, tenant, model, 1, "batch", created_ms=int(time.time() * 1000), blob=codec.encode(tensors)
+    ).fields()
     client.xadd(queue_key(model, "batch"), dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
 
 
@@ -289,7 +294,7 @@ def test_a_runaway_call_is_stopped_its_batch_mates_answered_and_it_is_dead_lette
 
     def enqueue(job_id: str, value: float) -> None:
         blob = codec.encode({"x": np.full((1, 30), value, np.float32)})
-        fields = entry_fields(job_id, "acme", "runaway", 1, 0, "", int(time.time() * 1000), blob)
+        fields = Envelope(job_id, "acme", "runaway", 1, "batch", created_ms=int(time.time() * 1000), blob=blob).fields()
         redis_client.hset(job_key(job_id), mapping={"status": "queued", "tenant": "acme", "model": "runaway"})
         redis_client.xadd(stream, dict(zip(fields[::2], fields[1::2], strict=True)))  # type: ignore[arg-type]
 

@@ -1,28 +1,42 @@
 """Every Redis key Bastion uses, with its owner and lifetime, in one place.
 
-=====================  ==========================================  ==============================
-key                    what                                        lifetime / owner
-=====================  ==========================================  ==============================
-q:{model}:{lane}       job stream of one model and lane            control plane (deleted with model);
-                       (lane: ``sync`` or ``batch``)               entries XDEL'd on completion
-dlq:{model}            dead-letter stream                          capped with MAXLEN
-r:{gateway}            reply stream of one gateway process         gateway deletes on exit; TTL
-                                                                   refreshed while it lives
-job:{id}               job state hash (tenant, status, result)     TTL: result_ttl (async) or
-                                                                   sync_result_ttl
-snap:current           the published control-plane snapshot        control plane (overwritten)
-snap:notify            pub/sub channel announcing a new snapshot   -
-shadow:{model}:{ver}   shadow comparison counters of one version   workers; TTL 30 days, refreshed
-                                                                   on each comparison
-rl:t:{tenant}:{model}  compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
-rl:k:{key id}          compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
-cc:{tenant}            jobs in flight of a tenant with a cap       enqueue.lua / complete.lua; TTL 1 h
-cost:{model}           measured compute units per row (EWMA)       workers (settle.lua); TTL 1 day
-idem:{tenant}:{digest} an Idempotency-Key's request fingerprint,   enqueue.lua / gateway; TTL 24 h
-                       job id and (sync) stored outcome
-warm:{model}:{ver}     sorted set: workers that loaded and warmed  workers (score: report time);
-                       up this version                             TTL 1 h, refreshed
-=====================  ==========================================  ==============================
+=======================  ==========================================  ==============================
+key                      what                                        lifetime / owner
+=======================  ==========================================  ==============================
+q:{model}:{lane}         job stream of one model and lane            control plane (deleted with model);
+                         (lane: ``sync``, ``batch`` or ``shadow``)   entries XDEL'd on completion
+dlq:{model}              dead-letter stream                          capped with MAXLEN
+r:{gateway}              reply stream of one gateway process         gateway deletes on exit; TTL
+                                                                     refreshed while it lives
+job:{id}                 job state hash (tenant, status, result)     TTL: result_ttl (async) or
+                                                                     sync_result_ttl
+sj:{id}                  a shadow copy's outcome (status only, no    complete.lua; TTL 10 min
+                         outputs; no tenant can read it)
+snap:current             the published control-plane snapshot        control plane (overwritten)
+snap:notify              pub/sub channel announcing a new snapshot   -
+shadow:{model}:{ver}     shadow comparison counters of one version   workers; TTL 30 days, refreshed
+                                                                     on each comparison
+rl:t:{tenant}:{model}    compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
+rl:k:{key id}            compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
+inflight:{tenant}        sorted set: job ids holding a slot of the   enqueue.lua adds, the outcome
+                         tenant's in-flight cap, scored by when the  (outcome.lua) removes; a slot
+                         slot lapses                                 lapses by itself; key TTL: the
+                                                                     longest slot
+cost:{model}:{ver}       learned compute units per row (EWMA, from   workers (settle.lua); TTL 1 day
+                         jobs that ran; never below the floor)
+idem:{tenant}:{digest}   an Idempotency-Key's request fingerprint,   enqueue.lua; the outcome by
+                         job id and (sync) stored outcome            outcome.lua; TTL 24 h
+rc:{tenant}:{model}:     a cached answer (opt-in response cache)     gateway; TTL: the model's
+{ver}:{digest}                                                       cache_ttl_s
+warm:{model}:{ver}       sorted set: workers that loaded and warmed  workers (score: report time);
+                         up this version                             TTL 1 h, refreshed
+strike:{client}          a client's failures in the abuse window     strike.lua; TTL: the window
+ban:{client}             the client is banned                        strike.lua; TTL: the ban
+bans:{client}            bans of the client in the last day          strike.lua; TTL 1 day
+abuse:bans               pub/sub channel announcing a ban            -
+=======================  ==========================================  ==============================
+
+``{client}`` is ``a:<address>`` or ``k:<key id>``.
 """
 
 from __future__ import annotations
@@ -35,8 +49,16 @@ SHADOW_PREFIX = "shadow:"
 WARM_PREFIX = "warm:"
 TENANT_BUCKET_PREFIX = "rl:t:"
 KEY_BUCKET_PREFIX = "rl:k:"
-INFLIGHT_PREFIX = "cc:"
+INFLIGHT_PREFIX = "inflight:"
 COST_PREFIX = "cost:"
+SHADOW_JOB_PREFIX = "sj:"
+IDEMPOTENCY_PREFIX = "idem:"
+RESPONSE_CACHE_PREFIX = "rc:"
+STRIKE_PREFIX = "strike:"
+BAN_PREFIX = "ban:"
+BANS_PREFIX = "bans:"
+BAN_CHANNEL = "abuse:bans"
+SHADOW_RECORD_TTL_S = 600
 WARM_TTL_S = 3600
 SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
@@ -47,7 +69,8 @@ EVALUATION_TENANT = "_control"  # owner of evaluation jobs; '_' is not allowed i
 
 LANE_SYNC = "sync"
 LANE_BATCH = "batch"
-LANES = (LANE_SYNC, LANE_BATCH)
+LANE_SHADOW = "shadow"
+LANES = (LANE_SYNC, LANE_BATCH, LANE_SHADOW)
 
 STATUS_QUEUED = "queued"
 STATUS_RUNNING = "running"
@@ -105,12 +128,16 @@ def inflight_key(tenant: str) -> str:
     return f"{INFLIGHT_PREFIX}{tenant}"
 
 
+def shadow_job_key(job_id: str) -> str:
+    return f"{SHADOW_JOB_PREFIX}{job_id}"
+
+
 def idempotency_key(tenant: str, digest: str) -> str:
-    return f"idem:{tenant}:{digest}"
+    return f"{IDEMPOTENCY_PREFIX}{tenant}:{digest}"
 
 
-def cost_key(model: str) -> str:
-    return f"{COST_PREFIX}{model}"
+def cost_key(model: str, version: int) -> str:
+    return f"{COST_PREFIX}{model}:{version}"
 
 
 def warm_key(model: str, version: int) -> str:
@@ -119,4 +146,9 @@ def warm_key(model: str, version: int) -> str:
 
 def response_cache_key(tenant: str, model: str, version: int, digest: str) -> str:
     """A cached answer: per tenant (never shared across tenants), per version, by input digest."""
-    return f"rc:{tenant}:{model}:{version}:{digest}"
+    return f"{RESPONSE_CACHE_PREFIX}{tenant}:{model}:{version}:{digest}"
+
+
+def abuse_keys(client: str) -> tuple[str, str, str]:
+    """strike.lua's keys for one client id: its strikes, its ban, its bans of the day."""
+    return f"{STRIKE_PREFIX}{client}", f"{BAN_PREFIX}{client}", f"{BANS_PREFIX}{client}"

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_queue_batch: int = Field(
         default=200_000, ge=1, description="async-lane queue length beyond which job submissions get 503"
     )
+    max_queue_shadow: int = Field(
+        default=10_000, ge=1, description="shadow-lane queue length beyond which shadow copies are dropped (counted)"
+    )
     result_ttl_s: int = Field(default=86_400, ge=1, description="how long an async job result is kept, seconds")
     sync_result_ttl_s: int = Field(
         default=120, ge=1, description="how long a sync job outcome is kept for redelivery idempotency, seconds"
@@ -119,7 +122,10 @@ class Settings(BaseSettings):
     )
     default_tier: str = Field(default="standard", description="rate tier of keys created without one")
     cost_per_row_default: float = Field(
-        default=0.1, gt=0, description="estimated compute units per row of a model not yet measured"
+        default=0.1, gt=0, description="estimated compute units per row of a model version not yet measured"
+    )
+    cost_per_row_floor: float = Field(
+        default=0.01, gt=0, description="lowest price of a row, compute units, however cheap a version measures"
     )
 
     max_batch: int = Field(default=64, ge=1, description="most jobs a worker runs in one model call")

@@ -17,25 +17,17 @@ import redis
 from bastion.constants import (
     CONSUMER_GROUP,
     LANE_BATCH,
+    LANE_SHADOW,
+    LANE_SYNC,
     LANES,
     STATUS_DEAD,
-    cost_key,
-    dead_letter_key,
-    inflight_key,
-    job_key,
-    key_bucket_key,
     queue_key,
-    reply_key,
     shadow_key,
-    tenant_bucket_key,
 )
-from bastion.queue.protocol import Job
-from bastion.queue.scripts import Lua, run_pipeline
+from bastion.queue import calls
+from bastion.queue.envelope import Job
+from bastion.queue.scripts import run_pipeline
 
-_COMPLETE = Lua("complete")
-_START = Lua("start")
-_SETTLE = Lua("settle")
-_PRUNE = Lua("prune")
 SHADOW_TTL_S = 30 * 86_400  # comparison figures of a shadow that stopped receiving copies expire
 
 
@@ -47,6 +39,8 @@ class Outcome:
     error: str = ""
     dead_reason: str = ""
     measured_units: float | None = None  # compute units (ms of inference) this job's rows took
+    ran: bool = False  # the model ran it (an expired job did not: its price teaches nothing)
+    stored: bool = False  # set by ``complete``: this outcome is the job's (not a redelivery's repeat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +61,14 @@ class Consumer:
         result_ttl_s: int,
         sync_result_ttl_s: int,
         reply_cap: int = 10_000,
+        floor_per_row: float = calls.Pricing().floor_per_row,
     ) -> None:
         self.client = client
         self.name = name
         self._result_ttl_s = result_ttl_s
         self._sync_result_ttl_s = sync_result_ttl_s
         self._reply_cap = reply_cap
+        self._floor_per_row = floor_per_row
 
     def ensure_groups(self, models: list[str]) -> None:
         for model in models:
@@ -86,11 +82,21 @@ class Consumer:
                 self.client.xgroup_createconsumer(queue_key(model, lane), CONSUMER_GROUP, self.name)
 
     def read(self, models: list[str], count: int, block_ms: int | None) -> list[Job]:
-        """New entries, up to ``count`` per stream."""
-        streams = {queue_key(m, lane): ">" for m in models for lane in LANES}
-        if not streams:
+        """New entries, up to ``count`` per stream. The shadow lane comes last: it is read only
+        when the sync and batch lanes have nothing waiting, so unpriced copies never take a
+        worker's time from the traffic that pays for it."""
+        if not models:
             time.sleep((block_ms or 0) / 1000)
             return []
+        served = {queue_key(m, lane): ">" for m in models for lane in (LANE_SYNC, LANE_BATCH)}
+        found = self._read(served, count, None)
+        if found:
+            return found
+        if block_ms is None:
+            return self._read({queue_key(m, LANE_SHADOW): ">" for m in models}, count, None)
+        return self._read({queue_key(m, lane): ">" for m in models for lane in LANES}, count, block_ms)
+
+    def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Job]:
         reply = self.client.xreadgroup(CONSUMER_GROUP, self.name, streams, count=count, block=block_ms)  # type: ignore[arg-type]
         return _jobs(reply)
 
@@ -145,10 +151,10 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for model in models:
             for lane in LANES:
-                _PRUNE.queue(pipe, [queue_key(model, lane)], [CONSUMER_GROUP, int(idle_s * 1000), self.name])
+                calls.PRUNE.queue(pipe, *calls.prune(queue_key(model, lane), int(idle_s * 1000), self.name))
         if not pipe.command_stack:
             return 0
-        return sum(int(n) for n in run_pipeline(self.client, pipe, [_PRUNE]))
+        return sum(int(n) for n in run_pipeline(self.client, pipe, [calls.PRUNE]))
 
     def touch(self, jobs: list[Job]) -> None:
         """Reset the idle time of jobs this consumer holds, so nobody reclaims them while they run.
@@ -182,14 +188,17 @@ class Consumer:
             pipe.xlen(queue_key(model, lane))
         return [(m, lane, int(n)) for (m, lane), n in zip(pairs, pipe.execute(), strict=True)]
 
-    def mark_running(self, jobs: list[Job]) -> None:
-        now_ms = int(time.time() * 1000)
+    def mark_running(self, jobs: list[Job], child_pid: int | None = None) -> None:
+        """Mark async jobs running by this worker, or (``child_pid``) name the child process that
+        took one over; never for a job that has an outcome or whose state expired (a state is
+        never recreated here)."""
+        now_ms = None if child_pid else int(time.time() * 1000)
         pipe = self.client.pipeline(transaction=False)
         for job in jobs:
-            if job.stream.endswith(":" + LANE_BATCH):
-                _START.queue(pipe, [job_key(job.job_id)], [self.name, now_ms, os.getpid()])
+            if job.lane == LANE_BATCH or job.stream.endswith(":" + LANE_BATCH):
+                calls.START.queue(pipe, *calls.start(job, self.name, now_ms, child_pid or os.getpid()))
         if pipe.command_stack:
-            run_pipeline(self.client, pipe, [_START])
+            run_pipeline(self.client, pipe, [calls.START])
 
     def complete(self, outcomes: list[Outcome]) -> list[str]:
         """Store outcomes, reply to waiting gateways, acknowledge - one round trip."""
@@ -199,59 +208,62 @@ class Consumer:
         pipe = self.client.pipeline(transaction=False)
         for o in outcomes:
             job = o.job
-            is_async = not job.reply_to
-            keys = [
-                job_key(job.job_id),
-                job.stream,
-                reply_key(job.reply_to or "none"),
-                dead_letter_key(job.model),
-                inflight_key(job.tenant),
-            ]
-            extra: list[Any] = []
-            if o.dead_reason:
-                for k, v in job.fields.items():
-                    extra += [k, v]
-                extra += [b"entry", job.entry_id]
-            args: list[Any] = [
-                job.entry_id,
-                CONSUMER_GROUP,
+            ttl = self._result_ttl_s if job.is_async else self._sync_ttl(job, now_ms)
+            keys, args = calls.complete(
+                job,
                 o.status,
                 o.result,
                 o.error,
-                self._result_ttl_s if is_async else self._sync_ttl(job, now_ms),
-                job.job_id,
-                "0" if is_async else "1",
-                self._reply_cap,
-                job.tenant,
-                job.model,
-                now_ms,
-                o.dead_reason,
-                "1" if job.counted else "0",
-                *extra,
-            ]
-            _COMPLETE.queue(pipe, keys, args)
-        return [_s(s) for s in run_pipeline(self.client, pipe, [_COMPLETE])]
+                ttl_s=ttl,
+                finished_ms=now_ms,
+                reply_cap=self._reply_cap,
+                dead_reason=o.dead_reason,
+            )
+            calls.COMPLETE.queue(pipe, keys, args)
+        statuses = []
+        for o, (status, stored) in zip(outcomes, run_pipeline(self.client, pipe, [calls.COMPLETE]), strict=True):
+            o.stored = int(stored) == 1
+            statuses.append(_s(status))
+        return statuses
 
     def settle(self, outcomes: list[Outcome]) -> None:
-        """Correct the buckets with the measured cost of the jobs that ran, and learn the cost per row.
+        """Give back (or take) the difference between what each job reserved and what it
+        measured, and learn each version's cost per row from the jobs that ran.
 
-        One call per (tenant, key, model) group: reserved and measured units and rows summed.
+        One call per (tenant, key, model, version). Only stored outcomes count (``complete``
+        ran first): a redelivered job that ran twice is settled once. A job that reserved
+        nothing (a replayed dead letter) corrects no bucket; a job that did not run (expired)
+        teaches no price; shadow copies and evaluations do neither (never priced to a caller).
         """
-        groups: dict[tuple[str, str, str], list[float]] = {}
+        groups: dict[tuple[str, str, str, int], list[float]] = {}
         for o in outcomes:
-            if o.measured_units is None or not o.job.rows:
+            job = o.job
+            if o.measured_units is None or not o.stored or job.is_shadow or not job.rows:
                 continue
-            g = groups.setdefault((o.job.tenant, o.job.key_id, o.job.model), [0.0, 0.0, 0])
-            g[0] += o.job.cost
-            g[1] += o.measured_units
-            g[2] += o.job.rows
-        if not groups:
-            return
+            g = groups.setdefault((job.tenant, job.key_id, job.model, job.version), [0.0, 0.0, 0.0, 0])
+            if job.cost > 0:
+                g[0] += job.cost
+                g[1] += o.measured_units
+            if o.ran:
+                g[2] += o.measured_units
+                g[3] += job.rows
         pipe = self.client.pipeline(transaction=False)
-        for (tenant, key_id, model), (reserved, measured, rows) in groups.items():
-            keys = [tenant_bucket_key(tenant, model), key_bucket_key(key_id or "-"), cost_key(model)]
-            _SETTLE.queue(pipe, keys, [reserved, measured, int(rows)])
-        run_pipeline(self.client, pipe, [_SETTLE])
+        for (tenant, key_id, model, version), (reserved, measured, ran, rows) in groups.items():
+            if reserved or rows:
+                keys, args = calls.settle(
+                    tenant,
+                    key_id,
+                    model,
+                    version,
+                    reserved=reserved,
+                    measured_reserved=measured,
+                    measured_ran=ran,
+                    rows_ran=int(rows),
+                    floor_per_row=self._floor_per_row,
+                )
+                calls.SETTLE.queue(pipe, keys, args)
+        if pipe.command_stack:
+            run_pipeline(self.client, pipe, [calls.SETTLE])
 
     def record_shadow(self, totals: dict[tuple[str, int], list[float]]) -> None:
         """Add shadow comparison counts: (model, version) -> [requests, rows, agree, abs_sum, values]."""

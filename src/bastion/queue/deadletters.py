@@ -6,11 +6,9 @@ from typing import Any
 
 import redis
 
-from bastion.constants import JOB_PREFIX, LANE_BATCH, dead_letter_key, queue_key
-from bastion.queue.protocol import Job
-from bastion.queue.scripts import Lua
-
-_REPLAY = Lua("replay")
+from bastion.constants import dead_letter_key
+from bastion.queue import calls
+from bastion.queue.envelope import Job
 
 
 def listing(client: Any, model: str, count: int) -> list[dict[str, Any]]:
@@ -33,12 +31,12 @@ def listing(client: Any, model: str, count: int) -> list[dict[str, Any]]:
 
 
 def replay(client: Any, model: str, ids: list[str], result_ttl_s: int) -> dict[str, int]:
-    """Queue the async dead letters ``ids`` again; sync ones are dropped (their callers are gone)."""
+    """Queue the async dead letters ``ids`` again; sync ones (their callers are gone) and shadow
+    copies (they answer nobody) are dropped."""
     counts = {"replayed": 0, "discarded": 0, "not_found": 0}
-    keys = [dead_letter_key(model), queue_key(model, LANE_BATCH)]
     for entry_id in ids:
         try:
-            done = int(_REPLAY.call(client, keys, [entry_id, result_ttl_s, JOB_PREFIX]))
+            done = int(calls.REPLAY.call(client, *calls.replay(model, entry_id, result_ttl_s)))
         except redis.ResponseError:  # not a stream id Redis accepts
             done = 0
         counts[{1: "replayed", 2: "discarded"}.get(done, "not_found")] += 1

@@ -12,25 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.constants import (
-    EVALUATION_TENANT,
-    LANE_BATCH,
-    LANE_SYNC,
-    cost_key,
-    inflight_key,
-    job_key,
-    key_bucket_key,
-    queue_key,
-    tenant_bucket_key,
-)
+from bastion.constants import EVALUATION_TENANT, LANE_BATCH, LANE_SHADOW, LANE_SYNC
 from bastion.errors import IdempotencyMismatch, Overloaded, RateLimited
+from bastion.queue import calls
+from bastion.queue.calls import Admit, Pricing
 from bastion.queue.durability import Durability
-from bastion.queue.protocol import entry_fields
-from bastion.queue.scripts import Lua, arun_pipeline
+from bastion.queue.envelope import ROLE_EVALUATION, Envelope
+from bastion.queue.scripts import arun_pipeline
 from bastion.snapshot import Limits
-
-_ENQUEUE = Lua("enqueue")
-_ABANDON = Lua("abandon")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +36,8 @@ class Admission:
 
 UNLIMITED = Limits()
 EVERYSEC = Durability()
-IDEMPOTENCY_TTL_S = 86_400
+ASYNC_SLOT_MS = 3_600_000  # an async job's in-flight slot lapses after an hour if never given back
+SLOT_MARGIN_MS = 5_000  # a sync job's slot lapses this long after its deadline
 
 
 class Producer:
@@ -58,83 +48,63 @@ class Producer:
         max_queue_sync: int,
         max_queue_batch: int,
         result_ttl_s: int,
-        cost_per_row_default: float = 0.1,
+        max_queue_shadow: int = 10_000,
+        pricing: Pricing = Pricing(),  # noqa: B008 - frozen dataclass
         durability: Durability = EVERYSEC,
     ) -> None:
         self.redis = redis
         self.durability = durability
-        self._limits = {LANE_SYNC: max_queue_sync, LANE_BATCH: max_queue_batch}
+        self._limits = {LANE_SYNC: max_queue_sync, LANE_BATCH: max_queue_batch, LANE_SHADOW: max_queue_shadow}
         self._result_ttl_s = result_ttl_s
-        self._cost_default = cost_per_row_default
+        self.pricing = pricing
         self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def enqueue(
         self,
+        env: Envelope,
         *,
-        lane: str,
-        job_id: str,
-        tenant: str,
-        model: str,
-        version: int,
-        blob: bytes,
-        deadline_ms: int = 0,
-        reply_to: str = "",
-        compare: bytes = b"",
-        rows: int = 1,
-        key_id: str = "",
         limits: Limits = UNLIMITED,
         idempotency: tuple[str, str] | None = None,
         max_queue: int | None = None,
     ) -> Admission:
         """Admit and queue a job, or raise ``RateLimited`` (a budget or the in-flight cap is spent)
-        or ``Overloaded`` (the model's queue is over ``max_queue``, else the lane's limit)."""
-        now_ms = int(time.time() * 1000)
-        fields = entry_fields(
-            job_id, tenant, model, version, deadline_ms, reply_to, now_ms, blob, compare, rows=rows, key_id=key_id
+        or ``Overloaded`` (the model's queue is over ``max_queue``, else the lane's limit).
+
+        ``idempotency`` is the (record key, request fingerprint) of an Idempotency-Key; a sync
+        job's envelope also names the record (``env.idempotency``), where the worker stores its
+        outcome."""
+        env.created_ms = now_ms = int(time.time() * 1000)
+        slot_ms = env.deadline_ms - now_ms + SLOT_MARGIN_MS if env.deadline_ms else ASYNC_SLOT_MS
+        admit = Admit(
+            max_queue=self._limits[env.lane] if max_queue is None else max_queue,
+            keep_state=env.lane == LANE_BATCH,
+            state_ttl_s=self._result_ttl_s,
+            limits=limits,
+            pricing=self.pricing,
+            slot_ms=max(slot_ms, SLOT_MARGIN_MS),
+            idempotency=idempotency,
         )
-        keep_state = "1" if lane == LANE_BATCH else "0"
-        args = [
-            self._limits[lane] if max_queue is None else max_queue,
-            keep_state,
-            self._result_ttl_s,
-            tenant,
-            model,
-            now_ms,
-            rows,
-            limits.tenant_rate,
-            limits.tenant_burst,
-            limits.key_rate,
-            limits.key_burst,
-            limits.max_concurrency,
-            self._cost_default,
-            idempotency[1] if idempotency else "",
-            IDEMPOTENCY_TTL_S,
-            job_id,
-            *fields,
-        ]
-        keys = [
-            queue_key(model, lane),
-            job_key(job_id),
-            tenant_bucket_key(tenant, model),
-            key_bucket_key(key_id or "-"),
-            inflight_key(tenant),
-            cost_key(model),
-            idempotency[0] if idempotency else "idem:-",
-        ]
+        keys, args = calls.enqueue(env, admit)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((keys, args, future))
-        return admitted(await future, model, lane)
+        return admitted(await future, env.model, env.lane)
 
-    async def abandon(
-        self, *, job_id: str, tenant: str, model: str, error: str, ttl_s: int, counted: bool = False
-    ) -> bool:
+    async def abandon(self, env: Envelope, error: str, ttl_s: int) -> bool:
         """Record that the caller stopped waiting; False when the job already had an outcome."""
-        args = [tenant, model, error, ttl_s, int(time.time() * 1000), "1" if counted else "0"]
-        return bool(await _ABANDON.acall(self.redis, [job_key(job_id), inflight_key(tenant)], args))
+        keys, args = calls.abandon(
+            env.job_id,
+            env.tenant,
+            env.model,
+            error,
+            ttl_s=ttl_s,
+            finished_ms=int(time.time() * 1000),
+            idempotency=env.idempotency,
+        )
+        return bool(await calls.ABANDON.acall(self.redis, keys, args))
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -147,12 +117,12 @@ class Producer:
         try:
             if len(batch) == 1 and not confirm:
                 keys, args, future = batch[0]
-                results: list[Any] = [await _ENQUEUE.acall(self.redis, keys, args)]
+                results: list[Any] = [await calls.ENQUEUE.acall(self.redis, keys, args)]
             else:
                 pipe = self.redis.pipeline(transaction=False)
                 for keys, args, _ in batch:
-                    _ENQUEUE.queue(pipe, keys, args)
-                results = await arun_pipeline(self.redis, pipe, [_ENQUEUE], tail=confirm)
+                    calls.ENQUEUE.queue(pipe, keys, args)
+                results = await arun_pipeline(self.redis, pipe, [calls.ENQUEUE], tail=confirm)
         except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
@@ -177,21 +147,24 @@ def enqueue_evaluation(
 ) -> None:
     """Queue an evaluation job on the model's batch lane (sync client; the control plane's call).
 
-    The job state hash is kept like an async job's, under the tenant ``EVALUATION_TENANT``.
+    The job state hash is kept like an async job's, under the tenant ``EVALUATION_TENANT``; no
+    budget applies and no price is learned from it (it has no rows).
     """
-    now_ms = int(time.time() * 1000)
-    fields = entry_fields(job_id, EVALUATION_TENANT, model, version, 0, "", now_ms, b"", evaluation=spec)
-    args = [max_queue, "1", ttl_s, EVALUATION_TENANT, model, now_ms, 0, 0, 0, 0, 0, 0, 0, "", 0, job_id, *fields]
-    keys = [
-        queue_key(model, LANE_BATCH),
-        job_key(job_id),
-        tenant_bucket_key(EVALUATION_TENANT, model),
-        key_bucket_key("-"),
-        inflight_key(EVALUATION_TENANT),
-        cost_key(model),
-        "idem:-",
-    ]
-    admitted(_ENQUEUE.call(client, keys, args), model, LANE_BATCH)
+    env = Envelope(
+        job_id=job_id,
+        tenant=EVALUATION_TENANT,
+        model=model,
+        version=version,
+        lane=LANE_BATCH,
+        role=ROLE_EVALUATION,
+        created_ms=int(time.time() * 1000),
+        evaluation=spec,
+    )
+    admit = Admit(
+        max_queue=max_queue, keep_state=True, state_ttl_s=ttl_s, limits=UNLIMITED, pricing=Pricing(), slot_ms=0
+    )
+    keys, args = calls.enqueue(env, admit)
+    admitted(calls.ENQUEUE.call(client, keys, args), model, LANE_BATCH)
 
 
 def admitted(reply: Any, model: str, lane: str) -> Admission:

@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import hashlib
 from functools import cached_property
+from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from bastion.queue.protocol import script
+
+def script(name: str) -> str:
+    """The source of ``lua/{name}.lua`` (each file says in its header what it guarantees)."""
+    return resources.files("bastion.queue").joinpath("lua", f"{name}.lua").read_text()
 
 
 class Lua:
-    """A script by file name; its source is read on first use, not at import."""
+    """A script by file name; its source is read on first use, not at import. A ``prelude``
+    (another file of functions, e.g. ``outcome``) is prepended, so scripts share code."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, prelude: str | None = None) -> None:
         self.name = name
+        self.prelude = prelude
 
     @cached_property
     def source(self) -> str:
-        return script(self.name)
+        body = script(self.name)
+        return f"{script(self.prelude)}\n{body}" if self.prelude else body
 
     @cached_property
     def sha(self) -> str:

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from bastion import logs, metrics
 from bastion.queue.consumer import Consumer
-from bastion.queue.protocol import Job
+from bastion.queue.envelope import Job
 
 log = logs.get("bastion.worker")
 

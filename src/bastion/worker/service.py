@@ -18,19 +18,17 @@ import redis
 
 from bastion import holdout, logs, metrics
 from bastion.constants import (
-    LANE_BATCH,
     SNAPSHOT_CHANNEL,
     SNAPSHOT_KEY,
     STATUS_EXPIRED,
     STATUS_FAILED,
     STATUS_SUCCEEDED,
     WARM_TTL_S,
-    job_key,
     warm_key,
 )
 from bastion.errors import BastionError, InvalidInput
 from bastion.queue.consumer import Consumer, Outcome
-from bastion.queue.protocol import Job
+from bastion.queue.envelope import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
@@ -50,7 +48,11 @@ class Worker:
         self.cache = cache
         self.name = name
         self.consumer = Consumer(
-            client, name, result_ttl_s=settings.result_ttl_s, sync_result_ttl_s=settings.sync_result_ttl_s
+            client,
+            name,
+            result_ttl_s=settings.result_ttl_s,
+            sync_result_ttl_s=settings.sync_result_ttl_s,
+            floor_per_row=settings.cost_per_row_floor,
         )
         self.snapshot = Snapshot.empty()
         self.models: list[str] = []
@@ -134,7 +136,8 @@ class Worker:
         if raw is None:
             return False
         snapshot = Snapshot.parse(raw)
-        if not force and snapshot.serial == self.snapshot.serial:
+        if snapshot.serial < self.snapshot.serial or (not force and snapshot.serial == self.snapshot.serial):
+            # an older snapshot than the one held (a slow publisher's) is never applied
             self._report_warm()  # still alive, still warm
             return True
         self.snapshot = snapshot
@@ -210,9 +213,10 @@ class Worker:
             if job.evaluation:
                 outcomes.append(self._evaluate(job))
             elif job.deadline_ms and job.deadline_ms < now_ms:
-                expired = Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran")
-                expired.measured_units = 0.0  # it never ran: its reserved cost goes back
-                outcomes.append(expired)
+                # It never ran: its reserved cost goes back, and it teaches the price nothing.
+                outcomes.append(
+                    Outcome(job, STATUS_EXPIRED, error="the deadline passed before the job ran", measured_units=0.0)
+                )
             else:
                 groups[(job.model, job.version)].append(job)
         self.consumer.mark_running([j for group in groups.values() for j in group])
@@ -256,7 +260,7 @@ class Worker:
         """Shadow copies carry the answer the client got; compare and add to the version's totals."""
         totals: dict[tuple[str, int], list[float]] = {}
         for o in outcomes:
-            if not o.job.compare or o.status != STATUS_SUCCEEDED:
+            if not o.job.compare or o.status != STATUS_SUCCEEDED or not o.stored:
                 continue
             try:
                 c = shadow.compare(o.job.compare, o.result)
@@ -314,8 +318,7 @@ class Worker:
     def _child_started(self, job: Job, child: Child, beat: Heartbeat) -> None:
         """Watch the child instead of the model; name its pid in the job's state (async jobs)."""
         beat.watch(child)
-        if job.stream.endswith(":" + LANE_BATCH):
-            self.client.hset(job_key(job.job_id), "pid", child.pid)
+        self.consumer.mark_running([job], child_pid=child.pid)  # never recreates a state that expired
 
     def _run_alone(
         self, loaded: LoadedModel, jobs: list[Job], beat: Heartbeat, released: list[Job], isolated: bool = False
@@ -326,6 +329,7 @@ class Worker:
             one = self._run_one(loaded, job, beat, isolated)
             if one is not None and isolated:
                 _share_cost([one], (time.perf_counter() - started) * 1000)
+                one.ran = False  # its time includes forking a process: it settles, but teaches no price
             if one is None:
                 released.append(job)
             else:
@@ -357,7 +361,9 @@ class Worker:
 
 
 def _share_cost(outcomes: list[Outcome], elapsed_ms: float) -> None:
-    """Split a model call's time over its jobs by rows: each job's measured compute units."""
+    """Split a model call's time over its jobs by rows: each job's measured compute units. Only
+    answered jobs teach the price (a failing input may fail fast; it must not make rows cheap)."""
     rows = sum(max(o.job.rows, 1) for o in outcomes)
     for o in outcomes:
         o.measured_units = elapsed_ms * max(o.job.rows, 1) / rows
+        o.ran = o.status == STATUS_SUCCEEDED

@@ -1,19 +1,13 @@
 -- abandon.lua: a gateway gave up waiting for a sync job; record that as its outcome.
 --
--- Guarantees: the same first-outcome-wins rule as complete.lua (HSETNX on 'final'), so a worker
--- that finishes the job later cannot store a second, different answer for the client's job id;
--- the tenant's in-flight count is released by whichever outcome is stored first.
--- KEYS[1] job state hash  KEYS[2] tenant in-flight counter cc:{tenant}
--- ARGV[1] tenant  ARGV[2] model  ARGV[3] error text  ARGV[4] TTL seconds  ARGV[5] finished (ms)
--- ARGV[6] '1' when the job was counted in flight
+-- Guarantees: the same first-outcome-wins rule as complete.lua (store_outcome, outcome.lua), so
+-- a worker that finishes the job later cannot store a second, different answer for the
+-- client's job id; the in-flight slot is given back and the Idempotency-Key record dropped (a
+-- retry runs again) by whichever outcome is stored first.
+-- KEYS[1] job state hash  KEYS[2] tenant in-flight set  KEYS[3] idempotency record ('' none)
+-- ARGV[1] job id  ARGV[2] tenant  ARGV[3] model  ARGV[4] error text  ARGV[5] TTL seconds
+-- ARGV[6] finished (ms)
 -- Returns 1 when this call stored the outcome, 0 when the job already had one.
-if redis.call('HSETNX', KEYS[1], 'final', '1') == 1 then
-  redis.call('HSET', KEYS[1], 'status', 'expired', 'error', ARGV[3], 'tenant', ARGV[1], 'model', ARGV[2],
-             'finished', ARGV[5])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  if ARGV[6] == '1' and tonumber(redis.call('DECR', KEYS[2])) < 0 then
-    redis.call('SET', KEYS[2], 0, 'EX', 3600)
-  end
-  return 1
-end
-return 0
+local stored = store_outcome(KEYS[1], tonumber(ARGV[5]), KEYS[2], KEYS[3], ARGV[1], 'expired', '', ARGV[4],
+                             {'error', ARGV[4], 'tenant', ARGV[2], 'model', ARGV[3], 'finished', ARGV[6]})
+return stored and 1 or 0

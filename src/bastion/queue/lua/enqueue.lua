@@ -1,35 +1,42 @@
--- enqueue.lua: admission (queue length, compute-cost buckets, concurrency cap) + job state + XADD,
+-- enqueue.lua: admission (queue length, compute-cost buckets, in-flight cap) + job state + XADD,
 -- atomically.
 --
 -- Guarantees: a job is either refused or appended to the model's stream together with its
--- state hash (async jobs), its reserved cost taken from every bucket and its tenant's in-flight
--- count raised; never part of that. Every check runs before any change, and no other client can
--- run between them, so a budget holds exactly across any number of gateway processes. Time is
--- Redis's own clock (TIME), never a gateway's.
+-- state hash (async jobs), its reserved cost taken from every bucket and a slot of its tenant's
+-- in-flight cap taken; never part of that. Every check runs before any change, and no other
+-- client can run between them, so a budget holds exactly across any number of gateway
+-- processes. Time is Redis's own clock (TIME), never a gateway's.
 --
 -- A bucket is a hash {tokens, ts, rate, burst} in compute units; its TTL is the time it takes to
 -- refill, so an idle bucket disappears (and is full again), and no key lives without a TTL.
+-- The price of a row is the version's learned cost (cost:{model}:{version}, from jobs that ran),
+-- never below the floor; the default until it is measured.
+-- The in-flight cap is a sorted set of job ids scored by when each slot lapses: a slot is given
+-- back with the job's outcome, and one that was never given back (a lost reply) lapses by itself
+-- instead of holding the count up for ever.
 --
 -- KEYS[1] queue stream q:{model}:{lane}     KEYS[2] job state hash job:{id}
 -- KEYS[3] tenant bucket rl:t:{tenant}:{model}   KEYS[4] key bucket rl:k:{key id}
--- KEYS[5] tenant in-flight counter cc:{tenant}  KEYS[6] model cost hash cost:{model}
+-- KEYS[5] tenant in-flight set inflight:{tenant}  KEYS[6] version cost hash cost:{model}:{version}
 -- KEYS[7] idempotency record idem:{tenant}:{key digest} (any key when none)
 -- ARGV[1] queue length limit  ARGV[2] '1' to create the job state hash (async)  ARGV[3] state TTL s
 -- ARGV[4] tenant  ARGV[5] model  ARGV[6] created (ms)  ARGV[7] rows
 -- ARGV[8] tenant rate  ARGV[9] tenant burst (0: no bucket)  ARGV[10] key rate  ARGV[11] key burst
--- ARGV[12] in-flight cap (0: none; only capped tenants are counted)  ARGV[13] cost per row when the model is not measured yet
--- ARGV[14] request fingerprint for the idempotency record ('' : no Idempotency-Key)
--- ARGV[15] idempotency record TTL s  ARGV[16] job id
--- ARGV[17..] stream entry field/value pairs
--- Returns {1, entry-id, cost, tenant tokens left or '', key tokens left or '', 1 if counted in flight}
+-- ARGV[12] in-flight cap (0: none; only capped tenants take slots)
+-- ARGV[13] cost per row while the version is not measured  ARGV[14] lowest cost per row
+-- ARGV[15] request fingerprint for the idempotency record ('' : no Idempotency-Key)
+-- ARGV[16] idempotency record TTL s  ARGV[17] job id  ARGV[18] in-flight slot lifetime (ms)
+-- ARGV[19] version
+-- ARGV[20..] stream entry field/value pairs (the envelope)
+-- Returns {1, entry-id, cost, tenant tokens left or '', key tokens left or '', 1 if it took a slot}
 -- when queued, or
 -- {0, reason, detail...}: {'queue', length}, {'concurrency', in flight},
 -- {'tenant' | 'key', tokens, cost, rate, burst}, {'idempotency'} (the key was used for another
 -- request), or {2, job id} when the key was already used for this request (nothing is queued).
-if ARGV[14] ~= '' then
+if ARGV[15] ~= '' then
   local seen = redis.call('HMGET', KEYS[7], 'fp', 'job')
   if seen[1] then
-    if seen[1] ~= ARGV[14] then
+    if seen[1] ~= ARGV[15] then
       return {0, 'idempotency'}
     end
     return {2, seen[2]}
@@ -39,7 +46,7 @@ local len = redis.call('XLEN', KEYS[1])
 if len >= tonumber(ARGV[1]) then
   return {0, 'queue', len}
 end
-local per_row = tonumber(redis.call('HGET', KEYS[6], 'per_row') or ARGV[13])
+local per_row = math.max(tonumber(redis.call('HGET', KEYS[6], 'per_row') or ARGV[13]), tonumber(ARGV[14]))
 local cost = tonumber(ARGV[7]) * per_row
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -65,8 +72,13 @@ for i, spec in ipairs({{KEYS[3], ARGV[8], ARGV[9], 'tenant'}, {KEYS[4], ARGV[10]
   end
 end
 local cap = tonumber(ARGV[12])
-if cap > 0 and tonumber(redis.call('GET', KEYS[5]) or '0') >= cap then
-  return {0, 'concurrency', redis.call('GET', KEYS[5])}
+local now_ms = math.floor(now * 1000)
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms)  -- slots whose job never gave them back
+  local held = redis.call('ZCARD', KEYS[5])
+  if held >= cap then
+    return {0, 'concurrency', held}
+  end
 end
 
 local left = {'', ''}
@@ -81,22 +93,26 @@ for i = 1, 2 do
     left[i] = tostring(b[2] - cost)
   end
 end
-local fields = {'c', tostring(cost)}
+local fields = {'c', tostring(cost), 'q', '0'}
 if cap > 0 then
-  redis.call('INCR', KEYS[5])
-  redis.call('EXPIRE', KEYS[5], 3600)
-  fields[3], fields[4] = 'q', '1'  -- the worker (or an abandoning gateway) releases it with the outcome
+  local lifetime = tonumber(ARGV[18])
+  redis.call('ZADD', KEYS[5], now_ms + lifetime, ARGV[17])
+  if redis.call('PTTL', KEYS[5]) < lifetime then  -- the set lives as long as its longest slot
+    redis.call('PEXPIRE', KEYS[5], lifetime)
+  end
+  fields[4] = '1'  -- the outcome (the worker's or an abandoning gateway's) gives the slot back
 end
-for i = 17, #ARGV do
+for i = 20, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[5], 'status', 'queued', 'created', ARGV[6])
+  redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[5], 'version', ARGV[19], 'status', 'queued',
+             'created', ARGV[6])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-if ARGV[14] ~= '' then
-  redis.call('HSET', KEYS[7], 'fp', ARGV[14], 'job', ARGV[16])
-  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[15]))
+if ARGV[15] ~= '' then
+  redis.call('HSET', KEYS[7], 'fp', ARGV[15], 'job', ARGV[17])
+  redis.call('EXPIRE', KEYS[7], tonumber(ARGV[16]))
 end
-return {1, id, tostring(cost), left[1], left[2], #fields > 2 and fields[3] == 'q' and 1 or 0}
+return {1, id, tostring(cost), left[1], left[2], cap > 0 and 1 or 0}

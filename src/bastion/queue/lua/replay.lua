@@ -1,41 +1,53 @@
 -- replay.lua: put a dead-lettered async job back on its model's batch lane.
 --
 -- Guarantees: the job's stored outcome ('dead_lettered') is cleared and the job is queued again
--- in one step, with its original fields (a fresh entry: delivery count 0), and the dead letter is
--- removed, so a replay never runs a job twice or loses it. A sync job's caller got its answer
--- long ago: its dead letter is only removed.
+-- in one step, with its original envelope (a fresh entry: delivery count 0), and the dead letter
+-- is removed, so a replay never runs a job twice or loses it. The replay was not admitted, so it
+-- carries no reservation and no in-flight slot: the worker refunds nothing for it. A sync job's
+-- caller got its answer long ago, and a shadow copy answers nobody: their dead letters are only
+-- removed.
 --
 -- KEYS[1] dead-letter stream dlq:{model}  KEYS[2] batch stream q:{model}:batch
 -- ARGV[1] dead-letter entry id  ARGV[2] job state TTL s  ARGV[3] job key prefix ('job:')
--- Returns 1 replayed, 2 discarded (sync), 0 not found.
+-- Returns 1 replayed, 2 discarded (sync or shadow), 0 not found.
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then
   return 0
 end
 local raw = found[1][2]
-local fields, header = {}, nil
+local fields, seen = {}, {}
 for i = 1, #raw, 2 do
   local k, v = raw[i], raw[i + 1]
-  if k == 'h' then header = v end
-  if k ~= 'reason' and k ~= 'entry' and k ~= 'q' then  -- 'q' was released when it died
+  seen[k] = v
+  if k ~= 'reason' and k ~= 'entry' and k ~= 'c' and k ~= 'q' then
+    if k == 'lane' then v = 'batch' end
     fields[#fields + 1] = k
     fields[#fields + 1] = v
   end
 end
 redis.call('XDEL', KEYS[1], ARGV[1])
-if header == nil then
+local job_id, tenant, model, version, reply
+if seen['v'] then
+  job_id, tenant, model, version, reply = seen['id'], seen['tenant'], seen['model'], seen['version'], seen['reply']
+  if seen['role'] == 'shadow' then
+    return 2
+  end
+elseif seen['h'] then  -- envelope version 1: 'id|tenant|model|version|deadline|reply|created'
+  local parts = {}
+  for part in string.gmatch(seen['h'] .. '|', '([^|]*)|') do
+    parts[#parts + 1] = part
+  end
+  job_id, tenant, model, version, reply = parts[1], parts[2], parts[3], parts[4], parts[6]
+  if seen['p'] then
+    return 2
+  end
+end
+if job_id == nil or job_id == '' or reply ~= '' then
   return 2
 end
-local parts = {}
-for part in string.gmatch(header .. '|', '([^|]*)|') do
-  parts[#parts + 1] = part
-end
-if parts[6] ~= '' then
-  return 2
-end
-local job = ARGV[3] .. parts[1]
-redis.call('HDEL', job, 'final', 'result', 'error', 'finished')
-redis.call('HSET', job, 'status', 'queued', 'tenant', parts[2], 'model', parts[3])
+local job = ARGV[3] .. job_id
+redis.call('HDEL', job, 'final', 'result', 'error', 'finished', 'started', 'worker', 'pid')
+redis.call('HSET', job, 'status', 'queued', 'tenant', tenant, 'model', model, 'version', version or '')
 redis.call('EXPIRE', job, tonumber(ARGV[2]))
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 return 1

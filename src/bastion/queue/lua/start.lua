@@ -1,9 +1,15 @@
 -- start.lua: mark an async job running unless it already has an outcome.
 --
 -- Guarantees: a finished job's status is never moved back to 'running' by a redelivery.
--- KEYS[1] job state hash   ARGV[1] worker name   ARGV[2] started (ms)   ARGV[3] pid running it
+-- A state that expired is never recreated (it would live without a TTL).
+-- KEYS[1] job state hash   ARGV[1] worker name   ARGV[2] started (ms; '' when only the pid
+-- changes: a child process took the job over)   ARGV[3] pid running it
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'final') == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', ARGV[2], 'pid', ARGV[3])
+  if ARGV[2] == '' then
+    redis.call('HSET', KEYS[1], 'pid', ARGV[3])
+  else
+    redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started', ARGV[2], 'pid', ARGV[3])
+  end
   return 1
 end
 return 0

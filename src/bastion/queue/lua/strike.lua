@@ -1,14 +1,15 @@
 -- strike.lua: count a client's failures; tarpit past one threshold, ban past another.
 --
--- A failure is an answer of 400, 401, 403, 404, 413, 415, 422 or 429. Each client id (an address
+-- A failure is an answer of 400, 401, 403, 404, 413, 415 or 422 (a spent budget's 429 is not
+-- abuse, and a banned client's 429 is given before anything is counted). Each client id (an address
 -- 'a:...' and, once authenticated, a key 'k:...') has a strike counter over a sliding-start
 -- window; past ``tarpit_after`` strikes its failures are answered slowly (the delay grows per
 -- strike, capped), at ``ban_after`` it is banned for ``ban_s`` x 2^(bans in the last day - 1),
--- capped, and every gateway is told on 'abuse:bans'. All keys carry a TTL.
+-- capped, and every gateway is told on the ban channel (ARGV[8]). All keys carry a TTL.
 --
 -- KEYS: per id, three keys: strike:{id}, ban:{id}, bans:{id}
 -- ARGV[1] window s  ARGV[2] tarpit_after  ARGV[3] ban_after  ARGV[4] step ms  ARGV[5] max delay ms
--- ARGV[6] ban s  ARGV[7] max ban s  ARGV[8..] the ids, in KEYS order
+-- ARGV[6] ban s  ARGV[7] max ban s  ARGV[8] ban channel  ARGV[9..] the ids, in KEYS order
 -- Returns {delay ms, longest ban s (0: none)}.
 local delay, banned = 0, 0
 local tarpit_after, ban_after = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -27,7 +28,7 @@ for i = 0, (#KEYS / 3) - 1 do
     local seconds = math.min(tonumber(ARGV[7]), tonumber(ARGV[6]) * 2 ^ (b - 1))
     redis.call('SET', ban, '1', 'EX', seconds)
     redis.call('DEL', strikes)
-    redis.call('PUBLISH', 'abuse:bans', ARGV[8 + i] .. '|' .. seconds)
+    redis.call('PUBLISH', ARGV[8], ARGV[9 + i] .. '|' .. seconds)
     banned = math.max(banned, seconds)
   end
 end

@@ -1,0 +1,178 @@
+"""The job envelope: everything a job carries from the gateway to a worker, as one versioned map.
+
+A job is one stream entry, and a stream entry is a map of fields. Field ``v`` names the envelope
+version; a reader ignores fields it does not know, and treats a missing one as empty, so a field
+can be added without a flag day. A writer always writes every field of its version, in the same
+order (Redis then stores the field names of a stream's entries once, in its master entry).
+
+=========  ====================================================================================
+field      meaning
+=========  ====================================================================================
+v          envelope version (``2``; version 1 was the single ``h`` header of ``id|tenant|...``)
+id         job id (URL-safe)
+tenant     the caller's tenant (``_control`` for evaluation jobs)
+model      model name
+version    model version
+lane       ``sync``, ``batch`` or ``shadow`` (the stream the job is on)
+role       why this version runs it: ``primary``, ``canary``, ``fallback``, ``shadow``, ``evaluation``
+deadline   ms since the epoch after which the job is dropped (0: none)
+reply      the gateway waiting for the reply (sync jobs), '' otherwise
+created    ms since the epoch
+rid        request id (the client's ``X-Request-ID`` or the gateway's)
+tp         W3C ``traceparent`` of the request ('' none)
+subj       pseudonym of the routing subject ('' none) - never the subject itself
+rule       the policy rule that applied to the caller ('' none)
+idem       the Idempotency-Key record of a sync job ('' none): the worker's completion stores the
+           outcome there, so a retry gets it even when the gateway that waited has died
+key        API key id (or token id) that asked for the job
+rows       input rows
+x          input tensors (``bastion.codec`` blob)
+p          shadow copies only: the answer the client got, to compare against
+e          evaluation jobs only: JSON naming the holdout set and how to read the outputs
+c          set by enqueue.lua: the compute units reserved for the job (absent: none reserved)
+q          set by enqueue.lua: '1' when the job holds a slot of its tenant's in-flight cap
+=========  ====================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VERSION = b"2"
+
+ROLE_PRIMARY = "primary"
+ROLE_CANARY = "canary"
+ROLE_FALLBACK = "fallback"
+ROLE_SHADOW = "shadow"
+ROLE_EVALUATION = "evaluation"
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What the gateway (or the control plane, for evaluations) puts on a stream."""
+
+    job_id: str
+    tenant: str
+    model: str
+    version: int
+    lane: str
+    role: str = ROLE_PRIMARY
+    deadline_ms: int = 0
+    reply_to: str = ""
+    created_ms: int = 0
+    request_id: str = ""
+    traceparent: str = ""
+    subject: str = ""
+    rule: str = ""
+    idempotency: str = ""
+    key_id: str = ""
+    rows: int = 0
+    blob: bytes = b""
+    compare: bytes = b""
+    evaluation: bytes = b""
+
+    def fields(self) -> list[str | bytes]:
+        """The entry's field/value pairs, flat (as XADD and the scripts take them)."""
+        return [
+            "v", VERSION, "id", self.job_id, "tenant", self.tenant, "model", self.model,
+            "version", str(self.version), "lane", self.lane, "role", self.role,
+            "deadline", str(self.deadline_ms), "reply", self.reply_to, "created", str(self.created_ms),
+            "rid", self.request_id, "tp", self.traceparent, "subj", self.subject, "rule", self.rule,
+            "idem", self.idempotency, "key", self.key_id, "rows", str(self.rows),
+            "x", self.blob, "p", self.compare, "e", self.evaluation,
+        ]  # fmt: skip
+
+
+@dataclass(slots=True)
+class Job(Envelope):
+    """An envelope as a worker read it: where it is (stream, entry id), what admission added
+    (the reserved cost, the in-flight slot), and the raw fields (copied to a dead letter)."""
+
+    stream: str = ""
+    entry_id: str = ""
+    cost: float = 0.0
+    counted: bool = False
+    raw: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.role == ROLE_SHADOW
+
+    @property
+    def is_async(self) -> bool:
+        return not self.reply_to
+
+    @classmethod
+    def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
+        """Read an entry of any envelope version; a malformed one fails as an unknown model version."""
+        get = fields.get
+        if b"v" not in fields and b"h" in fields:
+            return cls._from_v1(stream, entry_id, fields)
+        return cls(
+            job_id=_text(get(b"id")),
+            tenant=_text(get(b"tenant")),
+            model=_text(get(b"model")),
+            version=_int(get(b"version")),
+            lane=_text(get(b"lane")),
+            role=_text(get(b"role")) or ROLE_PRIMARY,
+            deadline_ms=_int(get(b"deadline")),
+            reply_to=_text(get(b"reply")),
+            created_ms=_int(get(b"created")),
+            request_id=_text(get(b"rid")),
+            traceparent=_text(get(b"tp")),
+            subject=_text(get(b"subj")),
+            rule=_text(get(b"rule")),
+            idempotency=_text(get(b"idem")),
+            key_id=_text(get(b"key")),
+            rows=_int(get(b"rows")),
+            blob=get(b"x", b""),
+            compare=get(b"p", b""),
+            evaluation=get(b"e", b""),
+            stream=stream,
+            entry_id=entry_id,
+            cost=float(get(b"c") or 0),
+            counted=get(b"q") == b"1",
+            raw=fields,
+        )
+
+    @classmethod
+    def _from_v1(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
+        """Version 1: ``h`` = ``id|tenant|model|version|deadline|reply|created``, then x, p, e, c, q, n, k."""
+        parts = _text(fields[b"h"]).split("|")
+        if len(parts) != 7:
+            parts = ["", "", "", "0", "0", "", "0"]
+        job_id, tenant, model, version, deadline, reply_to, created = parts
+        evaluation = fields.get(b"e", b"")
+        lane = stream.rsplit(":", 1)[-1] if stream else ""
+        return cls(
+            job_id=job_id,
+            tenant=tenant,
+            model=model,
+            version=_int(version),
+            lane=lane,
+            role=ROLE_EVALUATION if evaluation else ROLE_SHADOW if fields.get(b"p") else ROLE_PRIMARY,
+            deadline_ms=_int(deadline),
+            reply_to=reply_to,
+            created_ms=_int(created),
+            key_id=_text(fields.get(b"k")),
+            rows=_int(fields.get(b"n")),
+            blob=fields.get(b"x", b""),
+            compare=fields.get(b"p", b""),
+            evaluation=evaluation,
+            stream=stream,
+            entry_id=entry_id,
+            cost=float(fields.get(b"c") or 0),
+            counted=fields.get(b"q") == b"1",
+            raw=fields,
+        )
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode() if value else ""
+
+
+def _int(value: bytes | str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
