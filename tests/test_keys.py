@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from bastion.constants import SNAPSHOT_KEY
+from bastion.security import apikeys
+from bastion.snapshot import KeyInfo, Snapshot
 from tests.support import Stack, wait_until
 
 ROW = [1.0] * 30
@@ -54,6 +60,37 @@ def test_admin_api_requires_an_admin_key(stack: Stack) -> None:
 def test_admin_keys_are_not_published_to_gateways(stack: Stack) -> None:
     """Gateways never learn admin keys: the admin key is refused on the public port."""
     assert _predict(stack, stack.admin_key) == 401
+
+
+def test_operators_mark_a_key_trusted_to_name_its_subject_and_it_reaches_the_snapshot(stack: Stack) -> None:
+    """``subject_trusted`` is off unless asked for; it is listed, published, parsed and kept by rotation."""
+    trusted = stack.admin.create_key("acme", "back end", subject_trusted=True)
+    plain = stack.admin.create_key("acme", "app")
+    assert (trusted["subject_trusted"], plain["subject_trusted"]) == (True, False)
+    listed = {k["id"]: k["subject_trusted"] for k in stack.admin.keys("acme")}
+    assert (listed[trusted["id"]], listed[plain["id"]]) == (True, False)
+    rotated = stack.admin.rotate_key(trusted["id"], 60)
+    assert rotated["key"]["subject_trusted"] is True
+    client = stack.redis_client()
+    try:
+        raw = client.get(SNAPSHOT_KEY)
+    finally:
+        client.close()
+    assert raw is not None
+    keys = Snapshot.parse(raw).keys
+    assert keys[apikeys.digest(trusted["key"])].subject_trusted is True
+    assert keys[apikeys.digest(rotated["secret"])].subject_trusted is True
+    assert keys[apikeys.digest(plain["key"])].subject_trusted is False
+    assert KeyInfo("k", "t", frozenset(), None).subject_trusted is False  # positional constructions keep working
+    cli = subprocess.run(
+        [sys.executable, "-m", "bastion", "keys", "create", "--tenant", "acme", "--subject-trusted"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BASTION_ADMIN_KEY": stack.admin_key, "BASTION_CONTROL_URL": stack.control_url},
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert '"subject_trusted": true' in cli.stdout
 
 
 def test_no_key_or_input_reaches_the_logs(tmp_path: Path) -> None:

@@ -267,6 +267,8 @@ def test_bad_lifecycle_input_is_a_clear_4xx(stack: Stack) -> None:
         cases = [
             http.put(f"/admin/v1/models/{MODEL}/policy", json={"min_accuracy": 2}),
             http.put(f"/admin/v1/models/{MODEL}/policy", json={"unknown": 1}),
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"max_artifact_bytes": 10**31}),  # past 64 bits
+            http.put(f"/admin/v1/models/{MODEL}/deployment", json={"routes": [{"version": 10**20}]}),
             http.put(f"/admin/v1/models/{MODEL}/holdout", json={"inputs": {"x": [[1, 2, 3]]}, "labels": [1, 0]}),
             http.put(f"/admin/v1/models/{MODEL}/holdout", json={"inputs": {"x": [[1]]}, "labels": [True]}),
             http.put(f"/admin/v1/models/{MODEL}/holdout", content=b"{", headers={"Content-Type": "application/json"}),

@@ -148,6 +148,31 @@ def test_a_crashed_worker_is_restarted(up: Up) -> None:
     assert r.status_code == 200
 
 
+def test_a_refused_second_start_leaves_the_running_instances_processes_file(up: Up) -> None:
+    """A second ``bastion up`` on the same data directory is refused and removes nothing of the first."""
+    before = (up.data_dir / "processes.json").read_text()
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bastion",
+            "up",
+            "--data-dir",
+            str(up.data_dir),
+            "--gateway-port",
+            str(free_port()),
+            "--control-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2 and "another bastion up is running" in second.stderr
+    assert (up.data_dir / "processes.json").read_text() == before
+    assert all(_alive(pid) for pid in up.pids().values())
+
+
 def test_ctrl_c_stops_every_process(up: Up) -> None:
     pids = up.pids()
     assert up.stop() == 0

@@ -136,13 +136,20 @@ class AdminClient:
         return result
 
     def create_key(
-        self, tenant: str, name: str = "", scopes: list[str] | None = None, tier: str | None = None
+        self,
+        tenant: str,
+        name: str = "",
+        scopes: list[str] | None = None,
+        tier: str | None = None,
+        subject_trusted: bool = False,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"tenant": tenant, "name": name}
         if scopes:
             body["scopes"] = scopes
         if tier:
             body["tier"] = tier
+        if subject_trusted:
+            body["subject_trusted"] = True
         result: dict[str, Any] = self._call("POST", "/admin/v1/keys", json=body)
         return result
 
@@ -203,6 +210,11 @@ class AdminClient:
     def replay(self, model: str, ids: list[str] | None = None) -> dict[str, Any]:
         path = f"/admin/v1/models/{model}/dead-letters/replay"
         result: dict[str, Any] = self._call("POST", path, json={"ids": ids or []})
+        return result
+
+    def changes(self, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page of the admin trail (``changes`` and ``next_after``)."""
+        result: dict[str, Any] = self._call("GET", "/admin/v1/changes", params={"after": after, "limit": limit})
         return result
 
     def shadow(self, model: str, reset: bool = False) -> dict[str, Any]:

@@ -329,13 +329,17 @@ def keys_create(
         list[str] | None, typer.Option(help="scope (repeatable); default predict, jobs, models:read")
     ] = None,
     tier: Annotated[str | None, typer.Option(help="rate tier (BASTION_RATE_TIERS); default: default_tier")] = None,
+    subject_trusted: Annotated[
+        bool, typer.Option(help="the key may name the subject of a request (X-Bastion-Subject): trusted back ends")
+    ] = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Create an API key; it is printed once and stored only as a hash."""
+    """Create an API key; it is printed once and stored only as a hash. Its scopes must be ones
+    the calling key holds."""
     client = _client(control_url, admin_key, data_dir)
-    _run(lambda: client.create_key(tenant, name, scope, tier))
+    _run(lambda: client.create_key(tenant, name, scope, tier, subject_trusted))
 
 
 @keys_app.command("list")

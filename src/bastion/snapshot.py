@@ -3,10 +3,17 @@
 The control plane writes the snapshot as JSON to ``snap:current`` and announces it on
 ``snap:notify``. Readers keep the parsed snapshot in memory and refresh it on a notice or
 after ``snapshot_refresh_s`` in case a notice was missed.
+
+Every snapshot carries a ``serial``; a higher serial is a later read of the control plane's
+state (the registry issues serials in SQL, see ``Registry.snapshot``). ``publish`` writes a
+snapshot only when its serial is higher than the stored one (``publish_snapshot.lua``), so a slow
+publisher can never bring back a revoked key or undo a kill switch; readers likewise ignore a
+snapshot older than the one they hold (``Snapshot.newer_than``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +21,10 @@ from typing import Any
 import orjson
 
 from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY
+from bastion.queue.scripts import Lua
 from bastion.signature import Signature
+
+PUBLISH = Lua("publish_snapshot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,7 @@ class KeyInfo:
     jurisdiction: str | None = None
     consents: frozenset[str] = frozenset()
     limits: Limits = NO_LIMITS
+    subject_trusted: bool = False  # operators let this key name its subject (X-Bastion-Subject)
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -151,6 +162,10 @@ class Snapshot:
     def empty(cls) -> Snapshot:
         return cls(0, {}, {}, {})
 
+    def newer_than(self, other: Snapshot) -> bool:
+        """Whether this snapshot should replace ``other`` (readers keep the highest serial)."""
+        return self.serial > other.serial
+
     @classmethod
     def parse(cls, raw: bytes) -> Snapshot:
         data = orjson.loads(raw)
@@ -163,6 +178,7 @@ class Snapshot:
                 k.get("jurisdiction"),
                 frozenset(k.get("consents") or ()),
                 Limits.from_dict(k.get("limits")),
+                bool(k.get("subject_trusted", False)),
             )
             for digest, k in data["keys"].items()
         }
@@ -205,15 +221,24 @@ class Snapshot:
 
 
 def encode(data: dict[str, Any]) -> tuple[int, bytes]:
-    serial = time.time_ns()
-    return serial, orjson.dumps({**data, "serial": serial})
+    """The serial and the JSON of a snapshot; the serial is ``data["serial"]`` when the registry
+    issued one, else the time in nanoseconds. It is always the document's first field, where
+    ``publish_snapshot.lua`` reads it back."""
+    serial = int(data.get("serial") or time.time_ns())
+    return serial, orjson.dumps({"serial": serial, **{k: v for k, v in data.items() if k != "serial"}})
 
 
-def publish(redis: Any, data: dict[str, Any]) -> int:
-    """Write the snapshot and notify readers (``redis`` is a sync redis-py client)."""
+def stored_serial(redis: Any) -> int | None:
+    """The serial of the snapshot Redis holds (None: none, or one without a serial)."""
+    head = redis.getrange(SNAPSHOT_KEY, 0, 40)
+    found = re.match(rb'\{"serial":(\d+)', head or b"")
+    return int(found.group(1)) if found else None
+
+
+def publish(redis: Any, data: dict[str, Any]) -> tuple[int, bool]:
+    """Write the snapshot and notify readers, unless the stored one has a serial as high or
+    higher (``redis`` is a sync redis-py client). Returns the serial Redis holds now and whether
+    it is this snapshot's."""
     serial, raw = encode(data)
-    pipe = redis.pipeline(transaction=True)
-    pipe.set(SNAPSHOT_KEY, raw)
-    pipe.publish(SNAPSHOT_CHANNEL, str(serial))
-    pipe.execute()
-    return serial
+    stored, written = PUBLISH.call(redis, [SNAPSHOT_KEY], [str(serial), raw, SNAPSHOT_CHANNEL])
+    return int(stored), bool(int(written))

@@ -182,6 +182,16 @@ def test_tenant_and_scopes_come_from_claims_and_the_registry(stack: Stack, issue
     assert as_list.status_code == 200
 
 
+def test_a_token_naming_the_operators_tenant_is_refused(stack: Stack, issuer: Issuer) -> None:
+    """'operators' is a registered tenant (the admin API's), but not a serving one: no token may act as it."""
+    assert any(k["tenant"] == "operators" for k in stack.admin.keys("operators")), "the tenant exists"
+    for scope in ("predict", "predict jobs models:read admin"):
+        r = _call(stack, issuer.token(tenant="operators", scope=scope))
+        assert r.status_code == 403, (scope, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "operators are not a serving tenant" in r.json()["detail"]
+
+
 def test_issuer_key_rotation_is_picked_up_without_a_restart(stack: Stack, issuer: Issuer) -> None:
     issuer.keys["rsa-2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     issuer.published = {"rsa-2", "ec-1", "ed-1"}

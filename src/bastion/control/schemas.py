@@ -18,6 +18,9 @@ class KeyCreate(BaseModel):
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_TENANT_SCOPES), min_length=1, max_length=16)
     expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
     tier: str | None = Field(default=None, max_length=32, description="rate tier (settings: rate_tiers)")
+    subject_trusted: bool = Field(
+        default=False, description="the key may name the subject of a request (X-Bastion-Subject): trusted back ends"
+    )
 
 
 class KeyRotate(BaseModel):
@@ -37,7 +40,7 @@ class ReplayRequest(BaseModel):
 class RouteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=1_000_000)
     weight: int = Field(default=100, ge=0, le=10_000)
     role: Literal["primary", "canary", "shadow"] = "primary"
 
@@ -57,7 +60,7 @@ class DeploymentSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     routes: list[RouteIn] = Field(min_length=1, max_length=16)
-    fallback_version: int | None = Field(default=None, ge=1)
+    fallback_version: int | None = Field(default=None, ge=1, le=1_000_000)
     rules: list[RuleIn] = Field(default_factory=list, max_length=64)
 
 

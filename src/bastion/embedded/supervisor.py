@@ -122,6 +122,7 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.stopping = False
         self.sockets: list[socket.socket] = []
+        self.wrote_pids = False  # only the instance that wrote processes.json removes it
 
     # set-up ------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> Child:
@@ -202,6 +203,7 @@ class Supervisor:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(pids, indent=2))
         os.replace(tmp, target)  # readers never see a half-written file
+        self.wrote_pids = True
 
     def _client_host(self) -> str:
         host = self.settings.host
@@ -301,7 +303,8 @@ class Supervisor:
             sock.close()
         if self.redis is not None:
             self.redis.stop()
-        (self.settings.data_dir / "processes.json").unlink(missing_ok=True)
+        if self.wrote_pids:  # a refused second start must not remove the running instance's file
+            (self.settings.data_dir / "processes.json").unlink(missing_ok=True)
 
 
 def run(settings: Settings) -> int:

@@ -3,6 +3,8 @@
 A bearer token that starts with ``bst_`` is an API key; anything else is a JWT when an OIDC
 issuer is configured. A JWT's tenant (its ``oidc_tenant_claim``) must be a tenant operators
 registered: its jurisdiction, consent flags and budget come from there, never from the token.
+The operators' tenant (``OPERATORS_TENANT``, the admin API's) is not a serving tenant: a token
+naming it is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 from starlette.requests import Request
 
-from bastion.constants import API_KEY_PREFIX, SCOPES
+from bastion.constants import API_KEY_PREFIX, OPERATORS_TENANT, SCOPES
 from bastion.errors import Forbidden, RateLimited, Unauthenticated
 from bastion.gateway.state import GatewayState
 from bastion.security import apikeys, oidc
@@ -51,6 +53,11 @@ async def authenticate(request: Request, state: GatewayState, *scopes: str) -> K
 def caller_of(claims: dict[str, object], snapshot: Snapshot, state: GatewayState) -> KeyInfo:
     settings = state.settings
     tenant = claims.get(settings.oidc_tenant_claim)
+    if tenant == OPERATORS_TENANT:
+        raise Forbidden(
+            f"the token's '{settings.oidc_tenant_claim}' claim names '{OPERATORS_TENANT}': operators are not a "
+            "serving tenant"
+        )
     if not isinstance(tenant, str) or tenant not in snapshot.tenants:
         raise Forbidden(f"the token's '{settings.oidc_tenant_claim}' claim names no registered tenant")
     raw = claims.get(settings.oidc_scopes_claim)

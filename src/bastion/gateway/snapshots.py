@@ -1,7 +1,9 @@
 """Keeps the gateway's in-memory copy of the control-plane snapshot fresh.
 
 It reloads on a ``snap:notify`` message and, in case a notice is missed, every
-``snapshot_refresh_s`` when the stored serial changed.
+``snapshot_refresh_s`` when the stored snapshot changed. A snapshot with a lower serial than the
+one held is ignored: serials only grow, so a lower one is stale (e.g. a Redis restored from an
+older copy), and using it could bring back a revoked key.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ class SnapshotWatcher:
         raw = await self.redis.get(SNAPSHOT_KEY)
         if raw is None:
             return
-        if raw != self._raw:
-            self.current = Snapshot.parse(raw)
-            self._raw = raw
-            self.loaded = True
-            log.info("snapshot_loaded", serial=self.current.serial, models=len(self.current.models))
+        if raw == self._raw:
+            return
+        found = Snapshot.parse(raw)
+        self._raw = raw
+        if self.loaded and not found.newer_than(self.current):
+            log.warning("snapshot_older_ignored", serial=found.serial, held=self.current.serial)
+            return
+        self.current = found
+        self.loaded = True
+        log.info("snapshot_loaded", serial=self.current.serial, models=len(self.current.models))
 
     async def _tick(self, _message: dict[str, Any] | None) -> None:
         await self.reload()  # on a notice, and every refresh_s in case a notice was missed

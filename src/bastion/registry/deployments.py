@@ -5,9 +5,8 @@ A deployment is a list of routes ``{version, weight, role}`` with exactly one ``
 (sticky per subject, decided at the gateway). A ``shadow`` route receives a copy of that
 percentage (its weight, 0-100) of answered requests on the batch lane; its outputs are compared
 with the answer's and never returned. A ``fallback`` version answers while the model
-is disabled. Every change is appended to ``deployment_events``; ``rollback`` reads that history:
-with canaries live it returns all traffic to the primary, otherwise to the primary that served
-before the current one.
+is disabled. Every change is appended to ``deployment_events``; ``rollback`` reads that history
+(see ``Deployments.rollback``).
 """
 
 from __future__ import annotations
@@ -16,9 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from bastion.errors import Conflict, InvalidInput, NotFound
+from bastion.registry.db import Sessions
 from bastion.registry.metadata import GatePolicy
 from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
 
@@ -77,7 +77,7 @@ def normalise_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class Deployments:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
     def get(self, model: str) -> dict[str, Any]:
@@ -135,6 +135,19 @@ class Deployments:
             return self._record(s, row, dep, "disable" if disabled else "enable", by)
 
     def rollback(self, model: str, by: str) -> dict[str, Any]:
+        """Send all traffic back to a version that served before, in one call.
+
+        * With canary or shadow routes live, they are dropped: all traffic goes to the primary.
+        * Otherwise traffic goes to the most recent earlier primary, and each further rollback
+          steps one further back: a version rolled back from is never returned to by another
+          rollback (deploy it again to bring it back). The history is the primaries in the order
+          they last took over (``deployment_events``); versions that may not be primary now
+          (retired, or outside ``production`` on a gated model) are passed over. With no earlier
+          version left, the rollback is refused (409) and nothing changes.
+
+        The kill switch, the fallback version and the policy rules stay as they are: rolling back a
+        disabled model leaves it disabled.
+        """
         with self.sessions.begin() as s:
             row, dep = self._load(s, model)
             if dep is None:
@@ -144,8 +157,9 @@ class Deployments:
                 target = primary  # canaries live: all traffic back to the production version
             else:
                 target = self._previous_primary(s, row, primary)
-            dep.routes = [{"version": target, "weight": 100, "role": "primary"}]
-            dep.disabled = False
+            routes = [{"version": target, "weight": 100, "role": "primary"}]
+            self._check_stages(s, row, routes, None)  # the target only: an emergency path is never
+            dep.routes = routes  # blocked by a fallback that was retired or a model gated since
             return self._record(s, row, dep, "rollback", by)
 
     # helpers -----------------------------------------------------------------------------
@@ -181,18 +195,19 @@ class Deployments:
                 )
 
     def _previous_primary(self, s: Session, row: Model, current: int) -> int:
-        usable = set(
-            s.scalars(
-                select(ModelVersion.version).where(ModelVersion.model_id == row.id, ModelVersion.stage != "retired")
-            )
+        stages = dict(
+            s.execute(select(ModelVersion.version, ModelVersion.stage).where(ModelVersion.model_id == row.id)).all()
         )
-        events = s.scalars(
-            select(DeploymentEvent).where(DeploymentEvent.model_id == row.id).order_by(DeploymentEvent.id.desc())
+        gated = GatePolicy.model_validate(row.policy or {}).gated
+        history = _primaries(
+            s.scalars(select(DeploymentEvent).where(DeploymentEvent.model_id == row.id).order_by(DeploymentEvent.id))
         )
-        for event in events:
-            for route in event.routes:
-                if route["role"] == "primary" and route["version"] != current and route["version"] in usable:
-                    return int(route["version"])
+        if history and history[-1] == current:
+            history.pop()
+        for version in reversed(history):
+            stage = stages.get(version)
+            if stage is not None and stage != "retired" and (not gated or stage == "production"):
+                return version
         raise Conflict(f"model {row.name!r} has no earlier production version to roll back to")
 
     def _record(self, s: Session, row: Model, dep: Deployment, action: str, by: str) -> dict[str, Any]:
@@ -211,6 +226,29 @@ class Deployments:
         )
         s.flush()
         return _view(row, dep)
+
+
+def _primaries(events: Any) -> list[int]:
+    """The rollback history: primary versions, oldest first, each where it last took over.
+
+    A deploy or promotion puts its primary on top (moving it up if it served before); a rollback
+    event takes versions off the top until its own target is on top again, so a version rolled
+    back from is no longer in the history and the next rollback goes further back."""
+    stack: list[int] = []
+    for event in events:
+        primary = next((int(r["version"]) for r in event.routes if r["role"] == "primary"), None)
+        if primary is None:
+            continue
+        if event.action == "rollback":
+            while stack and stack[-1] != primary:
+                stack.pop()
+            if not stack:
+                stack.append(primary)
+        elif not stack or stack[-1] != primary:
+            if primary in stack:
+                stack.remove(primary)
+            stack.append(primary)
+    return stack
 
 
 def _view(row: Model, dep: Deployment | None) -> dict[str, Any]:

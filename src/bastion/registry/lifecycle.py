@@ -21,11 +21,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from bastion import holdout
 from bastion.artifacts.store import ArtifactStore
 from bastion.errors import Conflict, Forbidden, GateFailed, NotFound
+from bastion.registry.db import Sessions
 from bastion.registry.deployments import Deployments
 from bastion.registry.metadata import GatePolicy, parse, stored
 from bastion.registry.names import check_name
@@ -50,7 +51,7 @@ def record(s: Session, model: Model, version: int, action: str, by: str, **detai
 
 
 class Lifecycle:
-    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, deployments: Deployments) -> None:
+    def __init__(self, sessions: Sessions, store: ArtifactStore, deployments: Deployments) -> None:
         self.sessions = sessions
         self.store = store
         self.deployments = deployments

@@ -116,7 +116,7 @@ class GatePolicy(_Strict):
     require_documentation: bool = False
     require_approval: bool = False
     require_verified: bool = False
-    max_artifact_bytes: int | None = Field(default=None, ge=1)
+    max_artifact_bytes: int | None = Field(default=None, ge=1, le=1 << 40)  # JSON-safe: a 64-bit integer
 
     @property
     def metric_gates(self) -> dict[str, float]:

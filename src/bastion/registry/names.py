@@ -6,10 +6,10 @@ import re
 
 from bastion.errors import InvalidInput
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidInput(f"{kind} name {name!r} must match {NAME.pattern}")
     return name

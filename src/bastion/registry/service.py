@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore, sha256_hex
 from bastion.constants import SCOPES
-from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound
-from bastion.registry import serving
+from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound, PayloadTooLarge
+from bastion.registry import db, serving
 from bastion.registry.deployments import Deployments
 from bastion.registry.lifecycle import Lifecycle, policy_of, record
 from bastion.registry.limits import Budget, TenantLimits
 from bastion.registry.limits import resolve as resolve_limits
 from bastion.registry.metadata import GatePolicy, VersionMetadata, check_postprocessing, parse, refine
 from bastion.registry.names import check_name
-from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, Tenant
+from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, SnapshotSerial, Tenant
+from bastion.registry.trail import Trail
 from bastion.security import apikeys, signing
 from bastion.signature import Signature, to_tensor
 
@@ -34,20 +38,21 @@ _MAX_REFERENCE_ROWS = 10_000
 class Registry:
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        sessions: db.Sessions | sessionmaker[Session],
         store: ArtifactStore,
         max_upload_bytes: int,
         tiers: dict[str, Budget] | None = None,
         default_tier: str = "",
     ) -> None:
-        self.sessions = sessions
+        self.sessions = db.Sessions.of(sessions)
         self.tiers = tiers or {}
         self.default_tier = default_tier if default_tier in self.tiers else ""
         self.store = store
         self.max_upload_bytes = max_upload_bytes
-        self.deployments = Deployments(sessions)
-        self.lifecycle = Lifecycle(sessions, store, self.deployments)
-        self.serving = serving.Serving(sessions)
+        self.deployments = Deployments(self.sessions)
+        self.lifecycle = Lifecycle(self.sessions, store, self.deployments)
+        self.serving = serving.Serving(self.sessions)
+        self.trail = Trail(self.sessions)
 
     # tenants and keys -------------------------------------------------------------------
     def ensure_tenant(self, name: str) -> Tenant:
@@ -70,9 +75,9 @@ class Registry:
         """Set a tenant's attributes (created if new): the jurisdiction and consent flags drive
         policy rules, the Ed25519 public key verifies the artifacts this tenant signs. Unset
         ``signing_key`` and ``consents`` keep their values."""
-        if jurisdiction is not None and not re.match(r"^[A-Za-z0-9_-]{1,16}$", jurisdiction):
+        if jurisdiction is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", jurisdiction):
             raise InvalidInput("jurisdiction must be 1 to 16 letters, digits, '-' or '_'")
-        if consents is not None and not all(re.match(r"^[a-z0-9_.-]{1,32}$", c) for c in consents):
+        if consents is not None and not all(re.fullmatch(r"[a-z0-9_.-]{1,32}", c) for c in consents):
             raise InvalidInput("consent flags are 1 to 32 of a-z, 0-9, '_', '.', '-'")
         key = signing.normalise_public_key(signing_key) if signing_key else None
         budget = parse(TenantLimits, limits, "the tenant limits") if limits is not None else None
@@ -101,7 +106,10 @@ class Registry:
         scopes: list[str],
         expires_at: datetime | None = None,
         tier: str | None = None,
+        subject_trusted: bool = False,
     ) -> tuple[ApiKey, str]:
+        """A new key; ``subject_trusted`` lets its holder name the subject a request is for
+        (``X-Bastion-Subject``, which picks the sticky canary), for trusted back ends only."""
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise InvalidInput(f"unknown or missing scopes {unknown}; allowed: {list(SCOPES)}")
@@ -119,10 +127,20 @@ class Registry:
             scopes=sorted(set(scopes)),
             expires_at=expires_at,
             tier=tier or self.default_tier or None,
+            subject_trusted=subject_trusted,
         )
         with self.sessions.begin() as s:
             s.add(row)
         return row, new.plaintext
+
+    def get_key(self, key_id: str) -> dict[str, Any]:
+        """One key's view (never its secret), revoked or not."""
+        with self.sessions() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"no key {key_id!r}")
+            tenant = s.get(Tenant, row.tenant_id)
+            return _key_view(row, tenant.name if tenant else "")
 
     def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -157,6 +175,7 @@ class Registry:
                 scopes=list(old.scopes),
                 expires_at=old.expires_at,
                 tier=old.tier,
+                subject_trusted=old.subject_trusted,
             )
             ends = datetime.now(UTC) + timedelta(seconds=overlap_s)
             old.expires_at = min(_aware(old.expires_at), ends) if old.expires_at else ends
@@ -202,7 +221,43 @@ class Registry:
         promotion gates (then the version waits in ``registered``). ``rows_independent=False``
         (an output depends on other rows) keeps workers from batching this version. With
         ``route=False`` an activated version is left for the caller to route (after warm-up).
+        It is ``prepare_version`` (the slow part: checks and storing the artifact) and then
+        ``add_version`` (recording it).
         """
+        prepared = self.prepare_version(
+            model,
+            data,
+            metadata=metadata,
+            description=description,
+            created_by=created_by,
+            activate=activate,
+            rows_independent=rows_independent,
+            version=version,
+            artifact_signature=artifact_signature,
+            signer=signer,
+        )
+        view = self.add_version(prepared)
+        if view["stage"] == "production" and route:
+            self.deployments.promote(model, view["version"], created_by or "registry")
+        return view
+
+    def prepare_version(
+        self,
+        model: str,
+        data: bytes,
+        *,
+        metadata: dict[str, Any] | None = None,
+        description: str = "",
+        created_by: str = "",
+        activate: bool | None = None,
+        rows_independent: bool | None = None,
+        version: int | None = None,
+        artifact_signature: str | None = None,
+        signer: str | None = None,
+    ) -> PreparedVersion:
+        """Check an upload (``register_version``'s arguments) and keep its artifact (content-addressed:
+        harmless if the version is never recorded); nothing is recorded yet. Slow for a large
+        model, so the control plane does it before its unit of work, not inside it."""
         check_name("model", model)
         if version is not None and version < 1:
             raise InvalidInput("version must be a positive integer")
@@ -233,10 +288,23 @@ class Registry:
             stored_meta["reference"] = self._store_reference(signature, meta.reference_sample)
         self.store.put(data)
         row = _NewVersion(digest, len(data), signature.to_dict(), stored_meta, created_by, signed_by)
-        view = self._insert_version(model, row, version, activate=activate is not False and not policy.gated)
-        if view["stage"] == "production" and route:
-            self.deployments.promote(model, view["version"], created_by or "registry")
-        return view
+        return PreparedVersion(model, row, version, activate)
+
+    def add_version(self, prepared: PreparedVersion) -> dict[str, Any]:
+        """Record a prepared version, judged against the model's policy as it is now (it may have
+        changed since the upload was checked)."""
+        model, new = prepared.model, prepared.new
+        policy = self._policy(model)
+        if prepared.activate and policy.gated:
+            raise Conflict(f"model {model!r} has promotion gates now: register without activating")
+        if policy.require_verified and new.signed_by is None:
+            raise InvalidArtifact(f"model {model!r} accepts only signed versions now")
+        if policy.max_artifact_bytes and new.size_bytes > policy.max_artifact_bytes:
+            raise PayloadTooLarge(
+                f"the artifact is {new.size_bytes} bytes; model {model!r} takes at most {policy.max_artifact_bytes}"
+            )
+        activate = prepared.activate is not False and not policy.gated
+        return self._insert_version(model, new, prepared.number, activate=activate)
 
     def _policy(self, model: str) -> GatePolicy:
         with self.sessions() as s:
@@ -305,12 +373,14 @@ class Registry:
                     raise Conflict(
                         f"version {number} of model {model!r} is already registered; versions are immutable"
                     ) from exc
+                if self.sessions.in_unit:  # the unit's transaction is spent; its caller may retry
+                    raise Conflict(f"a concurrent upload took this version of model {model!r}; retry") from exc
                 continue  # a concurrent upload took the same version number; take the next one
         raise Conflict(f"could not allocate a version number for model {model!r}; retry")
 
     def list_models(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
-            return [_model_view(s, model) for model in s.scalars(select(Model).order_by(Model.name))]
+            return _models(s)
 
     def get_model(self, name: str) -> dict[str, Any]:
         with self.sessions() as s:
@@ -331,13 +401,37 @@ class Registry:
                 raise NotFound(f"model {name!r} has no version {version}")
             return _version_view(model, row)
 
+    @contextmanager
+    def unit(self) -> Iterator[Session]:
+        """A unit of work: one transaction for every registry call made in the block
+        (``Sessions.unit``), which first takes the snapshot serial's row lock. Units therefore
+        run one at a time, from their first read to their commit: a unit's reads are never
+        stale, so read-then-write steps (creating a tenant that is not there yet) cannot race,
+        and the snapshot a unit reads includes every unit committed before it."""
+        with self.sessions.unit() as s:
+            _lock_serial(s)
+            yield s
+
+    def latest_serial(self) -> int:
+        """The last snapshot serial SQL issued (0: none yet)."""
+        with self.sessions() as s:
+            return int(s.scalar(select(SnapshotSerial.serial).where(SnapshotSerial.id == 1)) or 0)
+
     def snapshot(self, preload: dict[str, list[int]] | None = None) -> dict[str, Any]:
-        """What gateways and workers need, without SQL: keys by digest, models, signatures.
+        """What gateways and workers need, without SQL: keys by digest, models, signatures, and
+        the ``serial`` SQL issued for this read.
+
+        The serial is taken first, in the transaction that then reads the state: bumping the one
+        ``snapshot_serial`` row takes its write lock until the commit, so snapshot reads are
+        serialised and a higher serial always means a later read (of at least as new a state).
+        Publishers keep only the highest serial (``bastion.snapshot.publish``). Inside a unit of
+        work (``Sessions.unit``) the read sees the unit's own changes.
 
         ``preload`` names versions per model that workers should load and warm up now, before a
         deployment sends them traffic."""
         now = datetime.now(UTC)
-        with self.sessions() as s:
+        with self.sessions.begin() as s:
+            serial = _next_serial(s)
             tenants = {t.id: t for t in s.scalars(select(Tenant))}
             keys = {}
             for key in s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))):
@@ -352,9 +446,11 @@ class Registry:
                     "limits": resolve_limits(owner.limits if owner else None, self.tiers.get(key.tier or "")),
                     "scopes": key.scopes,
                     "expires_at": _aware(key.expires_at).timestamp() if key.expires_at else None,
+                    "subject_trusted": bool(key.subject_trusted),
                 }
+            listed = _models(s)
         models = {}
-        for model in self.list_models():
+        for model in listed:
             dep = model["deployment"]
             models[model["name"]] = {
                 "current": model["current_version"],
@@ -377,7 +473,41 @@ class Registry:
             }
             for t in tenants.values()
         }
-        return {"keys": keys, "models": models, "tenants": callers}
+        return {"serial": serial, "keys": keys, "models": models, "tenants": callers}
+
+
+def _lock_serial(s: Session) -> None:
+    """Take the snapshot serial row's write lock (a write that changes nothing) until the commit."""
+    s.execute(
+        update(SnapshotSerial)
+        .where(SnapshotSerial.id == 1)
+        .values(serial=SnapshotSerial.serial)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _next_serial(s: Session) -> int:
+    """Bump and return the snapshot serial: ``max(previous + 1, now in ns)``. Monotonic because
+    SQL issues it under the row's lock; the clock floor keeps it above the serials of older
+    releases (which stamped ``time.time_ns()``) and above those of a database restored from a
+    backup."""
+    now = time.time_ns()
+    bumped = SnapshotSerial.serial + 1
+    done = s.execute(
+        update(SnapshotSerial)
+        .where(SnapshotSerial.id == 1)
+        .values(serial=case((bumped > now, bumped), else_=now))
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(done, "rowcount", 0):
+        s.add(SnapshotSerial(id=1, serial=now))
+        s.flush()
+        return now
+    return int(s.scalar(select(SnapshotSerial.serial).where(SnapshotSerial.id == 1)) or now)
+
+
+def _models(s: Session) -> list[dict[str, Any]]:
+    return [_model_view(s, model) for model in s.scalars(select(Model).order_by(Model.name))]
 
 
 def _snapshot_version(v: dict[str, Any]) -> dict[str, Any]:
@@ -435,6 +565,7 @@ def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:
         "name": key.name,
         "scopes": key.scopes,
         "tier": key.tier,
+        "subject_trusted": bool(key.subject_trusted),
         "created_at": _aware(key.created_at).isoformat(),
         "expires_at": _aware(key.expires_at).isoformat() if key.expires_at else None,
         "revoked": key.revoked_at is not None,
@@ -457,6 +588,16 @@ def _version_view(model: Model, version: ModelVersion) -> dict[str, Any]:
         "created_by": version.created_by,
         "created_at": _aware(version.created_at).isoformat(),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedVersion:
+    """An upload checked and stored by ``Registry.prepare_version``, ready for ``add_version``."""
+
+    model: str
+    new: _NewVersion
+    number: int | None
+    activate: bool | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from bastion.errors import NotFound
+from bastion.registry.db import Sessions
 from bastion.registry.lifecycle import record
 from bastion.registry.metadata import parse
 from bastion.registry.tables import Model
@@ -41,7 +42,7 @@ def of(model: Model) -> ServingOptions:
 
 
 class Serving:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
     def get(self, model: str) -> dict[str, Any]:

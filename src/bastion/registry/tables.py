@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -41,6 +41,7 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     tier: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    subject_trusted: Mapped[bool] = mapped_column(default=False)  # may name its subject (X-Bastion-Subject)
 
 
 class Model(Base):
@@ -119,3 +120,28 @@ class DeploymentEvent(Base):
     disabled: Mapped[bool] = mapped_column(default=False)
     created_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AdminChange(Base):
+    """Append-only trail of the admin API's state changes: who (principal id) did what to which
+    resource, with a detail document that never holds a secret."""
+
+    __tablename__ = "admin_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    principal_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(48))
+    resource_kind: Mapped[str] = mapped_column(String(32))
+    resource_name: Mapped[str] = mapped_column(String(160), default="")
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class SnapshotSerial(Base):
+    """One row: the serial of the newest snapshot read for publishing. Bumping it takes the row's
+    write lock, so snapshot reads are serialised and their serials follow their order."""
+
+    __tablename__ = "snapshot_serial"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    serial: Mapped[int] = mapped_column(BigInteger)

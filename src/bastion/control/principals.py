@@ -1,0 +1,68 @@
+"""Who is calling the admin API, and what it may do.
+
+A principal is the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key of the operators' tenant.
+``admin`` holds every scope. A route needs one scope (``needs``); a key change also needs the
+caller to hold every scope of the key it creates, rotates or revokes (``may_grant``), so that no
+principal can make, obtain or take away a key more powerful than itself: ``admin`` is granted only
+by an ``admin`` principal.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import Depends, Request
+
+from bastion.constants import OPERATORS_TENANT, SCOPES
+from bastion.control.plane import plane_of
+from bastion.errors import Forbidden, Unauthenticated
+from bastion.security import apikeys
+
+ENV_ADMIN = "env-admin"  # the principal id of BASTION_ADMIN_KEY
+
+
+def principal(request: Request) -> dict[str, Any]:
+    """Who is calling: the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key from the registry."""
+    plane = plane_of(request)
+    token = apikeys.bearer(request.headers.get("authorization"))
+    if token is None:
+        raise Unauthenticated("an admin key is required: send 'Authorization: Bearer <key>'")
+    configured = plane.settings.admin_key
+    if configured is not None and hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
+        return {"id": ENV_ADMIN, "tenant": OPERATORS_TENANT, "scopes": ["admin"]}
+    key = plane.registry.key_by_secret(token)
+    if key is None:
+        raise Unauthenticated("the admin key is unknown, revoked or expired")
+    if key["tenant"] != OPERATORS_TENANT:
+        raise Forbidden(f"only keys of the '{OPERATORS_TENANT}' tenant may use the admin API")
+    return key
+
+
+def scopes_of(caller: dict[str, Any]) -> frozenset[str]:
+    """The scopes a principal holds: all of them for ``admin``."""
+    held = frozenset(caller["scopes"])
+    return frozenset(SCOPES) if "admin" in held else held
+
+
+def needs(scope: str, **openapi: Any) -> dict[str, Any]:
+    """Route arguments: the caller needs ``scope`` (or ``admin``); the OpenAPI document says so
+    in ``x-bastion-scopes`` (the security tests read the route x scope matrix from there)."""
+
+    def check(caller: dict[str, Any] = Depends(principal)) -> None:  # noqa: B008 - FastAPI dependency
+        if scope not in scopes_of(caller):
+            raise Forbidden(f"this key lacks the '{scope}' scope (or 'admin') this route needs")
+
+    return {"dependencies": [Depends(check)], "openapi_extra": {**openapi, "x-bastion-scopes": [scope, "admin"]}}
+
+
+def may_grant(caller: dict[str, Any], scopes: Iterable[str], what: str) -> None:
+    """Refuse (403) unless the caller holds every one of ``scopes`` (those of the key it would
+    create, rotate or revoke; ``what`` says which)."""
+    beyond = sorted(set(scopes) - scopes_of(caller))
+    if beyond:
+        raise Forbidden(
+            f"{what}: the key's scopes {beyond} exceed the caller's {sorted(caller['scopes'])}; only a principal "
+            "holding every scope of a key may create, rotate or revoke it ('admin' only by an admin)"
+        )

@@ -1,0 +1,57 @@
+"""Dead-lettered jobs of a model: list them (never their inputs) and queue async ones again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from bastion.control import changes
+from bastion.control.plane import plane_of, redis_errors
+from bastion.control.principals import needs, principal
+from bastion.control.schemas import ReplayRequest
+from bastion.queue import deadletters
+from bastion.responses import json_response
+
+router = APIRouter()
+_UNAVAILABLE = "dead letters are unavailable"
+
+
+@router.get("/models/{name}/dead-letters", tags=["jobs"], **needs("deploy"))
+async def dead_letters(name: str, request: Request, count: int = Query(default=100, ge=1, le=10_000)) -> Response:
+    """The newest dead-lettered jobs of the model (ids, tenant, reason; never their inputs)."""
+    plane = plane_of(request)
+    await run_in_threadpool(plane.registry.get_model, name)
+
+    def listing() -> list[dict[str, Any]]:
+        with redis_errors(_UNAVAILABLE):
+            return deadletters.listing(plane.redis, name, count)
+
+    return json_response({"model": name, "dead_letters": await run_in_threadpool(listing)})
+
+
+@router.post("/models/{name}/dead-letters/replay", tags=["jobs"], **needs("deploy"))
+async def replay_dead_letters(
+    name: str,
+    body: ReplayRequest,
+    request: Request,
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
+) -> Response:
+    """Queue dead-lettered async jobs again (all of the newest 1,000 when no ids are given)."""
+    plane = plane_of(request)
+
+    def replay() -> dict[str, Any]:
+        plane.registry.get_model(name)
+        with redis_errors(_UNAVAILABLE):
+            ids = body.ids or [d["id"] for d in deadletters.listing(plane.redis, name, 1000)]
+            return dict(deadletters.replay(plane.redis, name, ids, plane.settings.result_ttl_s))
+
+    # Redis work first, outside the unit of work: up to 1,000 script calls must not hold the
+    # registry's write lock (every other admin change waits on it); the unit then records it.
+    counts = await run_in_threadpool(replay)
+    await changes.run(
+        plane, admin, "deadletters.replay", ("model", name), lambda: counts, detail=dict(counts), publish=False
+    )
+    return json_response({"model": name, **counts})

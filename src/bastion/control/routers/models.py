@@ -1,0 +1,129 @@
+"""Models and their versions: list, show, register (upload) a new immutable version."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from bastion.control import changes
+from bastion.control.plane import plane_of
+from bastion.control.principals import needs, principal
+from bastion.control.routers.deployments import route_primary
+from bastion.errors import InvalidInput, UnsupportedMedia
+from bastion.responses import json_response
+
+router = APIRouter()
+
+_UPLOAD = {
+    "required": True,
+    "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["artifact"],
+                "properties": {
+                    "artifact": {"type": "string", "format": "binary", "description": "the ONNX file"},
+                    "metadata": {"type": "string", "description": "VersionMetadata as JSON"},
+                    "signature": {"type": "string", "description": "base64 Ed25519 over the sha256"},
+                },
+            }
+        },
+    },
+}
+
+
+@router.get("/models", tags=["models"], **needs("models:read"))
+async def list_models(request: Request) -> Response:
+    """Every model with its versions and the version that serves now."""
+    return json_response({"models": await run_in_threadpool(plane_of(request).registry.list_models)})
+
+
+@router.get("/models/{name}", tags=["models"], **needs("models:read"))
+async def get_model(name: str, request: Request) -> Response:
+    return json_response(await run_in_threadpool(plane_of(request).registry.get_model, name))
+
+
+@router.post("/models/{name}/versions", status_code=201, tags=["models"], **needs("models:write", requestBody=_UPLOAD))
+async def register_version(
+    name: str,
+    request: Request,
+    admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
+    description: str = Query(default="", max_length=4000),
+    activate: bool | None = Query(default=None, description="unset: activate unless the model has gates"),
+    version: int | None = Query(default=None, ge=1, le=1_000_000, description="name the version (409 if it exists)"),
+    rows_independent: bool | None = Query(
+        default=None, description="false when an output depends on other rows (e.g. softmax across the batch)"
+    ),
+    signature: str | None = Query(default=None, max_length=200, description="base64 Ed25519 over the sha256"),
+    signer: str | None = Query(default=None, max_length=64, description="tenant whose public key verifies it"),
+) -> Response:
+    """Register a new, immutable version: the ONNX file as the raw body, or a multipart form with
+    the file (``artifact``), its metadata (``metadata``, JSON) and a detached ``signature``. An
+    activated version is warmed up on the workers, then becomes the primary."""
+    plane = plane_of(request)
+    data, metadata, form_signature = await _upload(request, plane.settings.max_upload_bytes)
+    prepare = functools.partial(
+        plane.registry.prepare_version,
+        name,
+        data,
+        metadata=metadata,
+        description=description,
+        created_by=str(admin["id"]),
+        activate=activate,
+        rows_independent=rows_independent,
+        version=version,
+        artifact_signature=form_signature or signature,
+        signer=signer,
+    )
+    prepared = await run_in_threadpool(prepare)  # the slow checks, before the unit of work
+    view = await changes.run(
+        plane,
+        admin,
+        "version.register",
+        ("model", name),
+        functools.partial(plane.registry.add_version, prepared),
+        detail=lambda v: {k: v[k] for k in ("version", "sha256", "stage", "verified", "signed_by")},
+    )
+    if view["stage"] == "production":
+        view["warm"] = await route_primary(plane, admin, name, view["version"])
+    return json_response(view, status_code=201)
+
+
+async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] | None, str | None]:
+    """The artifact bytes, the metadata document and the signature of an upload."""
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type == "application/octet-stream":
+        return await request.body(), None, None
+    if content_type != "multipart/form-data":
+        raise UnsupportedMedia(
+            "send the ONNX file as 'Content-Type: application/octet-stream', or a multipart/form-data form "
+            "with 'artifact', 'metadata' and 'signature'"
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+    except Exception as exc:  # python-multipart / Starlette raise several kinds for malformed forms
+        raise InvalidInput("the multipart form is malformed or has too many parts") from exc
+    unknown = sorted(set(form.keys()) - {"artifact", "metadata", "signature"})
+    if unknown:
+        raise InvalidInput(f"unknown form fields {unknown}; send 'artifact', 'metadata' and 'signature'")
+    artifact = form.get("artifact")
+    if artifact is None or isinstance(artifact, str):
+        raise InvalidInput("the form needs the ONNX file as the 'artifact' file field")
+    data = await artifact.read()
+    raw_meta = form.get("metadata")
+    metadata = None
+    if raw_meta is not None:
+        try:
+            metadata = orjson.loads(raw_meta if isinstance(raw_meta, str) else await raw_meta.read())
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput("the 'metadata' field is not valid JSON") from exc
+        if not isinstance(metadata, dict):
+            raise InvalidInput("the 'metadata' field is a JSON object")
+    sig = form.get("signature")
+    return data, metadata, sig if isinstance(sig, str) else None

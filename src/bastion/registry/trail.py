@@ -1,0 +1,65 @@
+"""The admin trail: an append-only record of who changed what through the admin API.
+
+One row per state-changing admin call (``admin_changes``): when, the principal's id, the action
+(``key.create``, ``deployment.rollback``...), the kind and name of the resource, and a detail
+document. The trail never holds a secret: detail fields that could (``key``, ``secret``...) are
+dropped before the row is written. Rows are only ever added; readers page by id.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import select
+
+from bastion.registry.db import Sessions
+from bastion.registry.tables import AdminChange
+
+_SECRET_FIELDS = frozenset({"key", "secret", "plaintext", "token", "password", "digest"})
+MAX_PAGE = 1000
+
+
+def scrubbed(detail: Any) -> Any:
+    """``detail`` without any field named like a secret, at any depth."""
+    if isinstance(detail, dict):
+        return {k: scrubbed(v) for k, v in detail.items() if str(k).lower() not in _SECRET_FIELDS}
+    if isinstance(detail, list | tuple):
+        return [scrubbed(v) for v in detail]
+    return detail
+
+
+class Trail:
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    def append(self, principal_id: str, action: str, kind: str, name: str, detail: dict[str, Any] | None = None) -> int:
+        """Add one change (inside a unit of work: in the unit's transaction); its id."""
+        with self.sessions.begin() as s:
+            row = AdminChange(
+                principal_id=principal_id[:64],
+                action=action[:48],
+                resource_kind=kind[:32],
+                resource_name=name[:160],
+                detail=scrubbed(detail) if detail else None,
+            )
+            s.add(row)
+            s.flush()
+            return int(row.id)
+
+    def listing(self, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Changes with an id above ``after``, oldest first, at most ``limit``."""
+        limit = max(1, min(limit, MAX_PAGE))
+        with self.sessions() as s:
+            rows = s.scalars(select(AdminChange).where(AdminChange.id > after).order_by(AdminChange.id).limit(limit))
+            return [
+                {
+                    "id": r.id,
+                    "at": (r.at if r.at.tzinfo else r.at.replace(tzinfo=UTC)).isoformat(),
+                    "principal": r.principal_id,
+                    "action": r.action,
+                    "resource": {"kind": r.resource_kind, "name": r.resource_name},
+                    "detail": r.detail or {},
+                }
+                for r in rows
+            ]
