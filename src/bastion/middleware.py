@@ -8,6 +8,7 @@ import secrets
 import time
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems
@@ -15,7 +16,7 @@ from bastion.errors import PayloadTooLarge
 
 log = logs.get("bastion.http")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class BodySizeLimit:
@@ -56,13 +57,16 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+            elif message["type"] == "http.disconnect":
+                scope.setdefault("state", {})["client_disconnected"] = True  # read by RequestMetrics
             return message
 
         await self.app(scope, limited_receive, send)
 
 
 class RequestId:
-    """Give every request an id (the client's ``X-Request-ID`` when well-formed) and echo it.
+    """Give every request an id (the client's ``X-Request-ID`` when well-formed), echo it, and
+    bind it to every log line written while the request runs (``logs.bind_request``).
 
     Generated ids are a random per-process prefix and a counter: unique, and no syscall per request.
     """
@@ -80,7 +84,7 @@ class RequestId:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
+                if _REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
                 break
         request_id = request_id or f"{self._prefix}{next(self._counter):08x}"
@@ -92,7 +96,11 @@ class RequestId:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = logs.bind_request(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.clear_request(token)
 
 
 _SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
@@ -131,8 +139,11 @@ class RequestMetrics:
     The route label is the matched endpoint's name (bounded), or ``unmatched``. Starlette's own
     last-resort handler sits outside every middleware (its response would miss the request id and
     security headers) and re-raises; here the error is logged once, with the request id, answered
-    with a bare problem, and the connection stays usable. (One class for both: each middleware
-    layer costs every request a wrapped ``send``.)
+    with a bare problem, and the connection stays usable. A client that went away mid-request
+    (``ClientDisconnect`` while reading the body, or a socket error after ``http.disconnect``) is
+    no error of ours: it is logged at info as ``client_disconnected``, counted as status 499 and
+    answered with nothing. (One class for both: each middleware layer costs every request a
+    wrapped ``send``.)
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -163,14 +174,15 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         except Exception as exc:
+            if isinstance(exc, ClientDisconnect) or (
+                isinstance(exc, OSError) and scope.get("state", {}).get("client_disconnected")
+            ):
+                metrics.ERRORS.labels("http", "client_disconnected").inc()
+                log.info("client_disconnected", path=scope.get("path", ""), error_type=type(exc).__name__)
+                status = status or 499  # nginx's "client closed request"; nobody is there to read it
+                return
             metrics.ERRORS.labels("http", "unexpected").inc()
-            log.error(
-                "unexpected_error",
-                path=scope.get("path", ""),
-                request_id=scope.get("state", {}).get("request_id", ""),
-                error_type=type(exc).__name__,
-                exc_info=exc,
-            )
+            log.error("unexpected_error", path=scope.get("path", ""), error_type=type(exc).__name__, exc_info=exc)
             if status:
                 raise
             status = 500
