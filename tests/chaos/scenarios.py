@@ -86,6 +86,34 @@ def wait_terminal(stack: Stack, ids: list[str], timeout_s: float, interval_s: fl
     wait_until(done, timeout_s, f"{len(ids)} jobs to reach a terminal state", interval_s=interval_s)
 
 
+def settle(stack: Stack, ids: list[str], timeout_s: float, interval_s: float = 0.25) -> bool:
+    """Wait at most ``timeout_s`` for every job in ``ids`` to reach a terminal state; never raises
+    (what has not settled by then is counted by ``account``). True when all did."""
+    pending = list(ids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = job_states(stack, pending, ("status",))
+        pending = [i for i, s in zip(pending, states, strict=True) if s["status"] not in TERMINAL]
+        if not pending or time.monotonic() >= deadline:
+            return not pending
+        time.sleep(interval_s)
+
+
+def final_statuses(stack: Stack, ids: list[str]) -> dict[str, str]:
+    """Each job's status as Redis holds it now; a job whose state hash is gone is absent."""
+    states = job_states(stack, ids, ("status",))
+    return {i: s["status"] for i, s in zip(ids, states, strict=True) if s["status"]}
+
+
+def account(accepted: list[str], final: dict[str, str]) -> dict[str, int]:
+    """What became of the jobs a client was answered 202 for (``accepted``, recorded by the client
+    as the answers came): ``lost`` is every one whose state is missing from Redis or not terminal
+    (``final``, read after a bounded wait); ``failed`` ended, but not in success."""
+    lost = sum(final.get(i, "") not in TERMINAL for i in accepted)
+    succeeded = sum(final.get(i) == "succeeded" for i in accepted)
+    return {"lost": lost, "succeeded": succeeded, "failed": len(accepted) - lost - succeeded}
+
+
 def forget(stack: Stack, ids: list[str]) -> None:
     client = stack.redis_client()
     try:
@@ -165,33 +193,34 @@ def worker_kills(root: Path, jobs: int, workers: int = 4, kills: int = 20, visib
             submitted_s = time.monotonic() - started
             done_submitting.set()
             thread.join(120)
-            wait_terminal(stack, ids, 180)
+            settle(stack, ids, 180)
             drained_s = time.monotonic() - started
+        outcome = account(ids, final_statuses(stack, ids))
         states = job_states(stack, ids, ("status", "created", "started", "finished", "repeats"))
         answers = results_over_http(stack, ids)
         rc.close()
-    statuses = Counter(s["status"] for s in states)
     wrong = sum(
         a.get("status") != "succeeded"
         or not np.allclose(np.asarray(a["outputs"]["probabilities"][0]), expected[i], atol=1e-5)
         for i, a in enumerate(answers)
     )
     latency = [(int(s["finished"]) - int(s["created"])) / 1000 for s in states if s["finished"]]
-    job_time = max((int(s["finished"]) - int(s["started"])) / 1000 for s in states if s["started"])
+    job_time = max(((int(s["finished"]) - int(s["started"])) / 1000 for s in states if s["finished"]), default=0.0)
     return {
         "jobs": jobs,
         "workers": workers,
         "kills": len(killed),
         "kills_holding_jobs": sum(h > 0 for _, h in killed),
         "restarts": len(restarts),
-        "lost": sum(s["status"] not in TERMINAL for s in states),
-        "succeeded": statuses["succeeded"],
+        "lost": outcome["lost"],  # 202 answered, then missing or unfinished after the wait
+        "succeeded": outcome["succeeded"],
+        "failed": outcome["failed"],
         "wrong_or_missing_answers": wrong,
         # jobs a worker ran again after a kill; complete.lua kept the first outcome (write-once)
         "ran_more_than_once": sum(bool(s["repeats"]) for s in states),
         "submit_s": round(submitted_s, 1),
         "all_terminal_s": round(drained_s, 1),
-        "max_job_latency_s": round(max(latency), 2),
+        "max_job_latency_s": round(max(latency, default=float("nan")), 2),
         "p99_job_latency_s": round(percentile(latency, 0.99), 2),
         "bound_s": round(visibility_s + job_time + 5, 2),
     }
@@ -244,28 +273,37 @@ def redis_kill(root: Path, seconds: float = 6.0, down_s: float = 1.5, threads: i
         stack.redis.start()
         redis_start_s = time.monotonic() - restarted
         down.clear()
-        wait_until(lambda: codes[202] > before_kill + accepted_while_down, 60, "submissions to be accepted again")
-        recovered_s = time.monotonic() - restarted
+        recovered_s: float | None = None
+        while recovered_s is None and time.monotonic() - restarted < 60:
+            if codes[202] > before_kill + accepted_while_down:
+                recovered_s = time.monotonic() - restarted
+            time.sleep(0.01)
         time.sleep(seconds / 3)
         stop.set()
         for t in pool:
             t.join(15)
-        wait_terminal(stack, accepted, 120)
+        with lock:
+            answered = list(accepted)  # every id a client was answered 202 for, as it recorded them
+        settle(stack, answered, 120)
         drained_s = time.monotonic() - restarted
-        statuses = Counter(s["status"] for s in job_states(stack, accepted, ("status",)))
+        outcome = account(answered, final_statuses(stack, answered))
+        # Bastion's own processes (control plane, gateway, workers) that exited: none may need a restart
+        exited = sorted(name for name, proc in stack.procs.items() if proc.poll() is not None)
     return {
-        "accepted_202": len(accepted),
+        "accepted_202": len(answered),
         "accepted_before_kill": before_kill,
         "refused_503": codes[503],
         "answers_500": sum(n for c, n in codes.items() if c >= 500 and c != 503),
         "no_answer": codes[0],
         "other_codes": {c: n for c, n in codes.items() if c not in (0, 202, 503)},
-        "succeeded": statuses["succeeded"],
-        "lost": len(accepted) - statuses["succeeded"],
+        "succeeded": outcome["succeeded"],
+        "failed": outcome["failed"],
+        "lost": outcome["lost"],  # 202 answered, then missing or unfinished after the wait
+        "bastion_exits": exited,
         "p99_503_while_down_ms": round(percentile(down_latency, 0.99) * 1000, 1),
         "redis_down_s": down_s,
         "redis_restart_s": round(redis_start_s, 2),
-        "accepting_again_after_s": round(recovered_s, 2),
+        "accepting_again_after_s": None if recovered_s is None else round(recovered_s, 2),
         "all_accepted_done_after_s": round(drained_s, 1),
     }
 
@@ -281,7 +319,8 @@ def enqueue_direct(stack: Stack, rows: np.ndarray) -> list[str]:
 
     from bastion import codec
     from bastion.constants import LANE_BATCH
-    from bastion.gateway.dispatch import new_job_id
+    from bastion.gateway.pipeline import new_job_id
+    from bastion.queue.envelope import Envelope
     from bastion.queue.producer import Producer
     from bastion.redisconn import async_client
 
@@ -294,12 +333,15 @@ def enqueue_direct(stack: Stack, rows: np.ndarray) -> list[str]:
                 await asyncio.gather(
                     *(
                         producer.enqueue(
-                            lane=LANE_BATCH,
-                            job_id=ids[i],
-                            tenant="acme",
-                            model=demo.MODEL_NAME,
-                            version=1,
-                            blob=codec.encode({"input": rows[i : i + 1]}),
+                            Envelope(
+                                job_id=ids[i],
+                                tenant="acme",
+                                model=demo.MODEL_NAME,
+                                version=1,
+                                lane=LANE_BATCH,
+                                rows=1,
+                                blob=codec.encode({"input": rows[i : i + 1]}),
+                            )
                         )
                         for i in range(start, min(start + 500, len(rows)))
                     )
@@ -312,9 +354,10 @@ def enqueue_direct(stack: Stack, rows: np.ndarray) -> list[str]:
 
 
 class OomKiller(threading.Thread):
-    """Kill the process running a poison job, once per run (each run stamps 'started'), as the
-    kernel's OOM killer would kill the process a job blew up: the worker's loop, or the child
-    process it runs a redelivered job in (the job's state names the pid)."""
+    """Kill the process running a poison job, once per run, as the kernel's OOM killer would kill
+    the process a job blew up: the worker's loop, or the child process it runs a redelivered job
+    in (the job's state names the pid). A run stamps 'started' (again when its child starts); a
+    process is killed once, and one already gone is not a kill."""
 
     def __init__(self, stack: Stack, poison_ids: list[str]) -> None:
         super().__init__(daemon=True)
@@ -326,6 +369,7 @@ class OomKiller(threading.Thread):
     def run(self) -> None:
         rc = self.stack.redis_client()
         seen: set[bytes] = set()
+        killed: set[int] = set()
         try:
             while not self.stop.is_set():
                 for job_id in list(self.poison_ids):
@@ -336,9 +380,14 @@ class OomKiller(threading.Thread):
                     time.sleep(0.05)  # it is computing now
                     # the process computing it: the worker's loop, or the child it runs a redelivered job in
                     pid = int(rc.hget(f"job:{job_id}", "pid") or 0)
-                    if pid:
+                    if not pid or pid in killed:
+                        continue
+                    killed.add(pid)
+                    try:
                         os.kill(pid, signal.SIGKILL)
-                        self.kills.append(f"{job_id[:6]}:{name.decode()}:{pid}")
+                    except ProcessLookupError:
+                        continue  # it ended on its own
+                    self.kills.append(f"{job_id[:6]}:{name.decode()}:{pid}")
                 time.sleep(0.005)
         except Exception as exc:
             self.kills.append(f"killer failed: {exc!r}")

@@ -35,7 +35,9 @@ def test_redis_sigkilled_and_restarted_keeps_every_accepted_job(tmp_path: Path) 
     assert f["refused_503"] > 0, "the outage was not seen by any client"
     assert f["answers_500"] == 0 and f["no_answer"] == 0 and not f["other_codes"]
     assert f["lost"] == 0 and f["succeeded"] == f["accepted_202"]
+    assert f["accepting_again_after_s"] is not None
     assert f["accepted_202"] > f["accepted_before_kill"], "submissions were accepted again after the restart"
+    assert f["bastion_exits"] == [], "no Bastion process had to be restarted"
 
 
 @pytest.mark.slow
