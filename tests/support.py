@@ -92,6 +92,9 @@ class Stack:
         self.version = self.admin.register(demo.MODEL_NAME, demo.model_bytes())
         for tenant in ("acme", "globex"):
             self.keys[tenant] = self.admin.create_key(tenant, "test")["key"]
+        # A key operators trust to name its routing subject (X-Bastion-Subject): canary tests.
+        for tenant in ("acme", "globex"):
+            self.keys[f"{tenant}-subjects"] = self.admin.create_key(tenant, "subjects", subject_trusted=True)["key"]
         for i in range(self.n_workers):
             self.start_worker(i)
         for i in range(self.n_gateways):
@@ -179,6 +182,7 @@ class Stack:
         return self.gateway_urls[0]
 
     def client(self, tenant: str = "acme", gateway: int = 0, **kwargs: Any) -> httpx.Client:
+        """A client of gateway ``gateway`` with key ``keys[tenant]`` (a tenant, or a key's label)."""
         return httpx.Client(
             base_url=self.gateway_urls[gateway],
             headers={"Authorization": f"Bearer {self.keys[tenant]}", **kwargs.pop("headers", {})},

@@ -43,7 +43,7 @@ def test_a_90_10_canary_splits_distinct_subjects_and_is_sticky(two_gateways: Sta
     stack = two_gateways
     stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 90}, {"version": 2, "weight": 10, "role": "canary"}])
     time.sleep(0.5)
-    clients = [stack.client(gateway=i % 2, limits=httpx.Limits(max_connections=4)) for i in range(16)]
+    clients = [stack.client("acme-subjects", gateway=i % 2, limits=httpx.Limits(max_connections=4)) for i in range(16)]
     try:
 
         def run(i: int) -> int:
@@ -62,11 +62,26 @@ def test_a_90_10_canary_splits_distinct_subjects_and_is_sticky(two_gateways: Sta
             c.close()
 
 
+def test_only_a_key_operators_trust_chooses_its_canary_by_subject(two_gateways: Stack) -> None:
+    """An ordinary key cannot pick the version it gets by trying ``X-Bastion-Subject`` values:
+    it is routed by its own identity. A key marked ``subject_trusted`` routes each subject."""
+    stack = two_gateways
+    stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 50}, {"version": 2, "weight": 50, "role": "canary"}])
+    time.sleep(0.5)
+    try:
+        with stack.client("acme") as plain, stack.client("acme-subjects") as trusted:
+            assert len({_version(plain, f"try-{i}") for i in range(60)}) == 1, "a plain key chose its version"
+            assert {_version(trusted, f"try-{i}") for i in range(60)} == {1, 2}
+            assert plain.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Subject": ""}).status_code == 200
+    finally:
+        stack.admin.deploy(demo.MODEL_NAME, [{"version": 1}])
+
+
 def test_rollback_and_kill_switch_are_obeyed_by_both_gateways_within_a_second(two_gateways: Stack) -> None:
     stack = two_gateways
     stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 50}, {"version": 2, "weight": 50, "role": "canary"}])
     time.sleep(0.5)
-    clients = [stack.client(gateway=0), stack.client(gateway=1)]
+    clients = [stack.client("acme-subjects", gateway=0), stack.client("acme-subjects", gateway=1)]
     try:
         canary_subject = next(s for s in (f"s{i}" for i in range(1000)) if _version(clients[0], s) == 2)
 
@@ -162,6 +177,78 @@ def test_deployments_are_validated_and_recorded(registry: Registry) -> None:
         registry.set_tenant("acme", "no spaces allowed")
 
 
+def test_rollback_leaves_the_kill_switch_as_it_is(registry: Registry) -> None:
+    """A disabled model stays disabled through a rollback: rolling back is not switching it back on."""
+    registry.register_version("m", demo.model_bytes())
+    registry.register_version("m", demo.model_bytes(), activate=False)
+    deployments = registry.deployments
+    deployments.deploy("m", [{"version": 2}], 1, "alice")
+    deployments.set_disabled("m", True, "alice")
+    rolled = deployments.rollback("m", "bob")
+    assert rolled["routes"] == [{"version": 1, "weight": 100, "role": "primary"}]
+    assert rolled["disabled"] is True and rolled["fallback_version"] == 1
+    assert registry.snapshot()["models"]["m"]["disabled"] is True
+    deployments.set_disabled("m", False, "alice")
+    deployments.deploy("m", [{"version": 2}], 1, "alice")
+    assert deployments.rollback("m", "bob")["disabled"] is False  # and an enabled one stays enabled
+
+
+def test_rollback_never_routes_to_a_retired_or_unqualified_version(registry: Registry) -> None:
+    """On a gated model a rollback passes over versions no longer in production, and retired ones;
+    with none left it is refused and nothing changes."""
+    registry.lifecycle.set_policy("m", {"require_approval": True}, "alice")
+    for _ in range(3):
+        v = registry.register_version("m", demo.model_bytes(), created_by="alice")["version"]
+        registry.lifecycle.approve("m", v, "bob")
+        registry.lifecycle.set_stage("m", v, "staging", "alice")
+        registry.lifecycle.set_stage("m", v, "production", "alice")  # becomes the primary
+    assert registry.get_model("m")["current_version"] == 3
+    registry.lifecycle.set_stage("m", 2, "staging", "alice")  # v2 leaves production
+    deployments = registry.deployments
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 1, "v2 is not in production"
+    with pytest.raises(Conflict, match="no earlier production version"):
+        deployments.rollback("m", "bob")
+    # Ungated: a retired version is passed over too.
+    registry.register_version("n", demo.model_bytes())
+    registry.register_version("n", demo.model_bytes(), activate=False)
+    deployments.deploy("n", [{"version": 2}], None, "alice")
+    registry.lifecycle.set_stage("n", 1, "retired", "alice")
+    with pytest.raises(Conflict, match="no earlier production version"):
+        deployments.rollback("n", "bob")
+    assert deployments.get("n")["routes"] == [{"version": 2, "weight": 100, "role": "primary"}]
+
+
+def test_rolling_back_again_goes_further_back_and_never_flips_between_two_versions(registry: Registry) -> None:
+    """Each rollback steps one version further back through the deployment history; the version just
+    rolled back from is not returned to; at the oldest, a rollback is a 409."""
+    registry.register_version("m", demo.model_bytes())  # v1 serves
+    for _ in range(2):
+        registry.register_version("m", demo.model_bytes(), activate=False)
+    deployments = registry.deployments
+    deployments.deploy("m", [{"version": 2}], None, "alice")
+    deployments.deploy("m", [{"version": 3}], None, "alice")
+
+    def primary() -> int:
+        return int(deployments.get("m")["routes"][0]["version"])
+
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 2
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 1
+    with pytest.raises(Conflict, match="no earlier production version"):
+        deployments.rollback("m", "bob")
+    assert primary() == 1
+    # Two versions: v2 deployed again, one rollback returns to v1, the next one does not flip back.
+    deployments.deploy("m", [{"version": 2}], None, "alice")
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 1
+    with pytest.raises(Conflict, match="no earlier production version"):
+        deployments.rollback("m", "bob")
+    assert primary() == 1
+    # With canaries live, a rollback drops them and keeps the primary; that is no step back.
+    deployments.deploy("m", [{"version": 3}], None, "alice")
+    deployments.deploy("m", [{"version": 3, "weight": 90}, {"version": 2, "weight": 10, "role": "canary"}], None, "al")
+    assert deployments.rollback("m", "bob")["routes"] == [{"version": 3, "weight": 100, "role": "primary"}]
+    assert deployments.rollback("m", "bob")["routes"][0]["version"] == 1
+
+
 def test_migration_0002_gives_existing_models_a_deployment(database_url: str) -> None:
     """A database created before deployments existed keeps serving its current versions after upgrade."""
     import sqlalchemy as sa
@@ -200,7 +287,7 @@ def test_a_tampered_canary_is_refused_by_the_worker_while_the_primary_keeps_serv
     artifact.write_bytes(bytes(data))
     stack.admin.deploy(demo.MODEL_NAME, [{"version": 1, "weight": 50}, {"version": 3, "weight": 50, "role": "canary"}])
     time.sleep(0.5)
-    with stack.client() as http:
+    with stack.client("acme-subjects") as http:
         answers = [
             http.post(PREDICT, json={"inputs": [ROW]}, headers={"X-Bastion-Subject": f"t{i}"}) for i in range(40)
         ]
@@ -222,7 +309,7 @@ def test_a_jurisdiction_rule_keeps_eu_tenants_on_eu_approved_versions(two_gatewa
     stack.admin.deploy(demo.MODEL_NAME, both, rules=[rule])
     time.sleep(0.5)
     try:
-        with stack.client("acme", gateway=0) as eu, stack.client("globex", gateway=1) as other:
+        with stack.client("acme-subjects", gateway=0) as eu, stack.client("globex-subjects", gateway=1) as other:
             eu_versions = {_version(eu, f"u{i}") for i in range(200)}
             other_versions = {_version(other, f"u{i}") for i in range(200)}
             assert eu_versions == {1}, "an EU tenant reached a version not approved for EU"
@@ -250,7 +337,10 @@ def test_a_consent_rule_keeps_tenants_without_the_consent_off_the_versions_that_
     stack.admin.deploy(demo.MODEL_NAME, both, rules=[{"without_consent": "profiling", "allow": [1]}])
     time.sleep(0.5)
     try:
-        with stack.client("acme", gateway=1) as without, stack.client("globex", gateway=0) as consenting:
+        with (
+            stack.client("acme-subjects", gateway=1) as without,
+            stack.client("globex-subjects", gateway=0) as consenting,
+        ):
             assert {_version(without, f"c{i}") for i in range(100)} == {1}
             assert {_version(consenting, f"c{i}") for i in range(100)} == {1, 2}
             stack.admin.deploy(

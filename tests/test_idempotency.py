@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -114,5 +115,45 @@ def test_an_expired_outcome_is_not_kept_so_a_retry_runs_again(tmp_path_factory: 
                 30,
                 "the retry to run",
             )
+    finally:
+        s.stop()
+
+
+def test_a_retry_on_another_gateway_after_the_first_was_killed_gets_the_first_answer(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The worker, not the gateway that waited, stores a sync outcome in the key's record: with
+    that gateway SIGKILLed mid-request (and the job's own state long expired), a retry through
+    the other gateway gets the first request's answer instead of waiting for one that never comes."""
+    import signal
+    import threading
+
+    s = Stack(tmp_path_factory.mktemp("idem-crash"), workers=1, gateways=2, sync_result_ttl_s=1)
+    try:
+        s.start()
+        client = s.redis_client()
+        headers = {"Idempotency-Key": "crash-1", "X-Bastion-Timeout-Ms": "6000"}
+        s.signal("worker-0", signal.SIGSTOP)  # the job waits in the queue while its gateway dies
+
+        def first() -> None:
+            with contextlib.suppress(httpx.HTTPError), s.client(gateway=0, headers=headers, timeout=10) as http:
+                http.post(PREDICT, json={"inputs": [ROW]})
+
+        sender = threading.Thread(target=first, daemon=True)
+        sender.start()
+        wait_until(lambda: client.xlen("q:breast-cancer:sync") == 1, 10, "the first request to be queued")
+        s.procs["gateway-0"].kill()
+        s.procs["gateway-0"].wait(10)
+        s.signal("worker-0", signal.SIGCONT)
+        (record,) = list(client.scan_iter("idem:acme:*"))
+        wait_until(lambda: client.hget(record, "status") is not None, 10, "the worker to store the outcome")
+        job_id = (client.hget(record, "job") or b"").decode()
+        wait_until(lambda: not client.exists(f"job:{job_id}"), 10, "the job's own state to expire")
+        with s.client(gateway=1, headers={**headers, "X-Bastion-Timeout-Ms": "3000"}) as http:
+            retry = http.post(PREDICT, json={"inputs": [ROW]})
+        assert retry.status_code == 200, retry.text
+        assert retry.headers["idempotent-replayed"] == "true" and retry.json()["id"] == job_id
+        client.close()
+        sender.join(10)
     finally:
         s.stop()

@@ -5,8 +5,9 @@
    versions it may reach to the rule's ``allow`` list. A caller no route is allowed for gets the
    fallback if that is allowed, else a 403 problem saying which rule stopped it.
 2. Kill switch: a disabled model answers with its (allowed) fallback, or 503.
-3. Weights: the subject (``X-Bastion-Subject``, or the tenant) is hashed with the model name into
-   a bucket in ``[0, total weight)`` of the allowed routes, which own consecutive ranges in their
+3. Weights: the subject (the caller's own identity - its key id or token subject - or, for a
+   key operators marked ``subject_trusted``, its ``X-Bastion-Subject``) is hashed with the model
+   name into a bucket in ``[0, total weight)`` of the allowed routes, which own consecutive ranges in their
    order. The same subject keeps its version while the weights stand; distinct subjects split in
    proportion to the weights.
 """
@@ -14,9 +15,28 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from bastion.errors import Forbidden, NotFound, Unavailable
 from bastion.snapshot import ModelRoutes, Route, Rule, VersionInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """The version that answers a caller, and why: its ``role`` (``primary``, ``canary`` or
+    ``fallback``), the ``reason`` a fallback answers (``disabled``: the kill switch; ``policy``:
+    no routed version is allowed for the caller), the policy ``rule`` that applied ('' none) and
+    the versions policy lets this caller reach (None: any)."""
+
+    version: VersionInfo
+    role: str
+    reason: str = ""
+    rule: str = ""
+    allowed: frozenset[int] | None = None
+
+    def permits(self, version: int) -> bool:
+        """Whether policy lets this caller's data reach ``version`` (a shadow copy included)."""
+        return self.allowed is None or version in self.allowed
 
 
 def shadowed(model: str, route: Route, subject: str) -> bool:
@@ -36,43 +56,40 @@ def choose(
     tenant: str = "",
     jurisdiction: str | None = None,
     consents: frozenset[str] = frozenset(),
-) -> tuple[VersionInfo, bool]:
-    """(version, answered-by-fallback) for this caller, or NotFound / Forbidden / Unavailable."""
+) -> Routed:
+    """The version for this caller and subject, or NotFound / Forbidden / Unavailable."""
     if routes is None:
         raise NotFound(f"no model {model!r} is being served", model=model)
     if not routes.rules and not routes.disabled and len(routes.routes) == 1:
-        return routes.routes[0].version, False  # the common case: one production version, no policy
+        only = routes.routes[0]  # the common case: one production version, no policy
+        if only.role != "shadow":
+            return Routed(only.version, only.role)
     allowed, stopped_by = _allowed(routes, tenant, jurisdiction, consents)
+    rule = "; ".join(stopped_by)
     fallback = routes.fallback
     if fallback is not None and allowed is not None and fallback.version not in allowed:
         fallback = None
     if routes.disabled:
         if fallback is not None:
-            return fallback, True
+            return Routed(fallback, "fallback", "disabled", rule, allowed)
         raise Unavailable(f"model {model!r} is disabled by its operators", retry_after=30, model=model)
     candidates = [r for r in routes.routes if r.role != "shadow" and (allowed is None or r.version.version in allowed)]
     if not candidates:
         if fallback is not None:
-            return fallback, True
+            return Routed(fallback, "fallback", "policy", rule, allowed)
         raise Forbidden(
-            f"policy ({'; '.join(stopped_by)}) allows this caller only version(s) {sorted(allowed or [])} "
+            f"policy ({rule}) allows this caller only version(s) {sorted(allowed or [])} "
             f"of model {model!r}, and none of them is deployed",
             model=model,
         )
-    return _weighted(model, candidates, subject), False
+    route = _weighted(model, candidates, subject)
+    return Routed(route.version, route.role, "", rule, allowed)
 
 
-def alternatives(
-    routes: ModelRoutes,
-    failing: int,
-    tenant: str = "",
-    jurisdiction: str | None = None,
-    consents: frozenset[str] = frozenset(),
-) -> list[VersionInfo]:
+def alternatives(routes: ModelRoutes, failing: int, allowed: frozenset[int] | None) -> list[VersionInfo]:
     """Where a call goes when version ``failing`` cannot take it: the fallback, then the primary
     (a failing canary's calls go back to the primary; never while the kill switch is on), each
-    only if policy lets this caller in."""
-    allowed, _ = _allowed(routes, tenant, jurisdiction, consents)
+    only if policy lets this caller in (``allowed``, from ``Routed``; None: any version)."""
     found: list[VersionInfo] = []
     primaries = [] if routes.disabled else [r.version for r in routes.routes if r.role == "primary"]
     for v in [routes.fallback, *primaries]:
@@ -105,13 +122,13 @@ def _describe(rule: Rule) -> str:
     return " and ".join(parts)
 
 
-def _weighted(model: str, routes: list[Route], subject: str) -> VersionInfo:
+def _weighted(model: str, routes: list[Route], subject: str) -> Route:
     total = sum(r.weight for r in routes)
     if total <= 0:
         raise NotFound(f"no model {model!r} is being served", model=model)
     point = bucket(model, subject, total) if len(routes) > 1 else 0
     for route in routes:
         if point < route.weight:
-            return route.version
+            return route
         point -= route.weight
-    return routes[-1].version  # unreachable: the weights cover [0, total)
+    return routes[-1]  # unreachable: the weights cover [0, total)

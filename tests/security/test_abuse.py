@@ -153,3 +153,19 @@ def test_forwarded_for_is_ignored_from_an_untrusted_peer(guarded: Stack) -> None
     assert guard.address(scope) == "192.0.2.1"
     scope = {"client": ("10.1.2.3", 5000), "headers": [(b"x-forwarded-for", b"6.6.6.6, 1.2.3.4, 10.1.9.9")]}
     assert guard.address(scope) == "1.2.3.4", "the right-most hop that is not a trusted proxy"
+
+
+def test_a_tenant_at_its_budget_is_refused_but_never_banned(guarded: Stack) -> None:
+    """A 429 for a spent budget is a paying customer at its limit, not abuse: 60 of them in a
+    row (twice the ban line) neither ban the key nor the (possibly shared) address."""
+    guarded.admin.set_tenant("thrifty", None, limits={"units_per_s": 0.001, "burst": 0.05})
+    key = guarded.admin.create_key("thrifty", "at-its-limit")["key"]
+    time.sleep(0.5)
+    shared = {"X-Forwarded-For": "198.51.100.7"}
+    with httpx.Client(base_url=guarded.gateway_urls[0], headers={"Authorization": f"Bearer {key}"}) as http:
+        answers = [http.post(PREDICT, json={"inputs": [ROW] * 64}, headers=shared) for _ in range(60)]
+    refused = [r for r in answers if r.status_code == 429]
+    assert len(refused) >= 55, [r.status_code for r in answers]
+    assert all("budget" in r.json()["detail"] for r in refused), "refused by its budget, never by a ban"
+    with guarded.client("acme", gateway=1, headers=shared) as neighbour:
+        assert neighbour.post(PREDICT, json={"inputs": [ROW]}).status_code == 200, "the shared address was banned"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bastion.errors import IntegrityError, NotFound
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -28,7 +28,7 @@ class ArtifactStore:
         self.root = root
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise NotFound(f"{digest!r} is not a sha256 digest")
         return self.root / digest[:2] / digest
 

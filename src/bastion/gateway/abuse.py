@@ -1,11 +1,12 @@
 """Abuse handling at the gateway: tarpit, then ban, clients that keep failing.
 
-Failures (bad credentials, refused scopes, unknown objects, invalid payloads, spent budgets) are
-counted per client address and, once a key is authenticated, per key, in Redis (``strike.lua``),
-so the counts hold across gateways. Past a threshold the failing responses are held back for a
-growing delay (an ``asyncio.sleep``: the connection costs a coroutine, not a thread); past a
-second one the client is banned for an escalating period: every gateway refuses it at once (a
-429 with ``Retry-After``, before reading its body), told through the ``abuse:bans`` channel.
+Failures (bad credentials, refused scopes, unknown objects, invalid payloads) are counted per
+client address and, once a key is authenticated, per key, in Redis (``strike.lua``), so the
+counts hold across gateways. A 429 is not a failure: a spent budget is not abuse. Past a
+threshold the failing responses are held back for a growing delay (an ``asyncio.sleep``: the
+connection costs a coroutine, not a thread); past a second one the client is banned for an
+escalating period: every gateway refuses it at once (a 429 with ``Retry-After``, before reading
+its body), told through the ban channel.
 
 A client address is the peer's, or, when the peer is a configured trusted proxy, the right-most
 address in ``X-Forwarded-For`` that is not itself a trusted proxy. A key id is counted only after
@@ -22,14 +23,16 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems
+from bastion.constants import BAN_CHANNEL, BAN_PREFIX, abuse_keys
 from bastion.gateway.channel import ChannelWatcher
 from bastion.queue.scripts import Lua
 from bastion.settings import Settings
 
 log = logs.get("bastion.gateway.abuse")
 
-BAN_CHANNEL = "abuse:bans"
-FAILURES = frozenset({400, 401, 403, 404, 413, 415, 422, 429})
+# A 429 is never a strike: a spent budget or a full in-flight cap is a paying customer at its
+# limit, not abuse (and a banned client's 429 is answered before anything is counted).
+FAILURES = frozenset({400, 401, 403, 404, 413, 415, 422})
 _STRIKE = Lua("strike")
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -67,10 +70,10 @@ class AbuseGuard:
 
     async def _load(self) -> None:
         """Bans set while this gateway was not listening (at start, or after a reconnect)."""
-        async for raw in self.redis.scan_iter(match="ban:*", count=500):
+        async for raw in self.redis.scan_iter(match=f"{BAN_PREFIX}*", count=500):
             ttl = await self.redis.ttl(raw)
             if ttl > 0:
-                self._ban(raw.decode()[4:], ttl)
+                self._ban(raw.decode()[len(BAN_PREFIX) :], ttl)
 
     async def _on_ban(self, message: dict[str, Any] | None) -> None:
         if message and message.get("type") == "message":
@@ -81,9 +84,9 @@ class AbuseGuard:
     async def strike(self, clients: list[str]) -> float:
         """Count a failure for each client; returns the delay (seconds) to hold the answer back."""
         s = self.settings
-        keys = [k for c in clients for k in (f"strike:{c}", f"ban:{c}", f"bans:{c}")]
+        keys = [k for c in clients for k in abuse_keys(c)]
         args: list[Any] = [s.abuse_window_s, s.abuse_tarpit_after, s.abuse_ban_after, s.abuse_tarpit_step_ms]
-        args += [s.abuse_tarpit_max_ms, s.abuse_ban_s, s.abuse_ban_max_s, *clients]
+        args += [s.abuse_tarpit_max_ms, s.abuse_ban_s, s.abuse_ban_max_s, BAN_CHANNEL, *clients]
         try:
             delay_ms, banned = await _STRIKE.acall(self.redis, keys, args)
         except Exception:  # Redis away: no strike counted, the answer is not delayed

@@ -24,6 +24,7 @@ from bastion.gateway.breakers import Breakers, Policy
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
+from bastion.queue.calls import Pricing
 from bastion.queue.durability import Durability
 from bastion.queue.producer import Producer
 from bastion.redisconn import async_client
@@ -70,8 +71,9 @@ def create_app(settings: Settings) -> FastAPI:
                 client,
                 max_queue_sync=settings.max_queue_sync,
                 max_queue_batch=settings.max_queue_batch,
+                max_queue_shadow=settings.max_queue_shadow,
                 result_ttl_s=settings.result_ttl_s,
-                cost_per_row_default=settings.cost_per_row_default,
+                pricing=Pricing(settings.cost_per_row_default, settings.cost_per_row_floor),
                 durability=durability,
             ),
             replies=ReplyRouter(client, gateway_id),

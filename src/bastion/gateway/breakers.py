@@ -168,8 +168,11 @@ class Breakers:
             metrics.BREAKER_STATE.labels(model, str(version)).set(0)
         return breaker
 
-    def record(self, permit: Permit | None, outcome: Outcome) -> None:
+    def record(self, permit: Permit | None, outcome: Outcome, elapsed_s: float | None = None) -> None:
+        """Hand a permit back; the call took ``elapsed_s`` (unset: since the permit's ``started``,
+        which the pipeline sets when the job is queued)."""
         if permit is None:
             return
         now = time.monotonic()
-        permit.breaker.record(permit, self.policy.judge(outcome, now - permit.started), now)
+        took = now - permit.started if elapsed_s is None else elapsed_s
+        permit.breaker.record(permit, self.policy.judge(outcome, took), now)

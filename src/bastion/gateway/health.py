@@ -1,19 +1,21 @@
-"""Health, readiness and metrics endpoints (no credentials; they reveal no tenant data)."""
+"""The gateway's health, readiness and metrics (``bastion.health``), and the Open Inference
+Protocol's server metadata and health routes; no credentials, no tenant data."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from typing import Any
+
+from fastapi import Request
 from starlette.responses import Response
 
-from bastion import __version__
+from bastion import __version__, health
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
 
-router = APIRouter()
 
-
-async def _ready(state: GatewayState) -> tuple[bool, dict[str, bool]]:
+async def ready(request: Request) -> tuple[bool, dict[str, Any]]:
+    """Ready to take traffic: Redis reachable, snapshot loaded, reply reader running, not draining."""
+    state: GatewayState = request.app.state.gateway
     checks = {"snapshot": state.snapshots.loaded, "replies": state.replies.healthy, "draining": state.draining}
     try:
         checks["redis"] = bool(await state.redis.ping())
@@ -23,22 +25,7 @@ async def _ready(state: GatewayState) -> tuple[bool, dict[str, bool]]:
     return ok, checks
 
 
-@router.get("/healthz", tags=["health"])
-async def healthz() -> Response:
-    """The process is alive."""
-    return json_response({"status": "ok"})
-
-
-@router.get("/readyz", tags=["health"])
-async def readyz(request: Request) -> Response:
-    """Ready to take traffic: Redis reachable, snapshot loaded, reply reader running, not draining."""
-    ok, checks = await _ready(request.app.state.gateway)
-    return json_response({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
-
-
-@router.get("/metrics", tags=["health"], include_in_schema=False)
-async def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+router = health.router(ready)
 
 
 @router.get("/v2", tags=["open inference protocol"])
@@ -53,6 +40,9 @@ async def live() -> Response:
 
 
 @router.get("/v2/health/ready", tags=["open inference protocol"])
-async def ready(request: Request) -> Response:
-    ok, _ = await _ready(request.app.state.gateway)
+async def oip_ready(request: Request) -> Response:
+    ok, _ = await ready(request)
     return json_response({"ready": ok}, status_code=200 if ok else 503)
+
+
+__all__ = ["router"]

@@ -4,10 +4,12 @@ The record ``idem:{tenant}:{sha256(key)}`` is written by the same script that qu
 (``enqueue.lua``), so of any number of concurrent requests with one key exactly one is queued;
 the others learn its job id. It holds a fingerprint of the request (path and body): the same key
 with a different request is a 422. For an async job the record is enough (the job id is the
-outcome). For a sync call the gateway that got the answer adds it to the record (24 h); a
-duplicate that arrives while the first is in flight waits for that answer (or for the job's own
-stored outcome, should the first gateway have gone away). An outcome of ``expired`` is not kept:
-the deadline passed before the job ran, so a retry runs it again.
+outcome). For a sync call the job's envelope names the record, and the worker's completion
+script (``queue/lua/outcome.lua``) stores the outcome in it (24 h), so a retry gets it even when
+the gateway that waited has died; a duplicate that arrives while the first is in flight waits for
+that answer (or for the job's own stored outcome). An outcome of ``expired`` is not kept (the
+gateway's abandon or the worker deletes the record): the deadline passed before the job ran, so a
+retry runs it again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.constants import STATUS_EXPIRED, TERMINAL_STATUSES, idempotency_key, job_key
+from bastion.constants import TERMINAL_STATUSES, idempotency_key, job_key
 from bastion.errors import DeadlineExceeded, InvalidInput
 from bastion.gateway.replies import Reply
 
@@ -43,14 +45,6 @@ def from_request(header: str | None, tenant: str, path: str, body: bytes) -> Ide
     digest = hashlib.sha256(header.encode()).hexdigest()
     fingerprint = hashlib.sha256(path.encode() + b"\x00" + body).hexdigest()
     return Idempotency(idempotency_key(tenant, digest), fingerprint)
-
-
-async def record(redis: Any, idem: Idempotency, reply: Reply) -> None:
-    """Keep a sync call's answer for its retries (an expired one is dropped so a retry runs again)."""
-    if reply.status == STATUS_EXPIRED:
-        await redis.delete(idem.redis_key)
-        return
-    await redis.hset(idem.redis_key, mapping={"status": reply.status, "result": reply.blob, "error": reply.error})
 
 
 async def replay(redis: Any, idem: Idempotency, job_id: str, wait_s: float) -> Reply:

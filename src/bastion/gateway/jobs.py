@@ -20,20 +20,20 @@ from bastion.constants import STATUS_SUCCEEDED, TERMINAL_STATUSES, job_key
 from bastion.errors import NotFound
 from bastion.gateway import payloads
 from bastion.gateway.auth import JOBS, authenticate, declares
-from bastion.gateway.dispatch import redis_errors
+from bastion.gateway.pipeline import redis_errors
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
 
 router = APIRouter()
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _POLL_S = 0.1
 _HEARTBEAT_S = 15.0
 _MAX_STREAM_S = 3600.0
 
 
 async def _load(state: GatewayState, tenant: str, job_id: str) -> dict[str, Any]:
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise NotFound("no such job")
     async with redis_errors():
         raw = await state.redis.hgetall(job_key(job_id))
@@ -46,6 +46,8 @@ async def _load(state: GatewayState, tenant: str, job_id: str) -> dict[str, Any]
 def _document(job_id: str, fields: dict[str, bytes]) -> dict[str, Any]:
     status = fields.get("status", b"").decode()
     doc: dict[str, Any] = {"id": job_id, "model": fields.get("model", b"").decode(), "status": status}
+    if fields.get("version"):
+        doc["version"] = int(fields["version"])
     for name in ("created", "started", "finished"):
         if name in fields:
             doc[f"{name}_at"] = int(fields[name]) / 1000

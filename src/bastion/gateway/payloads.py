@@ -9,23 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import orjson
 
-from bastion.errors import InvalidInput, UnsupportedMedia
+from bastion.errors import InvalidInput
 from bastion.signature import NUMPY_TO_V2, V2_TO_NUMPY, Signature, to_tensor
 
 _V1_FIELDS = frozenset({"inputs"})
 _V2_FIELDS = frozenset({"id", "inputs", "outputs", "parameters"})
 _V2_INPUT_FIELDS = frozenset({"name", "shape", "datatype", "data", "parameters"})
-
-
-def parse_json(body: bytes, content_type: str | None) -> Any:
-    if content_type is None or content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMedia("the body must be JSON: send 'Content-Type: application/json'")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {str(exc).split(':', 1)[0][:120]}") from exc
 
 
 def _object(doc: Any, allowed: frozenset[str], what: str) -> dict[str, Any]:
@@ -161,4 +151,4 @@ def v2_tensor_metadata(signature: Signature, which: str) -> list[dict[str, Any]]
     ]
 
 
-__all__ = ["V2_TO_NUMPY", "parse_json", "v1_inputs", "v1_outputs", "v2_inputs", "v2_outputs"]
+__all__ = ["V2_TO_NUMPY", "v1_inputs", "v1_outputs", "v2_inputs", "v2_outputs"]

@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.gateway import idempotency, payloads
+from bastion.gateway import payloads, pipeline
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
-from bastion.gateway.breakers import Outcome, Permit
-from bastion.gateway.dispatch import (
-    breaker_call,
-    copy_to_shadows,
-    ratelimit_headers,
-    resolve,
-    route,
-    run_sync,
-    subject_of,
-    submit_async,
-    timeout_s,
-)
-from bastion.gateway.idempotency import Idempotency
-from bastion.gateway.state import GatewayState
-from bastion.queue.producer import Admission
+from bastion.gateway.context import Call
 from bastion.responses import json_response
-from bastion.snapshot import KeyInfo, VersionInfo
 
 router = APIRouter()
 
@@ -84,131 +68,79 @@ _V2_BODY: dict[str, Any] = {
 }
 
 
-def _state(request: Request) -> GatewayState:
-    state: GatewayState = request.app.state.gateway
-    return state
-
-
-@dataclass(slots=True)
-class Admitted:
-    state: GatewayState
-    key: KeyInfo
-    version: VersionInfo
-    fallback: str  # why the fallback answers ('disabled', 'circuit-open'), or ''
-    permit: Permit
-    doc: Any
-    subject: str
-    idem: Idempotency | None
-
-    def response_headers(self, admission: Admission) -> dict[str, str]:
-        """Which version answered, whether (and why) it was the fallback, and what is left of the
-        caller's budget."""
-        headers = {"X-Bastion-Model-Version": str(self.version.version)}
-        if self.fallback:
-            headers["X-Bastion-Fallback"] = "true"
-            headers["X-Bastion-Fallback-Reason"] = self.fallback
-        if admission.replayed_job is not None:
-            headers["Idempotent-Replayed"] = "true"
-        if admission.cached:
-            headers["X-Bastion-Cache"] = "hit"
-        if admission.tenant_left is not None or admission.key_left is not None:
-            headers.update(ratelimit_headers(self.key.limits, admission))
-        return headers
-
-
-async def _admit(request: Request, scopes: tuple[str, ...]) -> Admitted:
-    """Authenticate, route to a version, then read and parse the body: in that order, so an
-    unauthenticated or misdirected request never has its body read."""
-    state = _state(request)
-    key = await authenticate(request, state, *scopes)
-    subject = subject_of(request.headers.get("x-bastion-subject"), key.tenant)
-    choice = route(state, request.path_params["name"], subject, key)
-    try:
-        body = await request.body()
-        doc = payloads.parse_json(body, request.headers.get("content-type"))
-        idem = idempotency.from_request(request.headers.get("idempotency-key"), key.tenant, request.url.path, body)
-    except BaseException:
-        state.breakers.record(choice.permit, Outcome.IGNORED)
-        raise
-    return Admitted(state, key, choice.version, choice.fallback, choice.permit, doc, subject, idem)
-
-
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
-    wait_header = request.headers.get("x-bastion-timeout-ms")
-    a = await _admit(request, PREDICT)
-    with breaker_call(a.state, a.permit) as call:
-        wait = timeout_s(a.state, wait_header, a.version.model)
-        tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-        job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
-        call.ignored = admission.cached or admission.replayed_job is not None
-    if admission.replayed_job is None and not admission.cached:
-        copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
-    return json_response(
-        {
-            "id": job_id,
-            "model": a.version.model,
-            "version": a.version.version,
-            "outputs": payloads.v1_response_outputs(outputs),
-        },
-        headers=a.response_headers(admission),
-    )
+    call, outputs, _ = await pipeline.predict(request, PREDICT, _v1)
+    body = {
+        "id": call.job_id,
+        "model": call.chosen.model,
+        "version": call.chosen.version,
+        "outputs": payloads.v1_response_outputs(outputs),
+    }
+    return json_response(body, headers=pipeline.response_headers(call))
 
 
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
-    a = await _admit(request, JOBS)
-    a.state.breakers.record(a.permit, Outcome.IGNORED)  # an async job's outcome comes later, elsewhere
-    tensors = payloads.v1_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-    job_id, admission = await submit_async(a.state, a.key, a.version, tensors, a.idem)
+    call, job_id = await pipeline.submit(request, JOBS, _v1)
     location = f"/v1/jobs/{job_id}"
     return json_response(
         {
             "id": job_id,
             "status": "queued",
-            "model": a.version.model,
-            "version": a.version.version,
+            "model": call.chosen.model,
+            "version": call.chosen.version,
             "links": {"self": location, "events": f"{location}/events"},
         },
         status_code=202,
-        headers={"Location": location, **a.response_headers(admission)},
+        headers={"Location": location, **pipeline.response_headers(call)},
     )
 
 
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
-    wait_header = request.headers.get("x-bastion-timeout-ms")
-    a = await _admit(request, PREDICT)
-    with breaker_call(a.state, a.permit) as call:
-        wait = timeout_s(a.state, wait_header, a.version.model)
-        tensors, wanted, request_id = payloads.v2_inputs(a.doc, a.version.signature, a.state.settings.max_rows)
-        job_id, outputs, admission = await run_sync(a.state, a.key, a.version, tensors, wait, a.idem)
-        call.ignored = admission.cached or admission.replayed_job is not None
-    if admission.replayed_job is None and not admission.cached:
-        copy_to_shadows(a.state, a.key, a.version.model, a.subject, job_id, tensors, outputs)
+    call, outputs, (wanted, request_id) = await pipeline.predict(request, PREDICT, payloads.v2_inputs)
     body: dict[str, Any] = {
-        "model_name": a.version.model,
-        "model_version": str(a.version.version),
-        "id": request_id or job_id,
+        "model_name": call.chosen.model,
+        "model_version": str(call.chosen.version),
+        "id": request_id or call.job_id,
         "outputs": payloads.v2_outputs(outputs, wanted),
     }
-    return json_response(body, headers=a.response_headers(admission))
+    return json_response(body, headers=pipeline.response_headers(call))
+
+
+def _v1(doc: Any, signature: Any, max_rows: int) -> tuple[Any]:
+    return (payloads.v1_inputs(doc, signature, max_rows),)
+
+
+async def _routed(request: Request, name: str) -> Call:
+    """The version this caller would be routed to for ``name`` (404/403/503 as a prediction would)."""
+    state = pipeline.state_of(request)
+    call = Call(request.scope.get("state", {}).get("request_id", ""))
+    call.principal = await authenticate(request, state, *READ_MODELS)
+    call.choose_subject(None)
+    pipeline.route(state, call, name)
+    return call
 
 
 @router.get("/v2/models/{name}", tags=["open inference protocol"], openapi_extra=declares(READ_MODELS))
 async def model_metadata(name: str, request: Request) -> Response:
     """Open Inference Protocol model metadata: versions, inputs and outputs."""
-    state = _state(request)
-    key = await authenticate(request, state, *READ_MODELS)
-    version, _ = resolve(state, name, key.tenant, key)
-    versions = sorted(v for (m, v) in state.snapshots.current.versions if m == name)
+    call = await _routed(request, name)
+    state = pipeline.state_of(request)
+    routes = state.snapshots.current.models[name]
+    live = {r.version.version for r in routes.routes if r.role != "shadow"}
+    if routes.fallback is not None:
+        live.add(routes.fallback.version)
+    versions = sorted(v for v in live if call.permits(v))  # never a version this caller cannot reach
+    signature = call.chosen.signature
     return json_response(
         {
             "name": name,
             "versions": [str(v) for v in versions],
             "platform": "onnxruntime_onnx",
-            "inputs": payloads.v2_tensor_metadata(version.signature, "inputs"),
-            "outputs": payloads.v2_tensor_metadata(version.signature, "outputs"),
+            "inputs": payloads.v2_tensor_metadata(signature, "inputs"),
+            "outputs": payloads.v2_tensor_metadata(signature, "outputs"),
         }
     )
 
@@ -216,9 +148,7 @@ async def model_metadata(name: str, request: Request) -> Response:
 @router.get("/v2/models/{name}/ready", tags=["open inference protocol"], openapi_extra=declares(READ_MODELS))
 async def model_ready(name: str, request: Request) -> Response:
     """200 when the model has a live version the gateway can route to."""
-    state = _state(request)
-    key = await authenticate(request, state, *READ_MODELS)
-    resolve(state, name, key.tenant, key)
+    await _routed(request, name)
     return json_response({"name": name, "ready": True})
 
 

@@ -1,0 +1,418 @@
+"""The one path behind every prediction front door: authenticate, route, read, breaker, admit,
+await, respond - each step recording its decision on the call context (``gateway.context``).
+
+Order matters for safety: an unauthenticated or misdirected request never has its body read,
+and the circuit breaker's permit is taken only once the body is in and parsed, with its clock
+started at enqueue, so a client that uploads slowly is timed as a client, never as the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+from starlette.requests import Request
+
+from bastion import codec, jsonbody, logs, metrics, routing
+from bastion.constants import (
+    LANE_BATCH,
+    LANE_SHADOW,
+    LANE_SYNC,
+    STATUS_EXPIRED,
+    STATUS_SUCCEEDED,
+    TERMINAL_STATUSES,
+    job_key,
+)
+from bastion.errors import BastionError, DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
+from bastion.gateway import idempotency, response_cache
+from bastion.gateway.auth import authenticate
+from bastion.gateway.breakers import Outcome, Permit
+from bastion.gateway.context import Call
+from bastion.gateway.replies import Reply
+from bastion.gateway.state import GatewayState
+from bastion.queue.envelope import ROLE_FALLBACK, ROLE_SHADOW
+from bastion.queue.producer import UNLIMITED, Admission, ratelimit_fields, refill_seconds
+from bastion.snapshot import DEFAULT_SERVING, Limits, Serving, VersionInfo
+
+log = logs.get("bastion.gateway")
+
+MAX_NAME = 64
+PROBE_POLL_S = 0.05
+
+
+def state_of(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+# steps ------------------------------------------------------------------------------------
+def route(state: GatewayState, call: Call, name: str) -> None:
+    """Which version answers this caller for model ``name`` now, and why (policy, weights, kill
+    switch); the breaker may still divert it (``take_permit``)."""
+    if len(name) > MAX_NAME:
+        raise NotFound("no such model")
+    key = call.key
+    routed = routing.choose(
+        name, state.snapshots.current.models.get(name), call.subject, key.tenant, key.jurisdiction, key.consents
+    )
+    call.model = name
+    call.version, call.role, call.reason = routed.version, routed.role, routed.reason
+    call.rule, call.allowed = routed.rule, routed.allowed
+    logs.bind(tenant=key.tenant, model=name, version=routed.version.version)
+
+
+def take_permit(state: GatewayState, call: Call) -> None:
+    """Pass the chosen version's circuit breaker: an open one sends the call to the fallback, or
+    to the primary when a canary is failing (each only when policy lets this caller reach it and
+    its own breaker lets the call through), or refuses it at once with 503."""
+    version = call.chosen
+    breakers = state.breakers
+    now = time.monotonic()
+    breaker = breakers.get(version.model, version.version)
+    permit = breaker.allow(now)
+    if permit is not None:
+        call.permit = permit
+        return
+    routes = state.snapshots.current.models.get(call.model)  # the snapshot may have moved on meanwhile
+    for alternative in routing.alternatives(routes, version.version, call.allowed) if routes else ():
+        other = breakers.get(alternative.model, alternative.version).allow(now)
+        if other is not None:
+            metrics.BREAKER_DIVERTED.labels(version.model, str(version.version), "fallback").inc()
+            call.version, call.role, call.reason, call.permit = alternative, ROLE_FALLBACK, "circuit-open", other
+            logs.bind(version=alternative.version)
+            return
+    metrics.BREAKER_DIVERTED.labels(version.model, str(version.version), "refused").inc()
+    raise Unavailable(
+        f"model {call.model!r} version {version.version} is failing (circuit open) and no fallback can answer; "
+        f"retry in {breaker.retry_after(now)} s",
+        retry_after=breaker.retry_after(now),
+        model=call.model,
+    )
+
+
+async def begin(request: Request, scopes: tuple[str, ...]) -> tuple[GatewayState, Call, Any]:
+    """Authenticate, route, then read and parse the body, then take the breaker's permit: the
+    steps every prediction front door shares. Returns the state, the call and the parsed body."""
+    state = state_of(request)
+    headers = request.headers
+    call = Call(request.scope.get("state", {}).get("request_id", ""), traceparent=headers.get("traceparent", ""))
+    call.principal = await authenticate(request, state, *scopes)
+    call.choose_subject(headers.get("x-bastion-subject"))
+    route(state, call, request.path_params["name"])
+    body = await request.body()
+    doc = jsonbody.parse_json(body, headers.get("content-type"))
+    call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, request.url.path, body)
+    take_permit(state, call)
+    return state, call, doc
+
+
+@contextlib.contextmanager
+def breaker_call(state: GatewayState, call: Call) -> Iterator[None]:
+    """Hand the permit back with what happened: the worker failed, the deadline passed, it
+    answered - or it was refused before running, or answered without running (a cached answer,
+    an Idempotency-Key replay, whatever that replay says): not the version's doing, not counted."""
+    outcome = Outcome.IGNORED
+    try:
+        yield
+        outcome = Outcome.OK
+    except JobFailed:
+        outcome = Outcome.FAILED
+        raise
+    except DeadlineExceeded:
+        outcome = Outcome.TIMEOUT
+        raise
+    finally:
+        admission = call.admission
+        if admission is None or admission.cached or admission.replayed_job is not None:
+            outcome = Outcome.IGNORED  # nothing ran on the version now
+        state.breakers.record(call.permit, outcome)
+
+
+def new_job_id() -> str:
+    """An unguessable id for a job a client will hold on to (async jobs, shadow copies)."""
+    return secrets.token_urlsafe(16)
+
+
+def serving_of(state: GatewayState, model: str) -> Serving:
+    routes = state.snapshots.current.models.get(model)
+    return routes.serving if routes is not None else DEFAULT_SERVING
+
+
+def timeout_s(state: GatewayState, header: str | None, model: str = "") -> float:
+    """The caller's deadline (``X-Bastion-Timeout-Ms``), else the model's default, within the limit."""
+    limit = state.settings.request_timeout_s
+    if header is None:
+        default = serving_of(state, model).timeout_s if model else None
+        return min(default, limit) if default else limit
+    try:
+        millis = float(header)
+    except ValueError as exc:
+        raise InvalidInput("X-Bastion-Timeout-Ms must be a number of milliseconds") from exc
+    if not 1 <= millis <= limit * 1000:
+        raise InvalidInput(f"X-Bastion-Timeout-Ms must be between 1 and {int(limit * 1000)}")
+    return millis / 1000
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:  # unreachable, or refusing writes (OOM, READONLY)
+        metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
+        raise Unavailable("the job queue is unavailable; retry shortly", retry_after=1) from exc
+
+
+def rows_of(tensors: dict[str, np.ndarray]) -> int:
+    return max((len(t) for t in tensors.values() if t.ndim), default=1)
+
+
+def ratelimit_headers(limits: Limits, admission: Admission) -> dict[str, str]:
+    """IETF ``RateLimit`` / ``RateLimit-Policy`` for the tighter of the caller's budgets (none: {})."""
+    found = [
+        (left, burst, rate, name)
+        for left, burst, rate, name in (
+            (admission.tenant_left, limits.tenant_burst, limits.tenant_rate, "tenant-model"),
+            (admission.key_left, limits.key_burst, limits.key_rate, "key"),
+        )
+        if left is not None
+    ]
+    if not found:
+        return {}
+    left, burst, rate, name = min(found)
+    return ratelimit_fields(name, left, burst, rate, refill_seconds(burst - left, rate))
+
+
+def response_headers(call: Call) -> dict[str, str]:
+    """Which version answered, whether (and why) it was the fallback, and what is left of the
+    caller's budget."""
+    headers = {"X-Bastion-Model-Version": str(call.chosen.version)}
+    if call.role == ROLE_FALLBACK:
+        headers["X-Bastion-Fallback"] = "true"
+        headers["X-Bastion-Fallback-Reason"] = call.reason
+    admission = call.admission
+    if admission is not None:
+        if admission.replayed_job is not None:
+            headers["Idempotent-Replayed"] = "true"
+        if admission.cached:
+            headers["X-Bastion-Cache"] = "hit"
+        if admission.tenant_left is not None or admission.key_left is not None:
+            headers.update(ratelimit_headers(call.key.limits, admission))
+    return headers
+
+
+# sync -------------------------------------------------------------------------------------
+async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarray], wait_s: float) -> dict[str, Any]:
+    """Admit and queue on the sync lane, await the reply; returns the outputs (``call.job_id``
+    and ``call.admission`` say which job answered and what was reserved).
+
+    With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
+    request's outcome is returned (``admission.replayed_job``); the worker that completes a job
+    stores its outcome in the key's record, so that holds even when the gateway that waited for
+    it is gone. With the model's response cache on, an answer cached for this tenant, version and
+    input is returned before admission (``admission.cached``): it costs no compute, so it takes
+    nothing from the budgets."""
+    version = call.chosen
+    own_id = state.replies.new_id()
+    call.job_id = own_id
+    serving = serving_of(state, version.model)
+    blob = codec.encode(tensors)
+    cached_at = None
+    if serving.cache_ttl_s and call.idem is None:
+        cached_at = response_cache.key_for(call.key.tenant, version, blob)
+        async with redis_errors():
+            hit = await state.redis.get(cached_at)
+        if hit is not None:
+            metrics.CACHE.labels(version.model, "hit").inc()
+            call.admission = Admission(0.0, None, None, cached=True)
+            return codec.decode(hit)
+        metrics.CACHE.labels(version.model, "miss").inc()
+    deadline_ms = int((time.time() + wait_s) * 1000)
+    env = call.envelope(LANE_SYNC, own_id, blob, deadline_ms=deadline_ms, reply_to=state.gateway_id)
+    future = state.replies.expect(own_id)
+    metrics.INFLIGHT_SYNC.inc()
+    try:
+        if call.permit is not None:
+            call.permit.started = time.monotonic()  # the breaker times the model, not the upload
+        async with redis_errors():
+            admission = await state.producer.enqueue(
+                env,
+                limits=call.key.limits,
+                idempotency=call.idem.pair if call.idem else None,
+                max_queue=serving.max_queue_sync,
+            )
+        call.admission = admission
+        if admission.replayed_job is not None and call.idem is not None:
+            call.job_id = admission.replayed_job
+            async with redis_errors():
+                reply = await idempotency.replay(state.redis, call.idem, call.job_id, wait_s)
+        else:
+            try:
+                reply = await _await_reply(future, wait_s, own_id)
+            except DeadlineExceeded:
+                await _abandon(state, env)
+                raise
+    finally:
+        state.replies.forget(own_id)
+        metrics.INFLIGHT_SYNC.dec()
+    if reply.status == STATUS_SUCCEEDED:
+        if cached_at is not None:
+            with contextlib.suppress(RedisError, OSError):  # an answer not cached is still the answer
+                await state.redis.set(cached_at, reply.blob, ex=serving.cache_ttl_s)
+        return codec.decode(reply.blob)
+    if reply.status == STATUS_EXPIRED:
+        raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=call.job_id)
+    raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=call.job_id)
+
+
+async def _abandon(state: GatewayState, env: Any) -> None:
+    """Store 'expired' as the job's outcome (and drop its Idempotency-Key record, so a retry runs
+    again), so a late worker result is never shown for it."""
+    with contextlib.suppress(RedisError, OSError):  # the 504 stands; a late result then stays unseen
+        await state.producer.abandon(
+            env, "the caller's deadline passed before a result arrived", state.settings.sync_result_ttl_s
+        )
+
+
+async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str) -> Reply:
+    """Await the reply; a timer that cancels the future is cheaper than ``asyncio.wait_for``."""
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        future.cancel()
+
+    timer = asyncio.get_running_loop().call_later(wait_s, expire)
+    try:
+        return await future
+    except asyncio.CancelledError as exc:
+        if expired:
+            raise DeadlineExceeded(f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id) from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+async def predict(
+    request: Request, scopes: tuple[str, ...], parse: Any
+) -> tuple[Call, dict[str, Any], tuple[Any, ...]]:
+    """A sync prediction through the whole pipeline. ``parse(doc, signature, max_rows)`` is the
+    front door's translation of its body: it returns ``(tensors, *extra)``; the answer is the
+    call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs)."""
+    wait_header = request.headers.get("x-bastion-timeout-ms")
+    state, call, doc = await begin(request, scopes)
+    with breaker_call(state, call):
+        wait = timeout_s(state, wait_header, call.model)
+        tensors, *extra = parse(doc, call.chosen.signature, state.settings.max_rows)
+        call.rows = rows_of(tensors)
+        outputs = await run_sync(state, call, tensors, wait)
+    admission = call.admission
+    if admission is not None and admission.replayed_job is None and not admission.cached:
+        copy_to_shadows(state, call, tensors, outputs)
+    return call, outputs, tuple(extra)
+
+
+# async ------------------------------------------------------------------------------------
+async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple[Call, str]:
+    """Admit and queue an async job on the batch lane; with a reused Idempotency-Key, the first
+    job's id. Its breaker learns only when its permit is a half-open probe: then the job's
+    outcome is watched, so async-only traffic can close a breaker too."""
+    state, call, doc = await begin(request, scopes)
+    permit, call.permit = call.permit, None
+    try:
+        tensors, *_ = parse(doc, call.chosen.signature, state.settings.max_rows)
+        call.rows = rows_of(tensors)
+        job_id = new_job_id()
+        call.job_id = job_id
+        env = call.envelope(LANE_BATCH, job_id, codec.encode(tensors))
+        async with redis_errors():
+            call.admission = await state.producer.enqueue(
+                env,
+                limits=call.key.limits,
+                idempotency=call.idem.pair if call.idem else None,
+                max_queue=serving_of(state, call.model).max_queue_batch,
+            )
+    except BaseException:
+        state.breakers.record(permit, Outcome.IGNORED)
+        raise
+    if call.admission.replayed_job is not None:
+        call.job_id = call.admission.replayed_job
+        state.breakers.record(permit, Outcome.IGNORED)
+    elif permit is not None and permit.probe:
+        state.spawn(_watch_probe(state, permit, job_id))
+    else:
+        state.breakers.record(permit, Outcome.IGNORED)  # a closed breaker learns from sync calls
+    return call, call.job_id
+
+
+async def _watch_probe(state: GatewayState, permit: Permit, job_id: str) -> None:
+    """Hand a half-open breaker's probe back with the async job's outcome, judged only by the
+    worker's own time (started → finished; a job still running at the limit by the time it has
+    run). A job that has not started by then is waiting in the queue, which says nothing about
+    the version: the probe is handed back unjudged, so a backlog cannot keep a breaker open."""
+    outcome, elapsed = Outcome.IGNORED, None
+    limit = time.monotonic() + 2 * state.breakers.policy.slow_s
+    try:
+        while not state.draining:
+            status, started, finished = await state.redis.hmget(job_key(job_id), "status", "started", "finished")
+            text = (status or b"").decode()
+            if text in TERMINAL_STATUSES:
+                if text == STATUS_SUCCEEDED:
+                    outcome = Outcome.OK
+                elif text != STATUS_EXPIRED:
+                    outcome = Outcome.FAILED
+                if started and finished:
+                    elapsed = max(0.0, (int(finished) - int(started)) / 1000)
+                break
+            if time.monotonic() >= limit:
+                if started:  # running for too long: slow
+                    outcome, elapsed = Outcome.TIMEOUT, max(0.0, time.time() - int(started) / 1000)
+                break
+            await asyncio.sleep(PROBE_POLL_S)
+    except (RedisError, OSError, ValueError):
+        outcome = Outcome.IGNORED
+    finally:
+        state.breakers.record(permit, outcome, elapsed)
+
+
+# shadows ----------------------------------------------------------------------------------
+def copy_to_shadows(state: GatewayState, call: Call, tensors: dict[str, np.ndarray], outputs: dict[str, Any]) -> None:
+    """Queue a copy of an answered request for each shadow route the caller's policy allows
+    (shadow lane; never answers, never priced to the caller, no state a tenant can read).
+
+    The copy carries the answer, so the worker can compare without a second lookup. Called after
+    the answer is ready and not awaited: a shadow can neither delay nor change a response.
+    """
+    routes = state.snapshots.current.models.get(call.model)
+    if routes is None or not routes.shadows:
+        return
+    answer: bytes | None = None
+    blob = b""
+    for shadow in routes.shadows:
+        if not call.permits(shadow.version.version) or not routing.shadowed(call.model, shadow, call.subject):
+            continue
+        if answer is None:
+            answer, blob = codec.encode(outputs), codec.encode(tensors)
+        env = call.envelope(LANE_SHADOW, new_job_id(), blob, version=shadow.version, role=ROLE_SHADOW)
+        env.compare = answer
+        state.spawn(_enqueue_shadow(state, env, shadow.version))
+
+
+async def _enqueue_shadow(state: GatewayState, env: Any, version: VersionInfo) -> None:
+    try:
+        await state.producer.enqueue(env, limits=UNLIMITED)
+    except BastionError as exc:  # the shadow lane is full: the copy is dropped, counted
+        metrics.ERRORS.labels("gateway", "shadow_dropped").inc()
+        log.info("shadow_dropped", model=version.model, version=version.version, reason=type(exc).__name__)
+    except Exception as exc:  # a lost shadow copy costs a comparison, never a response
+        metrics.ERRORS.labels("gateway", "shadow_enqueue").inc()
+        log.warning(
+            "shadow_enqueue_failed", model=version.model, version=version.version, error_type=type(exc).__name__
+        )
