@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import orjson
 import pytest
 import redis
 
@@ -104,7 +105,7 @@ def test_an_abandoned_job_is_reclaimed_then_dead_lettered(redis_client: redis.Re
     worker.reclaim()
     assert _status(redis_client, "poison") == "dead_lettered"
     dead_entries = redis_client.xrange(dead_letter_key(MODEL))
-    assert len(dead_entries) == 1 and dead_entries[0][1][b"id"] == b"poison"
+    assert len(dead_entries) == 1 and orjson.loads(dead_entries[0][1][b"m"])["id"] == "poison"
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
 
 

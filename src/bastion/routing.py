@@ -21,7 +21,7 @@ from bastion.errors import Forbidden, NotFound, Unavailable
 from bastion.snapshot import ModelRoutes, Route, Rule, VersionInfo
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, whose __init__ is slower
 class Routed:
     """The version that answers a caller, and why: its ``role`` (``primary``, ``canary`` or
     ``fallback``), the ``reason`` a fallback answers (``disabled``: the kill switch; ``policy``:

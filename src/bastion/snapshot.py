@@ -140,14 +140,14 @@ class ModelRoutes:
     rules: tuple[Rule, ...] = ()
     preload: tuple[int, ...] = ()  # versions about to take traffic: workers load and warm them up now
     serving: Serving = DEFAULT_SERVING
+    shadows: tuple[Route, ...] = field(init=False, default=())  # the shadow routes, found once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shadows", tuple(r for r in self.routes if r.role == "shadow"))
 
     @property
     def total_weight(self) -> int:
         return sum(r.weight for r in self.routes if r.role != "shadow")
-
-    @property
-    def shadows(self) -> tuple[Route, ...]:
-        return tuple(r for r in self.routes if r.role == "shadow")
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,7 @@ class Breaker:
     policy: Policy
     state: State = State.CLOSED
     window: deque[Outcome] = field(default_factory=deque)
+    counts: dict[Outcome, int] = field(default_factory=dict)  # outcomes in the window, by kind
     opened_at: float = 0.0
     probe_since: float | None = None  # when the probe in flight was let through
     probes_ok: int = 0
@@ -120,26 +121,34 @@ class Breaker:
             if outcome is Outcome.OK:
                 self.probes_ok += 1
                 if self.probes_ok >= self.policy.probes:
-                    self.window.clear()
+                    self._clear()
                     self._move(State.CLOSED)
             else:
                 self._open(now)
             return
         if self.state is not State.CLOSED or outcome is Outcome.IGNORED:
             return  # a call let through before the breaker opened: its outcome is old news
-        self.window.append(outcome)
-        if len(self.window) > self.policy.window:
-            self.window.popleft()
-        if len(self.window) < self.policy.min_calls:
+        window, counts = self.window, self.counts
+        window.append(outcome)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if len(window) > self.policy.window:
+            gone = window.popleft()
+            counts[gone] -= 1
+        size = len(window)
+        if size < self.policy.min_calls:
             return
-        failed = sum(o is Outcome.FAILED for o in self.window) / len(self.window)
-        slow = sum(o is Outcome.SLOW for o in self.window) / len(self.window)
+        failed = counts.get(Outcome.FAILED, 0) / size
+        slow = counts.get(Outcome.SLOW, 0) / size
         if failed >= self.policy.failure_rate or slow >= self.policy.slow_rate:
             self._open(now)
 
+    def _clear(self) -> None:
+        self.window.clear()
+        self.counts.clear()
+
     def _open(self, now: float) -> None:
         self.opened_at = now
-        self.window.clear()
+        self._clear()
         self._move(State.OPEN)
 
     def _move(self, to: State) -> None:

@@ -97,20 +97,34 @@ def take_permit(state: GatewayState, call: Call) -> None:
     )
 
 
-async def begin(request: Request, scopes: tuple[str, ...]) -> tuple[GatewayState, Call, Any]:
+async def begin(request: Request, scopes: tuple[str, ...]) -> tuple[GatewayState, Call, Any, dict[str, str]]:
     """Authenticate, route, then read and parse the body, then take the breaker's permit: the
-    steps every prediction front door shares. Returns the state, the call and the parsed body."""
+    steps every prediction front door shares. Returns the state, the call, the parsed body and
+    the request headers the pipeline reads."""
     state = state_of(request)
-    headers = request.headers
-    call = Call(request.scope.get("state", {}).get("request_id", ""), traceparent=headers.get("traceparent", ""))
+    scope = request.scope
+    headers = _headers(scope)
+    call = Call(scope.get("state", {}).get("request_id", ""), traceparent=headers.get("traceparent", ""))
     call.principal = await authenticate(request, state, *scopes)
     call.choose_subject(headers.get("x-bastion-subject"))
     route(state, call, request.path_params["name"])
     body = await request.body()
     doc = jsonbody.parse_json(body, headers.get("content-type"))
-    call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, request.url.path, body)
+    call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, scope["path"], body)
     take_permit(state, call)
-    return state, call, doc
+    return state, call, doc, headers
+
+
+_READ = frozenset({b"content-type", b"idempotency-key", b"traceparent", b"x-bastion-subject", b"x-bastion-timeout-ms"})
+
+
+def _headers(scope: Any) -> dict[str, str]:
+    """The request headers the pipeline reads, in one pass over the raw list (the first of each)."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
 
 
 @contextlib.contextmanager
@@ -306,10 +320,9 @@ async def predict(
     """A sync prediction through the whole pipeline. ``parse(doc, signature, max_rows)`` is the
     front door's translation of its body: it returns ``(tensors, *extra)``; the answer is the
     call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs)."""
-    wait_header = request.headers.get("x-bastion-timeout-ms")
-    state, call, doc = await begin(request, scopes)
+    state, call, doc, headers = await begin(request, scopes)
     with breaker_call(state, call):
-        wait = timeout_s(state, wait_header, call.model)
+        wait = timeout_s(state, headers.get("x-bastion-timeout-ms"), call.model)
         tensors, *extra = parse(doc, call.chosen.signature, state.settings.max_rows)
         call.rows = rows_of(tensors)
         outputs = await run_sync(state, call, tensors, wait)
@@ -324,7 +337,7 @@ async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple
     """Admit and queue an async job on the batch lane; with a reused Idempotency-Key, the first
     job's id. Its breaker learns only when its permit is a half-open probe: then the job's
     outcome is watched, so async-only traffic can close a breaker too."""
-    state, call, doc = await begin(request, scopes)
+    state, call, doc, _ = await begin(request, scopes)
     permit, call.permit = call.permit, None
     try:
         tensors, *_ = parse(doc, call.chosen.signature, state.settings.max_rows)

@@ -54,7 +54,7 @@ class Pricing:
     floor_per_row: float = 0.01
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, whose __init__ is slower
 class Admit:
     """What enqueue.lua checks and takes for one envelope."""
 

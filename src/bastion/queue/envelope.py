@@ -1,14 +1,15 @@
 """The job envelope: everything a job carries from the gateway to a worker, as one versioned map.
 
-A job is one stream entry, and a stream entry is a map of fields. Field ``v`` names the envelope
-version; a reader ignores fields it does not know, and treats a missing one as empty, so a field
-can be added without a flag day. A writer always writes every field of its version, in the same
-order (Redis then stores the field names of a stream's entries once, in its master entry).
+A job is one stream entry of a few fields: ``v`` names the envelope version, ``m`` is the
+envelope itself - a JSON object of the fields below - and the payloads travel as raw bytes
+beside it (``x`` the input tensors; ``p`` only on shadow copies, ``e`` only on evaluations). A
+reader ignores members of ``m`` it does not know and treats a missing one as empty, so a member
+can be added without a flag day. (One JSON member instead of one stream field per member keeps
+the enqueue call small: the gateway packs two arguments, not thirty.)
 
 =========  ====================================================================================
-field      meaning
+member     meaning
 =========  ====================================================================================
-v          envelope version (``2``; version 1 was the single ``h`` header of ``id|tenant|...``)
 id         job id (URL-safe)
 tenant     the caller's tenant (``_control`` for evaluation jobs)
 model      model name
@@ -26,17 +27,20 @@ idem       the Idempotency-Key record of a sync job ('' none): the worker's comp
            outcome there, so a retry gets it even when the gateway that waited has died
 key        API key id (or token id) that asked for the job
 rows       input rows
-x          input tensors (``bastion.codec`` blob)
-p          shadow copies only: the answer the client got, to compare against
-e          evaluation jobs only: JSON naming the holdout set and how to read the outputs
-c          set by enqueue.lua: the compute units reserved for the job (absent: none reserved)
-q          set by enqueue.lua: '1' when the job holds a slot of its tenant's in-flight cap
 =========  ====================================================================================
+
+Fields that enqueue.lua adds to the entry: ``c``, the compute units reserved for the job
+(absent: none reserved), and ``q``, '1' when the job holds a slot of its tenant's in-flight cap.
+Version 1 was a single ``h`` header (``id|tenant|model|version|deadline|reply|created``) and
+``n``/``k`` fields; entries of it are still read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 VERSION = b"2"
 
@@ -73,14 +77,30 @@ class Envelope:
 
     def fields(self) -> list[str | bytes]:
         """The entry's field/value pairs, flat (as XADD and the scripts take them)."""
-        return [
-            "v", VERSION, "id", self.job_id, "tenant", self.tenant, "model", self.model,
-            "version", str(self.version), "lane", self.lane, "role", self.role,
-            "deadline", str(self.deadline_ms), "reply", self.reply_to, "created", str(self.created_ms),
-            "rid", self.request_id, "tp", self.traceparent, "subj", self.subject, "rule", self.rule,
-            "idem", self.idempotency, "key", self.key_id, "rows", str(self.rows),
-            "x", self.blob, "p", self.compare, "e", self.evaluation,
-        ]  # fmt: skip
+        meta = {
+            "id": self.job_id,
+            "tenant": self.tenant,
+            "model": self.model,
+            "version": self.version,
+            "lane": self.lane,
+            "role": self.role,
+            "deadline": self.deadline_ms,
+            "reply": self.reply_to,
+            "created": self.created_ms,
+            "rid": self.request_id,
+            "tp": self.traceparent,
+            "subj": self.subject,
+            "rule": self.rule,
+            "idem": self.idempotency,
+            "key": self.key_id,
+            "rows": self.rows,
+        }
+        found: list[str | bytes] = ["v", VERSION, "m", orjson.dumps(meta), "x", self.blob]
+        if self.compare:
+            found += ["p", self.compare]
+        if self.evaluation:
+            found += ["e", self.evaluation]
+        return found
 
 
 @dataclass(slots=True)
@@ -105,33 +125,39 @@ class Job(Envelope):
     @classmethod
     def from_entry(cls, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> Job:
         """Read an entry of any envelope version; a malformed one fails as an unknown model version."""
-        get = fields.get
         if b"v" not in fields and b"h" in fields:
             return cls._from_v1(stream, entry_id, fields)
+        try:
+            meta: dict[str, Any] = orjson.loads(fields.get(b"m") or b"{}")
+        except orjson.JSONDecodeError:
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        get = meta.get
         return cls(
-            job_id=_text(get(b"id")),
-            tenant=_text(get(b"tenant")),
-            model=_text(get(b"model")),
-            version=_int(get(b"version")),
-            lane=_text(get(b"lane")),
-            role=_text(get(b"role")) or ROLE_PRIMARY,
-            deadline_ms=_int(get(b"deadline")),
-            reply_to=_text(get(b"reply")),
-            created_ms=_int(get(b"created")),
-            request_id=_text(get(b"rid")),
-            traceparent=_text(get(b"tp")),
-            subject=_text(get(b"subj")),
-            rule=_text(get(b"rule")),
-            idempotency=_text(get(b"idem")),
-            key_id=_text(get(b"key")),
-            rows=_int(get(b"rows")),
-            blob=get(b"x", b""),
-            compare=get(b"p", b""),
-            evaluation=get(b"e", b""),
+            job_id=str(get("id", "")),
+            tenant=str(get("tenant", "")),
+            model=str(get("model", "")),
+            version=_int(get("version")),
+            lane=str(get("lane", "")),
+            role=str(get("role", "")) or ROLE_PRIMARY,
+            deadline_ms=_int(get("deadline")),
+            reply_to=str(get("reply", "")),
+            created_ms=_int(get("created")),
+            request_id=str(get("rid", "")),
+            traceparent=str(get("tp", "")),
+            subject=str(get("subj", "")),
+            rule=str(get("rule", "")),
+            idempotency=str(get("idem", "")),
+            key_id=str(get("key", "")),
+            rows=_int(get("rows")),
+            blob=fields.get(b"x", b""),
+            compare=fields.get(b"p", b""),
+            evaluation=fields.get(b"e", b""),
             stream=stream,
             entry_id=entry_id,
-            cost=float(get(b"c") or 0),
-            counted=get(b"q") == b"1",
+            cost=float(fields.get(b"c") or 0),
+            counted=fields.get(b"q") == b"1",
             raw=fields,
         )
 
@@ -171,8 +197,8 @@ def _text(value: bytes | None) -> str:
     return value.decode() if value else ""
 
 
-def _int(value: bytes | str | None) -> int:
+def _int(value: Any) -> int:
     try:
         return int(value or 0)
-    except ValueError:
+    except (TypeError, ValueError):
         return 0

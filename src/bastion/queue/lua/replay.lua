@@ -7,6 +7,7 @@
 -- caller got its answer long ago, and a shadow copy answers nobody: their dead letters are only
 -- removed.
 --
+-- Only async jobs are replayed, and they were on the batch lane already: the envelope is copied as is.
 -- KEYS[1] dead-letter stream dlq:{model}  KEYS[2] batch stream q:{model}:batch
 -- ARGV[1] dead-letter entry id  ARGV[2] job state TTL s  ARGV[3] job key prefix ('job:')
 -- Returns 1 replayed, 2 discarded (sync or shadow), 0 not found.
@@ -20,18 +21,18 @@ for i = 1, #raw, 2 do
   local k, v = raw[i], raw[i + 1]
   seen[k] = v
   if k ~= 'reason' and k ~= 'entry' and k ~= 'c' and k ~= 'q' then
-    if k == 'lane' then v = 'batch' end
     fields[#fields + 1] = k
     fields[#fields + 1] = v
   end
 end
 redis.call('XDEL', KEYS[1], ARGV[1])
 local job_id, tenant, model, version, reply
-if seen['v'] then
-  job_id, tenant, model, version, reply = seen['id'], seen['tenant'], seen['model'], seen['version'], seen['reply']
-  if seen['role'] == 'shadow' then
+if seen['v'] then  -- envelope version 2: the members are a JSON object in 'm'
+  local ok, m = pcall(cjson.decode, seen['m'] or '')
+  if not ok or type(m) ~= 'table' or m['role'] == 'shadow' then
     return 2
   end
+  job_id, tenant, model, version, reply = m['id'], m['tenant'], m['model'], tostring(m['version']), m['reply']
 elseif seen['h'] then  -- envelope version 1: 'id|tenant|model|version|deadline|reply|created'
   local parts = {}
   for part in string.gmatch(seen['h'] .. '|', '([^|]*)|') do
@@ -42,7 +43,7 @@ elseif seen['h'] then  -- envelope version 1: 'id|tenant|model|version|deadline|
     return 2
   end
 end
-if job_id == nil or job_id == '' or reply ~= '' then
+if type(job_id) ~= 'string' or job_id == '' or reply ~= '' or type(tenant) ~= 'string' or type(model) ~= 'string' then
   return 2
 end
 local job = ARGV[3] .. job_id
