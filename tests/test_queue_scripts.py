@@ -135,7 +135,9 @@ def test_an_outcome_gives_the_slot_back_once(redis_client: redis.Redis) -> None:
     _enqueue(redis_client, Envelope("one", "acme", MODEL, 1, "sync", reply_to="gw"), capped)
     job = _read(redis_client, consumer)
     assert job.counted
-    calls.ABANDON.call(redis_client, *calls.abandon("one", "acme", MODEL, "late", ttl_s=60, finished_ms=1))
+    calls.ABANDON.call(
+        redis_client, *calls.abandon("one", "acme", MODEL, "late", ttl_s=60, finished_ms=1, counted=True)
+    )
     assert redis_client.zcard("inflight:acme") == 0
     assert consumer.complete([Outcome(job, "succeeded", result=b"r")]) == ["expired"], "the first outcome wins"
 

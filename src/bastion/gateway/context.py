@@ -7,8 +7,8 @@ coming decision log and tracing) read it instead of re-deriving what was decided
 
 The routing ``subject`` is the caller's own identity unless an operator marked its key
 ``subject_trusted``: only such a key's ``X-Bastion-Subject`` chooses its canary bucket, so no
-caller can pick the version it gets by trying subject values. The envelope carries a digest of
-the subject, never the subject itself.
+caller can pick the version it gets by trying subject values. The envelope carries a digest of a
+named subject, never the subject itself (a caller's own identity is its key id, already there).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Call:
         "rows",
         "rule",
         "subject",
+        "subject_named",
         "traceparent",
         "version",
     )
@@ -48,6 +49,7 @@ class Call:
         self.traceparent = traceparent
         self.principal: KeyInfo | None = None
         self.subject = ""
+        self.subject_named = False  # the subject is a trusted key's X-Bastion-Subject
         self.version: VersionInfo | None = None
         self.role = ""
         self.reason = ""  # why a fallback answers: 'disabled', 'policy', 'circuit-open'
@@ -78,6 +80,7 @@ class Call:
             if not 0 < len(header) <= 256:
                 raise InvalidInput("X-Bastion-Subject must be 1 to 256 characters")
             self.subject = f"{key.tenant}\x00{header}"
+            self.subject_named = True
         else:
             self.subject = f"{key.tenant}\x00key:{key.id}"
 
@@ -110,7 +113,7 @@ class Call:
             reply_to=reply_to,
             request_id=self.request_id,
             traceparent=self.traceparent,
-            subject=pseudonym(self.subject),
+            subject=pseudonym(self.subject) if self.subject_named else "",  # else: the key id, already there
             rule=self.rule,
             idempotency=self.idem.redis_key if self.idem is not None and reply_to else "",
             key_id=self.key.id,

@@ -270,7 +270,7 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
             try:
                 reply = await _await_reply(future, wait_s, own_id)
             except DeadlineExceeded:
-                await _abandon(state, env)
+                await _abandon(state, env, admission.counted)
                 raise
     finally:
         state.replies.forget(own_id)
@@ -285,12 +285,12 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=call.job_id)
 
 
-async def _abandon(state: GatewayState, env: Any) -> None:
+async def _abandon(state: GatewayState, env: Any, counted: bool) -> None:
     """Store 'expired' as the job's outcome (and drop its Idempotency-Key record, so a retry runs
     again), so a late worker result is never shown for it."""
     with contextlib.suppress(RedisError, OSError):  # the 504 stands; a late result then stays unseen
         await state.producer.abandon(
-            env, "the caller's deadline passed before a result arrived", state.settings.sync_result_ttl_s
+            env, "the caller's deadline passed before a result arrived", state.settings.sync_result_ttl_s, counted
         )
 
 

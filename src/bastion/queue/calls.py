@@ -132,7 +132,7 @@ def complete(
         job.stream,
         reply_key(job.reply_to or "none"),
         dead_letter_key(job.model),
-        inflight_key(job.tenant),
+        inflight_key(job.tenant) if job.counted else "",
         job.idempotency,
     ]
     extra: list[Any] = []
@@ -161,9 +161,20 @@ def complete(
 
 
 def abandon(
-    job_id: str, tenant: str, model: str, error: str, *, ttl_s: int, finished_ms: int, idempotency: str = ""
+    job_id: str,
+    tenant: str,
+    model: str,
+    error: str,
+    *,
+    ttl_s: int,
+    finished_ms: int,
+    idempotency: str = "",
+    counted: bool = False,
 ) -> Call:
-    return [job_key(job_id), inflight_key(tenant), idempotency], [job_id, tenant, model, error, ttl_s, finished_ms]
+    """Store 'expired' for a sync job its caller stopped waiting for (``counted``: it holds an
+    in-flight slot, given back with the outcome)."""
+    keys = [job_key(job_id), inflight_key(tenant) if counted else "", idempotency]
+    return keys, [job_id, tenant, model, error, ttl_s, finished_ms]
 
 
 def start(job: Job, worker: str, started_ms: int | None, pid: int) -> Call:

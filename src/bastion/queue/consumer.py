@@ -81,20 +81,22 @@ class Consumer:
                 # Visible in XINFO CONSUMERS from the start, not only after a first delivery.
                 self.client.xgroup_createconsumer(queue_key(model, lane), CONSUMER_GROUP, self.name)
 
-    def read(self, models: list[str], count: int, block_ms: int | None) -> list[Job]:
-        """New entries, up to ``count`` per stream. The shadow lane comes last: it is read only
-        when the sync and batch lanes have nothing waiting, so unpriced copies never take a
-        worker's time from the traffic that pays for it."""
+    def read(
+        self, models: list[str], count: int, block_ms: int | None, shadowed: frozenset[str] = frozenset()
+    ) -> list[Job]:
+        """New entries, up to ``count`` per stream. The shadow lanes (of the ``shadowed`` models)
+        are read only for the room the sync and batch lanes left in the batch, so unpriced
+        copies never take a worker's time from the traffic that pays for it (copies that find no
+        room wait, and are dropped at the gateway once their lane is full)."""
         if not models:
             time.sleep((block_ms or 0) / 1000)
             return []
         served = {queue_key(m, lane): ">" for m in models for lane in (LANE_SYNC, LANE_BATCH)}
-        found = self._read(served, count, None)
-        if found:
-            return found
-        if block_ms is None:
-            return self._read({queue_key(m, LANE_SHADOW): ">" for m in models}, count, None)
-        return self._read({queue_key(m, lane): ">" for m in models for lane in LANES}, count, block_ms)
+        found = self._read(served, count, block_ms)
+        if shadowed and len(found) < count:
+            lanes = {queue_key(m, LANE_SHADOW): ">" for m in models if m in shadowed}
+            found += self._read(lanes, count - len(found), None)
+        return found
 
     def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Job]:
         reply = self.client.xreadgroup(CONSUMER_GROUP, self.name, streams, count=count, block=block_ms)  # type: ignore[arg-type]

@@ -93,8 +93,9 @@ class Producer:
         self._pending.append((keys, args, future))
         return admitted(await future, env.model, env.lane)
 
-    async def abandon(self, env: Envelope, error: str, ttl_s: int) -> bool:
-        """Record that the caller stopped waiting; False when the job already had an outcome."""
+    async def abandon(self, env: Envelope, error: str, ttl_s: int, counted: bool = False) -> bool:
+        """Record that the caller stopped waiting; False when the job already had an outcome.
+        ``counted``: the job holds an in-flight slot (its admission said so)."""
         keys, args = calls.abandon(
             env.job_id,
             env.tenant,
@@ -103,6 +104,7 @@ class Producer:
             ttl_s=ttl_s,
             finished_ms=int(time.time() * 1000),
             idempotency=env.idempotency,
+            counted=counted,
         )
         return bool(await calls.ABANDON.acall(self.redis, keys, args))
 

@@ -18,6 +18,7 @@ import redis
 
 from bastion import holdout, logs, metrics
 from bastion.constants import (
+    LANE_SHADOW,
     SNAPSHOT_CHANNEL,
     SNAPSHOT_KEY,
     STATUS_EXPIRED,
@@ -56,6 +57,7 @@ class Worker:
         )
         self.snapshot = Snapshot.empty()
         self.models: list[str] = []
+        self.shadowed: frozenset[str] = frozenset()  # models with shadow routes or shadow copies waiting
         self.stopping = False
         self._next_refresh = 0.0
         self._next_reclaim = 0.0
@@ -108,7 +110,7 @@ class Worker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + max(self.settings.visibility_timeout_s / 4, 0.05)
             self.reclaim()
-        jobs = self.consumer.read(self.models, self.settings.max_batch, block_ms=100)
+        jobs = self.consumer.read(self.models, self.settings.max_batch, block_ms=100, shadowed=self.shadowed)
         if jobs:
             self._fill(jobs)
             self.process(jobs)
@@ -121,7 +123,9 @@ class Worker:
         """
         wait_until = time.monotonic() + self.settings.max_wait_ms / 1000
         while len(jobs) < self.settings.max_batch:
-            more = self.consumer.read(self.models, self.settings.max_batch - len(jobs), block_ms=None)
+            more = self.consumer.read(
+                self.models, self.settings.max_batch - len(jobs), block_ms=None, shadowed=self.shadowed
+            )
             if more:
                 jobs.extend(more)
                 continue
@@ -162,8 +166,14 @@ class Worker:
         self._reported_warm = loaded
 
     def _report_depth(self) -> None:
+        """Queue depths as metrics; and which models' shadow lanes to read (those with shadow
+        routes, or with copies still waiting from a shadow route since removed)."""
+        shadowed = {m for m in self.models if self.snapshot.models[m].shadows}
         for model, lane, depth in self.consumer.depths(self.models):
             metrics.QUEUE_DEPTH.labels(model, lane).set(depth)
+            if lane == LANE_SHADOW and depth:
+                shadowed.add(model)
+        self.shadowed = frozenset(shadowed)
 
     def reclaim(self, idle_ms: int | None = None, own: bool = False) -> None:
         """Take back jobs idle past the visibility timeout (or, with ``own``, this consumer's own),

@@ -4,7 +4,7 @@
 -- a worker that finishes the job later cannot store a second, different answer for the
 -- client's job id; the in-flight slot is given back and the Idempotency-Key record dropped (a
 -- retry runs again) by whichever outcome is stored first.
--- KEYS[1] job state hash  KEYS[2] tenant in-flight set  KEYS[3] idempotency record ('' none)
+-- KEYS[1] job state hash  KEYS[2] tenant in-flight set ('' when the job holds no slot)  KEYS[3] idempotency record ('' none)
 -- ARGV[1] job id  ARGV[2] tenant  ARGV[3] model  ARGV[4] error text  ARGV[5] TTL seconds
 -- ARGV[6] finished (ms)
 -- Returns 1 when this call stored the outcome, 0 when the job already had one.

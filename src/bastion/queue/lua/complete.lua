@@ -7,7 +7,7 @@
 -- stored. A dead-lettered job is also copied to the dead-letter stream with its original fields.
 --
 -- KEYS[1] job state hash   KEYS[2] queue stream   KEYS[3] reply stream (or any key when none)
--- KEYS[4] dead-letter stream  KEYS[5] tenant in-flight set  KEYS[6] idempotency record ('' none)
+-- KEYS[4] dead-letter stream  KEYS[5] tenant in-flight set ('' when the job holds no slot)  KEYS[6] idempotency record ('' none)
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result blob to keep  ARGV[5] error text
 -- ARGV[6] state TTL seconds  ARGV[7] job id  ARGV[8] '1' to reply  ARGV[9] reply stream cap
 -- ARGV[10] tenant  ARGV[11] model  ARGV[12] finished (ms)  ARGV[13] dead-letter reason or ''

@@ -17,7 +17,9 @@ local function store_outcome(state, ttl, inflight, idem, job_id, status, result,
   end
   redis.call('HSET', state, 'status', status, unpack(fields))
   redis.call('EXPIRE', state, ttl)
-  redis.call('ZREM', inflight, job_id)
+  if inflight ~= '' then  -- '': the job held no in-flight slot
+    redis.call('ZREM', inflight, job_id)
+  end
   if idem ~= '' and redis.call('HGET', idem, 'job') == job_id and redis.call('HEXISTS', idem, 'status') == 0 then
     if status == 'expired' then
       redis.call('DEL', idem)
