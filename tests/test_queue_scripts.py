@@ -70,7 +70,7 @@ def test_jobs_that_expired_before_running_teach_the_price_nothing_and_get_their_
     limits = Limits(tenant_rate=0.0, tenant_burst=1_000_000.0)
     _enqueue(redis_client, Envelope("ran", "acme", MODEL, 1, "sync", rows=4), _admit(limits=limits))
     ran = _read(redis_client, consumer)
-    done = Outcome(ran, "succeeded", measured_units=2.0, ran=True, stored=True)  # 0.5 units per row
+    done = Outcome(ran, "succeeded", measured_units=2.0, ran=True, settles=True)  # 0.5 units per row
     consumer.settle([done])
     learned = _price(redis_client)
     assert learned == 0.5
@@ -84,7 +84,7 @@ def test_jobs_that_expired_before_running_teach_the_price_nothing_and_get_their_
         pipe.execute()
         entries = redis_client.xreadgroup(CONSUMER_GROUP, "w", {queue_key(MODEL, "sync"): ">"}, count=500)
         jobs = [Job.from_entry(s.decode(), e.decode(), f) for s, batch in entries for e, f in batch]  # type: ignore[union-attr]
-        consumer.settle([Outcome(j, "expired", measured_units=0.0, stored=True) for j in jobs])
+        consumer.settle([Outcome(j, "expired", measured_units=0.0, settles=True) for j in jobs])
     assert _price(redis_client) == learned, "an expired job moved the price"
     after = float(redis_client.hget(tenant_bucket_key("acme", MODEL), "tokens") or 0)
     assert abs(after - before) < 1e-6, "each expired job's reservation went back"
@@ -96,8 +96,8 @@ def test_the_price_is_learned_per_version_and_never_below_the_floor(redis_client
     _enqueue(redis_client, Envelope("b", "acme", MODEL, 2, "sync", rows=10))
     a, b = _read(redis_client, consumer), _read(redis_client, consumer)
     for _ in range(50):  # a version that measures (nearly) nothing
-        consumer.settle([Outcome(a, "succeeded", measured_units=0.0, ran=True, stored=True)])
-    consumer.settle([Outcome(b, "succeeded", measured_units=30.0, ran=True, stored=True)])
+        consumer.settle([Outcome(a, "succeeded", measured_units=0.0, ran=True, settles=True)])
+    consumer.settle([Outcome(b, "succeeded", measured_units=30.0, ran=True, settles=True)])
     assert _price(redis_client, 1) == FLOOR
     assert _price(redis_client, 2) == 3.0, "version 2's price is its own"
     cost = float(_enqueue(redis_client, Envelope("c", "acme", MODEL, 1, "sync", rows=100))[2])  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def test_a_failed_job_does_not_teach_the_price(redis_client: redis.Redis) -> Non
     consumer = _consumer(redis_client)
     _enqueue(redis_client, Envelope("f", "acme", MODEL, 1, "sync", rows=10))
     job = _read(redis_client, consumer)
-    consumer.settle([Outcome(job, "failed", measured_units=0.0, ran=False, stored=True)])
+    consumer.settle([Outcome(job, "failed", measured_units=0.0, ran=False, settles=True)])
     assert _price(redis_client) is None
 
 
@@ -183,7 +183,7 @@ def test_a_shadow_copy_leaves_no_tenant_readable_state_and_no_dead_letter(redis_
     assert record[b"status"] == b"succeeded" and record[b"result"] == b"", "no outputs are kept"
     assert 0 < redis_client.ttl(shadow_job_key("sh1")) <= 600
     assert redis_client.xlen(dead_letter_key(MODEL)) == 0, "a shadow's inputs are never kept as a dead letter"
-    consumer.settle([Outcome(first, "succeeded", measured_units=5.0, ran=True, stored=True)])
+    consumer.settle([Outcome(first, "succeeded", measured_units=5.0, ran=True, settles=True)])
     assert _price(redis_client, 2) is None, "a shadow copy teaches no price"
 
 
@@ -209,7 +209,7 @@ def test_a_replayed_dead_letter_carries_no_reservation_and_refunds_nothing(redis
     assert deadletters.replay(redis_client, MODEL, [entry["id"]], 60)["replayed"] == 1
     again = _read(redis_client, consumer, "batch")
     assert again.job_id == "dl" and again.cost == 0.0 and not again.counted
-    consumer.settle([Outcome(again, "succeeded", measured_units=1.0, ran=True, stored=True)])
+    consumer.settle([Outcome(again, "succeeded", measured_units=1.0, ran=True, settles=True)])
     assert float(redis_client.hget(tenant_bucket_key("acme", MODEL), "tokens") or 0) == tokens
 
 
@@ -234,7 +234,7 @@ def test_a_job_that_ran_twice_after_a_redelivery_is_settled_once(redis_client: r
     again.ran = True
     consumer.complete([first])
     consumer.complete([again])
-    assert first.stored and not again.stored
+    assert first.stored and first.settles and not again.stored and not again.settles
     consumer.settle([first, again])
     tokens = float(redis_client.hget(tenant_bucket_key("acme", MODEL), "tokens") or 0)
     assert tokens == 100.0 - 2.0, "the reservation (10) was corrected to the measured 2 units once"
@@ -255,3 +255,36 @@ def test_a_late_redelivery_never_replaces_or_drops_a_kept_idempotent_answer(redi
     redis_client.delete(job_key("kept"))
     consumer.complete([Outcome(job, "succeeded", result=b"second answer")])
     assert redis_client.hget(record, "result") == b"first answer"
+
+
+def test_a_job_its_gateway_abandoned_still_gets_its_reservation_back(redis_client: redis.Redis) -> None:
+    """The gateway stores 'expired' first (its caller's deadline passed); the worker's later
+    outcome is not stored, but it settles: the reservation goes back, once."""
+    consumer = _consumer(redis_client)
+    limits = Limits(tenant_rate=0.0, tenant_burst=100.0)
+    _enqueue(redis_client, Envelope("gave-up", "acme", MODEL, 1, "sync", reply_to="gw", rows=10), _admit(limits=limits))
+    job = _read(redis_client, consumer)
+    calls.ABANDON.call(redis_client, *calls.abandon("gave-up", "acme", MODEL, "late", ttl_s=60, finished_ms=1))
+    late = Outcome(job, "expired", measured_units=0.0)
+    consumer.complete([late])
+    assert not late.stored and late.settles
+    consumer.settle([late])
+    assert float(redis_client.hget(tenant_bucket_key("acme", MODEL), "tokens") or 0) == 100.0
+    assert 0 < redis_client.ttl(job_key("gave-up")) <= 60
+
+
+def test_replay_discards_evaluations_and_malformed_dead_letters(redis_client: redis.Redis) -> None:
+    """Only a well-formed async job is queued again; an evaluation (its report was closed when it
+    died), a shadow copy and an entry without a usable version are removed, never half-replayed."""
+    entries = [
+        {b"v": b"2", b"m": b'{"id":"ev","tenant":"_control","model":"m","version":1,"reply":"","role":"evaluation"}'},
+        {b"v": b"2", b"m": b'{"id":"sh","tenant":"acme","model":"m","version":1,"reply":"","role":"shadow"}'},
+        {b"v": b"2", b"m": b'{"id":"nov","tenant":"acme","model":"m","reply":""}'},
+        {b"v": b"2", b"m": b'{"id":"obj","tenant":"acme","model":"m","version":{"a":1},"reply":""}'},
+        {b"v": b"2", b"m": b"not json"},
+    ]
+    ids = [redis_client.xadd(dead_letter_key(MODEL), {**e, b"reason": b"test"}).decode() for e in entries]  # type: ignore[union-attr, dict-item]
+    assert deadletters.replay(redis_client, MODEL, ids, 60) == {"replayed": 0, "discarded": 5, "not_found": 0}
+    assert redis_client.xlen(dead_letter_key(MODEL)) == 0
+    assert not redis_client.exists(queue_key(MODEL, "batch"))
+    assert not any(redis_client.exists(job_key(j)) for j in ("ev", "sh", "nov", "obj"))

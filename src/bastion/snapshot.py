@@ -140,7 +140,7 @@ class ModelRoutes:
     rules: tuple[Rule, ...] = ()
     preload: tuple[int, ...] = ()  # versions about to take traffic: workers load and warm them up now
     serving: Serving = DEFAULT_SERVING
-    shadows: tuple[Route, ...] = field(init=False, default=())  # the shadow routes, found once
+    shadows: tuple[Route, ...] = field(init=False, default=(), compare=False, repr=False)  # found once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shadows", tuple(r for r in self.routes if r.role == "shadow"))

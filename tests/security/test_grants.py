@@ -165,6 +165,9 @@ def test_a_key_manager_mints_no_key_that_outlives_its_own(control: Stack) -> Non
             "/admin/v1/keys",
             json={"tenant": "operators", "scopes": ["keys"], "expires_at": (soon - timedelta(hours=1)).isoformat()},
         )
+        lasting = control.admin.create_key("operators", "lasting", scopes=["keys"])
+        rotated = http.post(f"/admin/v1/keys/{lasting['id']}/rotate", json={"overlap_s": 0})
+    assert rotated.status_code == 403, "rotating a key that never expires would hand the caller one"
     assert forever.status_code == later.status_code == 403, (forever.text, later.text)
     assert "no later than the caller's own key" in forever.json()["detail"]
     assert earlier.status_code == 201, earlier.text
@@ -180,10 +183,12 @@ def test_tenant_policy_attributes_need_deploy_and_signing_keys_need_admin(contro
     with _as(control, manager["key"]) as http:
         budget = http.put("/admin/v1/tenants/eu-corp", json={"jurisdiction": "EU", "limits": {"burst": 10}})
         moved = http.put("/admin/v1/tenants/eu-corp", json={"jurisdiction": "US"})
-        cleared = http.put("/admin/v1/tenants/eu-corp", json={})
+        cleared = http.put("/admin/v1/tenants/eu-corp", json={"jurisdiction": None})
+        kept = http.put("/admin/v1/tenants/eu-corp", json={"limits": {"burst": 20}})  # omitted: kept as it is
         consents = http.put("/admin/v1/tenants/eu-corp", json={"jurisdiction": "EU", "consents": ["profiling"]})
         signing = http.put("/admin/v1/tenants/eu-corp", json={"jurisdiction": "EU", "signing_key": public})
     assert budget.status_code == 200, budget.text
+    assert kept.status_code == 200 and kept.json()["jurisdiction"] == "EU", kept.text
     assert moved.status_code == cleared.status_code == consents.status_code == 403
     assert "'deploy' scope" in moved.json()["detail"]
     assert signing.status_code == 403 and "'admin' scope" in signing.json()["detail"]

@@ -25,6 +25,7 @@ from bastion.constants import (
     LANE_BATCH,
     LANE_SHADOW,
     LANE_SYNC,
+    SHADOW_RECORD_TTL_S,
     STATUS_EXPIRED,
     STATUS_SUCCEEDED,
     TERMINAL_STATUSES,
@@ -45,6 +46,7 @@ log = logs.get("bastion.gateway")
 
 MAX_NAME = 64
 PROBE_POLL_S = 0.05
+PROBE_QUEUED_S = 0.5  # an async probe not started by then goes back unjudged
 
 
 def state_of(request: Request) -> GatewayState:
@@ -107,8 +109,11 @@ async def begin(request: Request, scopes: tuple[str, ...]) -> tuple[GatewayState
     call = Call(scope.get("state", {}).get("request_id", ""), traceparent=headers.get("traceparent", ""))
     call.principal = await authenticate(request, state, *scopes)
     call.choose_subject(headers.get("x-bastion-subject"))
+    routed_by = state.snapshots.current
     route(state, call, request.path_params["name"])
     body = await request.body()
+    if state.snapshots.current is not routed_by:  # a change (a rule, the kill switch) came meanwhile
+        route(state, call, request.path_params["name"])
     doc = jsonbody.parse_json(body, headers.get("content-type"))
     call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, scope["path"], body)
     take_permit(state, call)
@@ -368,10 +373,13 @@ async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple
 async def _watch_probe(state: GatewayState, permit: Permit, job_id: str) -> None:
     """Hand a half-open breaker's probe back with the async job's outcome, judged only by the
     worker's own time (started → finished; a job still running at the limit by the time it has
-    run). A job that has not started by then is waiting in the queue, which says nothing about
-    the version: the probe is handed back unjudged, so a backlog cannot keep a breaker open."""
+    run). A job that has not started within ``PROBE_QUEUED_S`` is waiting in the queue, which
+    says nothing about the version: the probe is handed back unjudged then, so a backlog holds
+    the half-open breaker's one probe for at most that long."""
     outcome, elapsed = Outcome.IGNORED, None
-    limit = time.monotonic() + 2 * state.breakers.policy.slow_s
+    begun = time.monotonic()
+    limit = begun + 2 * state.breakers.policy.slow_s
+    queued_limit = begun + min(PROBE_QUEUED_S, state.breakers.policy.slow_s)
     try:
         while not state.draining:
             status, started, finished = await state.redis.hmget(job_key(job_id), "status", "started", "finished")
@@ -384,7 +392,10 @@ async def _watch_probe(state: GatewayState, permit: Permit, job_id: str) -> None
                 if started and finished:
                     elapsed = max(0.0, (int(finished) - int(started)) / 1000)
                 break
-            if time.monotonic() >= limit:
+            now = time.monotonic()
+            if not started and now >= queued_limit:
+                break  # still queued: the probe goes back unjudged at once, for another call to take
+            if now >= limit:
                 if started:  # running for too long: slow
                     outcome, elapsed = Outcome.TIMEOUT, max(0.0, time.time() - int(started) / 1000)
                 break
@@ -413,7 +424,10 @@ def copy_to_shadows(state: GatewayState, call: Call, tensors: dict[str, np.ndarr
             continue
         if answer is None:
             answer, blob = codec.encode(outputs), codec.encode(tensors)
-        env = call.envelope(LANE_SHADOW, new_job_id(), blob, version=shadow.version, role=ROLE_SHADOW)
+        deadline_ms = int(time.time() * 1000) + SHADOW_RECORD_TTL_S * 1000  # a copy not run by then is dropped
+        env = call.envelope(
+            LANE_SHADOW, new_job_id(), blob, deadline_ms=deadline_ms, version=shadow.version, role=ROLE_SHADOW
+        )
         env.compare = answer
         state.spawn(_enqueue_shadow(state, env, shadow.version))
 

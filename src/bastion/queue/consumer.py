@@ -41,6 +41,7 @@ class Outcome:
     measured_units: float | None = None  # compute units (ms of inference) this job's rows took
     ran: bool = False  # the model ran it (an expired job did not: its price teaches nothing)
     stored: bool = False  # set by ``complete``: this outcome is the job's (not a redelivery's repeat)
+    settles: bool = False  # set by ``complete``: the first worker outcome, which settles the cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,8 @@ class Consumer:
         found = self._read(served, count, block_ms)
         if shadowed and len(found) < count:
             lanes = {queue_key(m, LANE_SHADOW): ">" for m in models if m in shadowed}
-            found += self._read(lanes, count - len(found), None)
+            if lanes:
+                found += self._read(lanes, count - len(found), None)
         return found
 
     def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Job]:
@@ -223,8 +225,10 @@ class Consumer:
             )
             calls.COMPLETE.queue(pipe, keys, args)
         statuses = []
-        for o, (status, stored) in zip(outcomes, run_pipeline(self.client, pipe, [calls.COMPLETE]), strict=True):
-            o.stored = int(stored) == 1
+        for o, (status, stored, settles) in zip(
+            outcomes, run_pipeline(self.client, pipe, [calls.COMPLETE]), strict=True
+        ):
+            o.stored, o.settles = int(stored) == 1, int(settles) == 1
             statuses.append(_s(status))
         return statuses
 
@@ -232,15 +236,16 @@ class Consumer:
         """Give back (or take) the difference between what each job reserved and what it
         measured, and learn each version's cost per row from the jobs that ran.
 
-        One call per (tenant, key, model, version). Only stored outcomes count (``complete``
-        ran first): a redelivered job that ran twice is settled once. A job that reserved
+        One call per (tenant, key, model, version). Only the first worker outcome of a job
+        counts (``complete`` ran first and said so): a redelivered job that ran twice is settled
+        once, and a job its gateway abandoned is still refunded. A job that reserved
         nothing (a replayed dead letter) corrects no bucket; a job that did not run (expired)
         teaches no price; shadow copies and evaluations do neither (never priced to a caller).
         """
         groups: dict[tuple[str, str, str, int], list[float]] = {}
         for o in outcomes:
             job = o.job
-            if o.measured_units is None or not o.stored or job.is_shadow or not job.rows:
+            if o.measured_units is None or not o.settles or job.is_shadow or not job.rows:
                 continue
             g = groups.setdefault((job.tenant, job.key_id, job.model, job.version), [0.0, 0.0, 0.0, 0])
             if job.cost > 0:

@@ -135,28 +135,28 @@ class Job(Envelope):
             meta = {}
         get = meta.get
         return cls(
-            job_id=str(get("id", "")),
-            tenant=str(get("tenant", "")),
-            model=str(get("model", "")),
+            job_id=_str(get("id")),
+            tenant=_str(get("tenant")),
+            model=_str(get("model")),
             version=_int(get("version")),
-            lane=str(get("lane", "")),
-            role=str(get("role", "")) or ROLE_PRIMARY,
+            lane=_str(get("lane")),
+            role=_str(get("role")) or ROLE_PRIMARY,
             deadline_ms=_int(get("deadline")),
-            reply_to=str(get("reply", "")),
+            reply_to=_str(get("reply")),
             created_ms=_int(get("created")),
-            request_id=str(get("rid", "")),
-            traceparent=str(get("tp", "")),
-            subject=str(get("subj", "")),
-            rule=str(get("rule", "")),
-            idempotency=str(get("idem", "")),
-            key_id=str(get("key", "")),
+            request_id=_str(get("rid")),
+            traceparent=_str(get("tp")),
+            subject=_str(get("subj")),
+            rule=_str(get("rule")),
+            idempotency=_str(get("idem")),
+            key_id=_str(get("key")),
             rows=_int(get("rows")),
             blob=fields.get(b"x", b""),
             compare=fields.get(b"p", b""),
             evaluation=fields.get(b"e", b""),
             stream=stream,
             entry_id=entry_id,
-            cost=float(fields.get(b"c") or 0),
+            cost=_float(fields.get(b"c")),
             counted=fields.get(b"q") == b"1",
             raw=fields,
         )
@@ -187,18 +187,30 @@ class Job(Envelope):
             evaluation=evaluation,
             stream=stream,
             entry_id=entry_id,
-            cost=float(fields.get(b"c") or 0),
+            cost=_float(fields.get(b"c")),
             counted=fields.get(b"q") == b"1",
             raw=fields,
         )
 
 
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _float(value: bytes | None) -> float:
+    try:
+        found = float(value or 0)
+    except ValueError:
+        return 0.0
+    return found if found == found and found not in (float("inf"), float("-inf")) else 0.0
+
+
 def _text(value: bytes | None) -> str:
-    return value.decode() if value else ""
+    return value.decode(errors="replace") if value else ""
 
 
 def _int(value: Any) -> int:
     try:
         return int(value or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0

@@ -148,6 +148,9 @@ class Worker:
         wanted = [m.strip() for m in self.settings.worker_models.split(",") if m.strip()]
         self.models = sorted(m for m in snapshot.models if not wanted or m in wanted)
         self.consumer.ensure_groups(self.models)
+        self.shadowed = frozenset(m for m in self.shadowed if m in snapshot.models) | {
+            m for m in self.models if snapshot.models[m].shadows
+        }
         self.cache.sync(snapshot, self.models)
         self._report_warm()
         return True
@@ -270,7 +273,7 @@ class Worker:
         """Shadow copies carry the answer the client got; compare and add to the version's totals."""
         totals: dict[tuple[str, int], list[float]] = {}
         for o in outcomes:
-            if not o.job.compare or o.status != STATUS_SUCCEEDED or not o.stored:
+            if not o.job.compare or o.status != STATUS_SUCCEEDED or not o.settles:
                 continue
             try:
                 c = shadow.compare(o.job.compare, o.result)

@@ -112,7 +112,10 @@ async def rotate_key(
     key_id = key_id[:64]
 
     def rotate() -> dict[str, Any]:
-        may_grant(admin, plane.registry.get_key(key_id)["scopes"], f"rotating key {key_id!r}")
+        old = plane.registry.get_key(key_id)
+        may_grant(admin, old["scopes"], f"rotating key {key_id!r}")
+        expires = old.get("expires_at")
+        bounded_by_caller(admin, datetime.fromisoformat(expires) if expires else None)
         view, plaintext = plane.registry.rotate_key(key_id, body.overlap_s)
         return {**view, "secret": plaintext}
 

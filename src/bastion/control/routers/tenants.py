@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -34,19 +33,18 @@ async def set_tenant(
     """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
     its Ed25519 ``signing_key`` verifies the artifacts it signs.
 
-    ``keys`` sets budgets; changing the jurisdiction or consent flags (they decide which versions
-    the tenant's data may reach) also needs ``deploy``, and the signing key (a trust anchor of
-    verified artifacts) needs ``admin``."""
+    Fields left out keep their values. ``keys`` sets budgets; changing the jurisdiction or
+    consent flags (they decide which versions the tenant's data may reach) also needs ``deploy``,
+    and the signing key (a trust anchor of verified artifacts) needs ``admin``."""
     plane = plane_of(request)
     limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
-    set_tenant = functools.partial(
-        plane.registry.set_tenant, name, body.jurisdiction, body.signing_key, body.consents, limits
-    )
 
     def change() -> dict[str, Any]:
         current = next((t for t in plane.registry.list_tenants() if t["name"] == name), None)
         was = (current or {}).get("jurisdiction"), sorted((current or {}).get("consents") or [])
-        wanted = body.jurisdiction, sorted(set(body.consents)) if body.consents is not None else was[1]
+        # an omitted jurisdiction keeps the tenant's (null clears it), like the other fields
+        jurisdiction = body.jurisdiction if "jurisdiction" in body.model_fields_set else was[0]
+        wanted = jurisdiction, sorted(set(body.consents)) if body.consents is not None else was[1]
         held = scopes_of(admin)
         if wanted != was and "deploy" not in held:
             raise Forbidden(
@@ -55,7 +53,7 @@ async def set_tenant(
             )
         if body.signing_key is not None and "admin" not in held:
             raise Forbidden("setting a tenant's artifact-signing key (a trust anchor) needs the 'admin' scope")
-        return set_tenant()
+        return plane.registry.set_tenant(name, jurisdiction, body.signing_key, body.consents, limits)
 
     view = await changes.run(
         plane,

@@ -14,7 +14,7 @@
 -- ARGV[14] the result blob to reply with (ARGV[4] may be '' when the state must not hold outputs)
 -- ARGV[15..] original entry field/value pairs (dead-letter only)
 -- Returns {the status stored (the earlier one when the job had already finished), 1 when this
--- call stored it, else 0}: only the outcome that was stored settles its cost.
+-- call stored it else 0, 1 when this call settles the job's cost else 0}.
 local status, result, err = ARGV[3], ARGV[14], ARGV[5]
 local stored = store_outcome(KEYS[1], tonumber(ARGV[6]), KEYS[5], KEYS[6], ARGV[7], ARGV[3], ARGV[4], ARGV[5],
                              {'result', ARGV[4], 'error', ARGV[5], 'finished', ARGV[12], 'tenant', ARGV[10],
@@ -24,6 +24,12 @@ if not stored then
   local kept = redis.call('HMGET', KEYS[1], 'status', 'result', 'error')
   status, result, err = kept[1] or ARGV[3], kept[2] or '', kept[3] or ''
 end
+-- The first worker outcome settles the job's cost, whoever stored the outcome (an abandoning
+-- gateway stores 'expired' but settles nothing): a job is refunded once, never twice.
+local settle = redis.call('HSETNX', KEYS[1], 'settled', '1')
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))  -- never leave a state without a TTL
+end
 if ARGV[13] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', 'reason', ARGV[13], unpack(ARGV, 15))
 end
@@ -32,4 +38,4 @@ if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
 end
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
-return {status, stored and 1 or 0}
+return {status, stored and 1 or 0, settle}

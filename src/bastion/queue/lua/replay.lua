@@ -5,7 +5,7 @@
 -- is removed, so a replay never runs a job twice or loses it. The replay was not admitted, so it
 -- carries no reservation and no in-flight slot: the worker refunds nothing for it. A sync job's
 -- caller got its answer long ago, and a shadow copy answers nobody: their dead letters are only
--- removed.
+-- removed, as is an evaluation's (its report was closed when the job died) and a malformed one.
 --
 -- Only async jobs are replayed, and they were on the batch lane already: the envelope is copied as is.
 -- KEYS[1] dead-letter stream dlq:{model}  KEYS[2] batch stream q:{model}:batch
@@ -29,17 +29,21 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 local job_id, tenant, model, version, reply
 if seen['v'] then  -- envelope version 2: the members are a JSON object in 'm'
   local ok, m = pcall(cjson.decode, seen['m'] or '')
-  if not ok or type(m) ~= 'table' or m['role'] == 'shadow' then
+  if not ok or type(m) ~= 'table' or m['role'] == 'shadow' or m['role'] == 'evaluation' then
+    return 2  -- a shadow answers nobody; an evaluation's report was closed when it died
+  end
+  if type(m['version']) ~= 'number' or m['version'] < 1 or m['version'] > 1e9 then
     return 2
   end
-  job_id, tenant, model, version, reply = m['id'], m['tenant'], m['model'], tostring(m['version']), m['reply']
+  job_id, tenant, model, reply = m['id'], m['tenant'], m['model'], m['reply'] or ''
+  version = string.format('%d', m['version'])
 elseif seen['h'] then  -- envelope version 1: 'id|tenant|model|version|deadline|reply|created'
   local parts = {}
   for part in string.gmatch(seen['h'] .. '|', '([^|]*)|') do
     parts[#parts + 1] = part
   end
   job_id, tenant, model, version, reply = parts[1], parts[2], parts[3], parts[4], parts[6]
-  if seen['p'] then
+  if seen['p'] or seen['e'] or not string.match(version or '', '^%d+$') then
     return 2
   end
 end
