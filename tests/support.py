@@ -23,6 +23,7 @@ import redis
 
 from bastion import demo
 from bastion.adminclient import AdminClient
+from bastion.constants import SNAPSHOT_KEY
 from bastion.embedded.redis_server import EmbeddedRedis, free_port
 from bastion.redisconn import sync_client
 from bastion.settings import Settings
@@ -192,6 +193,16 @@ class Stack:
 
     def redis_client(self) -> redis.Redis:
         return sync_client(self.settings.require_redis_url())
+
+    def published_snapshot(self) -> bytes:
+        """The snapshot the control plane published (raw JSON, as gateways read it)."""
+        client = self.redis_client()
+        try:
+            raw = client.get(SNAPSHOT_KEY)
+        finally:
+            client.close()
+        assert raw is not None, "no snapshot published"
+        return bytes(raw)
 
 
 @contextlib.contextmanager

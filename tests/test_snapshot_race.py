@@ -64,13 +64,7 @@ def _disabled_everywhere(stack: Stack) -> bool:
 
 
 def _stored_serial(stack: Stack) -> int:
-    client = stack.redis_client()
-    try:
-        raw = client.get(SNAPSHOT_KEY)
-    finally:
-        client.close()
-    assert raw is not None
-    return int(orjson.loads(raw)["serial"])
+    return int(orjson.loads(stack.published_snapshot())["serial"])
 
 
 def _sql_serial(stack: Stack) -> int:

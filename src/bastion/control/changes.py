@@ -1,17 +1,17 @@
-"""The unit of work: every state change of the admin API goes through ``apply``.
+"""The unit of work: every state change of the admin API goes through ``run``.
 
-``apply`` runs the change and then, in the same SQL transaction, appends who made it to the admin
+``run`` makes the change and then, in the same SQL transaction, appends who made it to the admin
 trail (``admin_changes``) and reads the next snapshot with its serial; it commits, and then
 publishes that snapshot. So a change is never committed without its record, nor recorded without
 having been made, and the published snapshot includes it. Units run one at a time (each holds the
 snapshot serial's row lock from its start to its commit, ``Registry.unit``), and Redis keeps only
 the highest serial, so the newest state always wins. Handlers never commit, record or publish by
-hand; slow work (checking an upload, warming versions up on the workers) is done before the unit.
+hand; slow work (checking an upload, warming versions up on the workers, replaying up to 1,000
+dead letters) is done before the unit, which then records it.
 
 If Redis is unreachable when the snapshot is published, the call answers 503 but the change
-stands (it is committed and recorded); the next publish, by any change or ``POST /snapshot``,
-carries it. Changes that only touch Redis (resetting shadow figures, replaying dead letters)
-are made inside the unit too: if Redis fails, nothing is recorded.
+stands (it is committed and recorded); the control plane's reconcile loop (``ControlPlane.
+reconcile``) publishes it within one refresh period once Redis is back.
 """
 
 from __future__ import annotations
@@ -29,24 +29,6 @@ Detail = dict[str, Any] | Callable[[Any], dict[str, Any]] | None
 Resource = tuple[str, str | Callable[[Any], str]]  # kind, and the name (or a function of the result)
 
 log = logs.get("bastion.control")
-
-
-def apply(
-    plane: ControlPlane,
-    caller: dict[str, Any],
-    action: str,
-    resource: Resource,
-    change: Callable[[], T],
-    *,
-    detail: Detail = None,
-    publish: bool = True,
-) -> T:
-    """Make ``change`` (registry calls; they join one transaction), record it as ``action`` on
-    ``resource`` (kind, name; the name may be a function of the change's result) by ``caller``
-    with ``detail`` (a dict, or a function of the change's result; never a secret), commit, and
-    publish the new snapshot (``publish=False``: the change is invisible to gateways and workers,
-    e.g. a gate policy). Runs in the calling thread: handlers call ``run``."""
-    return _unit(plane, caller, action, resource, change, detail, publish)[0]
 
 
 def republish(plane: ControlPlane, caller: dict[str, Any]) -> int:
@@ -85,9 +67,13 @@ async def run(
     detail: Detail = None,
     publish: bool = True,
 ) -> T:
-    """``apply`` on a worker thread (the unit's transaction lives on that one thread)."""
+    """Make ``change`` (registry calls; they join one transaction), record it as ``action`` on
+    ``resource`` (kind, name; the name may be a function of the change's result) by ``caller``
+    with ``detail`` (a dict, or a function of the change's result; never a secret), commit, and
+    publish the new snapshot (``publish=False``: the change is invisible to gateways and workers,
+    e.g. a gate policy). The unit runs on one worker thread (its transaction lives there)."""
 
     def unit() -> T:
-        return apply(plane, caller, action, resource, change, detail=detail, publish=publish)
+        return _unit(plane, caller, action, resource, change, detail, publish)[0]
 
     return await run_in_threadpool(unit)

@@ -196,49 +196,14 @@ class Registry:
             return _key_view(row, tenant.name if tenant else "")
 
     # models and versions ----------------------------------------------------------------
-    def register_version(
-        self,
-        model: str,
-        data: bytes,
-        *,
-        metadata: dict[str, Any] | None = None,
-        description: str = "",
-        created_by: str = "",
-        activate: bool | None = None,
-        rows_independent: bool | None = None,
-        version: int | None = None,
-        artifact_signature: str | None = None,
-        signer: str | None = None,
-        route: bool = True,
-    ) -> dict[str, Any]:
-        """Check, store and record a new version.
-
-        ``metadata`` is a ``VersionMetadata`` document (model card, lineage, refined signature…).
-        ``version`` names the version (409 if it exists: versions are immutable); unset, the next
-        number is taken. ``artifact_signature`` (base64 Ed25519 over the sha256) is verified
-        against tenant ``signer``'s public key; a valid one marks the version ``verified``.
-        ``activate`` makes the version the 100 % primary; unset, it does so unless the model has
-        promotion gates (then the version waits in ``registered``). ``rows_independent=False``
-        (an output depends on other rows) keeps workers from batching this version. With
-        ``route=False`` an activated version is left for the caller to route (after warm-up).
-        It is ``prepare_version`` (the slow part: checks and storing the artifact) and then
-        ``add_version`` (recording it).
-        """
-        prepared = self.prepare_version(
-            model,
-            data,
-            metadata=metadata,
-            description=description,
-            created_by=created_by,
-            activate=activate,
-            rows_independent=rows_independent,
-            version=version,
-            artifact_signature=artifact_signature,
-            signer=signer,
-        )
-        view = self.add_version(prepared)
+    def register_version(self, model: str, data: bytes, *, route: bool = True, **upload: Any) -> dict[str, Any]:
+        """Check, store and record a new version: ``prepare_version`` (the slow part: checks and
+        storing the artifact; ``upload`` is its keyword arguments) and then ``add_version``
+        (recording it). An activated version becomes the 100 % primary, unless ``route=False``
+        leaves it for the caller to route (after warm-up)."""
+        view = self.add_version(self.prepare_version(model, data, **upload))
         if view["stage"] == "production" and route:
-            self.deployments.promote(model, view["version"], created_by or "registry")
+            self.deployments.promote(model, view["version"], upload.get("created_by") or "registry")
         return view
 
     def prepare_version(
@@ -255,9 +220,17 @@ class Registry:
         artifact_signature: str | None = None,
         signer: str | None = None,
     ) -> PreparedVersion:
-        """Check an upload (``register_version``'s arguments) and keep its artifact (content-addressed:
-        harmless if the version is never recorded); nothing is recorded yet. Slow for a large
-        model, so the control plane does it before its unit of work, not inside it."""
+        """Check an upload and keep its artifact (content-addressed: harmless if the version is
+        never recorded); nothing is recorded yet. Slow for a large model, so the control plane
+        does it before its unit of work, not inside it.
+
+        ``metadata`` is a ``VersionMetadata`` document (model card, lineage, refined signature…).
+        ``version`` names the version (409 if it exists: versions are immutable); unset, the next
+        number is taken. ``artifact_signature`` (base64 Ed25519 over the sha256) is verified
+        against tenant ``signer``'s public key; a valid one marks the version ``verified``.
+        ``activate`` makes the version production; unset, it does so unless the model has
+        promotion gates (then the version waits in ``registered``). ``rows_independent=False``
+        (an output depends on other rows) keeps workers from batching this version."""
         check_name("model", model)
         if version is not None and version < 1:
             raise InvalidInput("version must be a positive integer")
