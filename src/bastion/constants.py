@@ -13,7 +13,16 @@ job:{id}                 job state hash (tenant, status, result)     TTL: result
 sj:{id}                  a shadow copy's outcome (status only, no    complete.lua; TTL 10 min
                          outputs; no tenant can read it)
 snap:current             the published control-plane snapshot        control plane (overwritten)
+snap:serial              the published snapshot's serial (a few      control plane (overwritten with
+                         bytes: what processes poll)                 snap:current)
 snap:notify              pub/sub channel announcing a new snapshot   -
+jobs:events              pub/sub channel: an async job's id, each    start.lua / outcome.lua publish
+                         time its status changes (SSE streams wait)
+stored:{tenant}          sorted set: the tenant's stored async       enqueue.lua adds, expiry prunes;
+                         results ("<id>" scored by expiry; bytes in  key TTL: the longest result
+                         storedb:{tenant})
+storedb:{tenant}         hash: bytes of each stored result, and the  outcome.lua; same TTL as
+                         total                                       stored:{tenant}
 shadow:{model}:{ver}     shadow comparison counters of one version   workers; TTL 30 days, refreshed
                                                                      on each comparison
 rl:t:{tenant}:{model}    compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
@@ -62,6 +71,10 @@ SHADOW_RECORD_TTL_S = 600
 WARM_TTL_S = 3600
 SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
+SNAPSHOT_SERIAL_KEY = "snap:serial"
+JOB_EVENTS_CHANNEL = "jobs:events"
+STORED_PREFIX = "stored:"
+STORED_BYTES_PREFIX = "storedb:"
 
 CONSUMER_GROUP = "workers"
 OPERATORS_TENANT = "operators"  # the only tenant whose keys may use the admin API
@@ -152,3 +165,8 @@ def response_cache_key(tenant: str, model: str, version: int, digest: str) -> st
 def abuse_keys(client: str) -> tuple[str, str, str]:
     """strike.lua's keys for one client id: its strikes, its ban, its bans of the day."""
     return f"{STRIKE_PREFIX}{client}", f"{BAN_PREFIX}{client}", f"{BANS_PREFIX}{client}"
+
+
+def stored_keys(tenant: str) -> tuple[str, str]:
+    """The tenant's stored-result ledger: the sorted set of job ids and the hash of their bytes."""
+    return f"{STORED_PREFIX}{tenant}", f"{STORED_BYTES_PREFIX}{tenant}"

