@@ -21,6 +21,8 @@ jobs:events              pub/sub channel: an async job's id, each    start.lua /
 stored:{tenant}          sorted set: the tenant's stored async       enqueue.lua adds, expiry prunes;
                          results ("<id>" scored by expiry; bytes in  key TTL: the longest result
                          storedb:{tenant})
+streams:{key id}         sorted set: open job event streams (SSE) of  gateway (jobs.py) adds and removes;
+                         one API key, scored by when each lapses     a slot lapses; key TTL: longest
 storedb:{tenant}         hash: bytes of each stored result, and the  outcome.lua; same TTL as
                          total                                       stored:{tenant}
 shadow:{model}:{ver}     shadow comparison counters of one version   workers; TTL 30 days, refreshed
@@ -73,6 +75,7 @@ SNAPSHOT_KEY = "snap:current"
 SNAPSHOT_CHANNEL = "snap:notify"
 SNAPSHOT_SERIAL_KEY = "snap:serial"
 JOB_EVENTS_CHANNEL = "jobs:events"
+STREAMS_PREFIX = "streams:"
 STORED_PREFIX = "stored:"
 STORED_BYTES_PREFIX = "storedb:"
 
@@ -170,3 +173,7 @@ def abuse_keys(client: str) -> tuple[str, str, str]:
 def stored_keys(tenant: str) -> tuple[str, str]:
     """The tenant's stored-result ledger: the sorted set of job ids and the hash of their bytes."""
     return f"{STORED_PREFIX}{tenant}", f"{STORED_BYTES_PREFIX}{tenant}"
+
+
+def streams_key(key_id: str) -> str:
+    return f"{STREAMS_PREFIX}{key_id}"

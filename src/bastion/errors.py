@@ -6,6 +6,8 @@ Domain errors know nothing of HTTP; ``bastion.problems`` maps them to RFC 9457
     BastionError
     ├── InvalidInput            the request or upload is malformed (400)
     │   ├── PayloadTooLarge     the body exceeds the configured limit (413)
+    │   ├── HeadersTooLarge     the request head exceeds its byte or field limit (431)
+    │   ├── RequestTimeout      the client did not send its body in time (408)
     │   ├── UnsupportedMedia    the content type is not accepted (415)
     │   ├── InvalidArtifact     an uploaded model is not a safe, valid ONNX graph (422)
     │   └── IdempotencyMismatch an Idempotency-Key reused for a different request (422)
@@ -14,7 +16,8 @@ Domain errors know nothing of HTTP; ``bastion.problems`` maps them to RFC 9457
     ├── NotFound                no such object *for this tenant* (404)
     ├── Conflict                the object exists or is immutable (409)
     │   └── GateFailed          a version did not pass its promotion gates (409)
-    ├── RateLimited             a budget or in-flight cap is spent (429, Retry-After, RateLimit)
+    ├── RateLimited             a budget, in-flight, stream or storage cap is spent (429, Retry-After,
+    │                           RateLimit)
     ├── Overloaded              the queue is full; retry later (503, Retry-After)
     ├── Unavailable             a dependency (Redis, a model) is not reachable (503)
     ├── DeadlineExceeded        the job did not finish in time (504)
@@ -42,6 +45,14 @@ class InvalidInput(BastionError):
 
 class PayloadTooLarge(InvalidInput):
     title = "Payload too large"
+
+
+class HeadersTooLarge(InvalidInput):
+    title = "Request header fields too large"
+
+
+class RequestTimeout(InvalidInput):
+    title = "Request timeout"
 
 
 class UnsupportedMedia(InvalidInput):

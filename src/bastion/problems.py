@@ -20,6 +20,8 @@ PROBLEM_TYPE = "application/problem+json"
 
 _STATUS: list[tuple[type[errors.BastionError], int]] = [
     (errors.PayloadTooLarge, 413),
+    (errors.HeadersTooLarge, 431),
+    (errors.RequestTimeout, 408),
     (errors.UnsupportedMedia, 415),
     (errors.InvalidArtifact, 422),
     (errors.IdempotencyMismatch, 422),
