@@ -20,6 +20,9 @@ ROW = [1.0] * 30
 JOBS = f"/v1/models/{demo.MODEL_NAME}/jobs"
 PREDICT = f"/v1/models/{demo.MODEL_NAME}/predict"
 TIERS = {"standard": {"units_per_s": 20000, "burst": 40000}, "unlimited": {}, "small": {"burst": 10}}
+# These tests burst up to 1,000 connections from one address on purpose; the per-address cap is
+# tested on its own (tests/security/).
+BURSTING = {"max_connections_per_client": 2048}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +34,7 @@ def no_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         gateways=2,
         cost_per_row_default=1.0,
         rate_tiers=json.dumps(TIERS),
+        **BURSTING,
     ) as s:
         yield s
 
@@ -178,7 +182,12 @@ def test_the_budget_still_holds_exactly_after_10000_jobs_expired_before_running(
     from bastion.redisconn import async_client
 
     stack = Stack(
-        tmp_path_factory.mktemp("expired"), workers=1, gateways=2, cost_per_row_default=1.0, max_queue_sync=20_000
+        tmp_path_factory.mktemp("expired"),
+        workers=1,
+        gateways=2,
+        cost_per_row_default=1.0,
+        max_queue_sync=20_000,
+        **BURSTING,
     )
     try:
         stack.start()

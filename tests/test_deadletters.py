@@ -38,6 +38,7 @@ def test_a_dead_lettered_job_is_listed_and_replayed(tmp_path: Path) -> None:
                 "model": demo.MODEL_NAME,
                 "replayed": 1,
                 "discarded": 0,
+                "not_replayable": 0,
                 "not_found": 0,
             }
             assert stack.admin.dead_letters(demo.MODEL_NAME) == []

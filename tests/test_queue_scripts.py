@@ -284,7 +284,12 @@ def test_replay_discards_evaluations_and_malformed_dead_letters(redis_client: re
         {b"v": b"2", b"m": b"not json"},
     ]
     ids = [redis_client.xadd(dead_letter_key(MODEL), {**e, b"reason": b"test"}).decode() for e in entries]  # type: ignore[union-attr, dict-item]
-    assert deadletters.replay(redis_client, MODEL, ids, 60) == {"replayed": 0, "discarded": 5, "not_found": 0}
+    assert deadletters.replay(redis_client, MODEL, ids, 60) == {
+        "replayed": 0,
+        "discarded": 5,
+        "not_replayable": 0,
+        "not_found": 0,
+    }
     assert redis_client.xlen(dead_letter_key(MODEL)) == 0
     assert not redis_client.exists(queue_key(MODEL, "batch"))
     assert not any(redis_client.exists(job_key(j)) for j in ("ev", "sh", "nov", "obj"))

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from starlette.requests import Request
 
 from bastion import codec, jsonbody, logs, metrics, routing
@@ -38,6 +38,7 @@ from bastion.gateway.breakers import Outcome, Permit
 from bastion.gateway.context import Call
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
+from bastion.queue.calls import Storage
 from bastion.queue.envelope import ROLE_FALLBACK, ROLE_SHADOW
 from bastion.queue.producer import UNLIMITED, Admission, ratelimit_fields, refill_seconds
 from bastion.snapshot import DEFAULT_SERVING, Limits, Serving, VersionInfo
@@ -47,6 +48,7 @@ log = logs.get("bastion.gateway")
 MAX_NAME = 64
 PROBE_POLL_S = 0.05
 PROBE_QUEUED_S = 0.5  # an async probe not started by then goes back unjudged
+STORE_FULL_RETRY_S = 5  # Retry-After when Redis refuses writes for want of memory
 
 
 def state_of(request: Request) -> GatewayState:
@@ -181,9 +183,15 @@ def timeout_s(state: GatewayState, header: str | None, model: str = "") -> float
 
 @asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
+    """Redis failures as 503 problems: out of memory (``maxmemory`` reached, ``noeviction``: it
+    refuses writes) says the job store is full; anything else (unreachable, READONLY) that the
+    queue is unavailable."""
     try:
         yield
-    except (RedisError, OSError) as exc:  # unreachable, or refusing writes (OOM, READONLY)
+    except (RedisError, OSError) as exc:
+        if isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM")):
+            metrics.ERRORS.labels("gateway", "redis_full").inc()
+            raise Unavailable("the job store is full; retry later", retry_after=STORE_FULL_RETRY_S) from exc
         metrics.ERRORS.labels("gateway", "redis_unavailable").inc()
         raise Unavailable("the job queue is unavailable; retry shortly", retry_after=1) from exc
 
@@ -339,9 +347,10 @@ async def predict(
 
 # async ------------------------------------------------------------------------------------
 async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple[Call, str]:
-    """Admit and queue an async job on the batch lane; with a reused Idempotency-Key, the first
-    job's id. Its breaker learns only when its permit is a half-open probe: then the job's
-    outcome is watched, so async-only traffic can close a breaker too."""
+    """Admit and queue an async job on the batch lane (within the tenant's stored-result count
+    and bytes, else 429); with a reused Idempotency-Key, the first job's id. Its breaker learns
+    only when its permit is a half-open probe: then the job's outcome is watched, so async-only
+    traffic can close a breaker too."""
     state, call, doc, _ = await begin(request, scopes)
     permit, call.permit = call.permit, None
     try:
@@ -356,6 +365,7 @@ async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple
                 limits=call.key.limits,
                 idempotency=call.idem.pair if call.idem else None,
                 max_queue=serving_of(state, call.model).max_queue_batch,
+                storage=Storage(state.settings.max_stored_results, state.settings.max_stored_result_bytes),
             )
     except BaseException:
         state.breakers.record(permit, Outcome.IGNORED)

@@ -8,12 +8,15 @@ plane's evaluations and dead-letter replays) builds the call here from an ``Enve
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from bastion.constants import (
     CONSUMER_GROUP,
+    EVALUATION_TENANT,
     IDEMPOTENCY_PREFIX,
+    JOB_EVENTS_CHANNEL,
     JOB_PREFIX,
     LANE_BATCH,
     SHADOW_RECORD_TTL_S,
@@ -25,6 +28,7 @@ from bastion.constants import (
     queue_key,
     reply_key,
     shadow_job_key,
+    stored_keys,
     tenant_bucket_key,
 )
 from bastion.queue.envelope import Envelope, Job
@@ -54,6 +58,31 @@ class Pricing:
     floor_per_row: float = 0.01
 
 
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """How many async job results (queued ones count) and how many bytes of them one tenant may
+    hold at once (``settings.max_stored_results`` / ``max_stored_result_bytes``)."""
+
+    max_results: int = 10_000
+    max_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetters:
+    """How many dead letters a model keeps, for how long, and the largest input a letter copies
+    (a larger one keeps only its size and digest, and cannot be replayed)."""
+
+    max_count: int = 1000
+    max_age_s: int = 7 * 86_400
+    max_input_bytes: int = 64 << 10
+
+
+# Fields a dead letter whose input was not copied carries instead (replay.lua reads the mark).
+LETTER_INPUT_BYTES = b"input_bytes"
+LETTER_INPUT_SHA256 = b"input_sha256"
+LETTER_REPLAYABLE = b"replayable"
+
+
 @dataclass(slots=True)  # one per request: not frozen, whose __init__ is slower
 class Admit:
     """What enqueue.lua checks and takes for one envelope."""
@@ -66,6 +95,7 @@ class Admit:
     slot_ms: int  # how long the job's in-flight slot lives if its outcome never gives it back
     idempotency: tuple[str, str] | None = None  # (record key, request fingerprint) of an Idempotency-Key
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
+    storage: Storage | None = None  # the tenant's stored-result ledger applies (async jobs of a tenant)
 
 
 def state_key(job: Envelope) -> str:
@@ -74,8 +104,21 @@ def state_key(job: Envelope) -> str:
     return shadow_job_key(job.job_id) if job.role == "shadow" else job_key(job.job_id)
 
 
+def in_ledger(job: Envelope) -> bool:
+    """Whether a job's result counts against its tenant's stored-result ledger and its status
+    changes are announced on ``jobs:events``: an async job a tenant asked for (batch lane; not a
+    shadow copy or an evaluation)."""
+    return (
+        job.lane == LANE_BATCH
+        and not job.reply_to
+        and job.role not in ("shadow", "evaluation")
+        and job.tenant != EVALUATION_TENANT
+    )
+
+
 def enqueue(env: Envelope, admit: Admit) -> Call:
     limits = admit.limits
+    storage = admit.storage
     keys = [
         queue_key(env.model, env.lane),
         job_key(env.job_id),
@@ -85,6 +128,8 @@ def enqueue(env: Envelope, admit: Admit) -> Call:
         cost_key(env.model, env.version),
         admit.idempotency[0] if admit.idempotency else NO_RECORD,
     ]
+    if storage is not None:
+        keys += stored_keys(env.tenant)
     args: list[Any] = [
         admit.max_queue,
         "1" if admit.keep_state else "0",
@@ -105,6 +150,8 @@ def enqueue(env: Envelope, admit: Admit) -> Call:
         env.job_id,
         admit.slot_ms,
         env.version,
+        storage.max_results if storage is not None else 0,
+        storage.max_bytes if storage is not None else 0,
         *env.fields(),
     ]
     return keys, args
@@ -120,13 +167,19 @@ def complete(
     finished_ms: int,
     reply_cap: int,
     dead_reason: str = "",
+    letters: DeadLetters = DeadLetters(),
+    max_stored_bytes: int = 0,
 ) -> Call:
     """Store the outcome, reply, acknowledge. A shadow copy's record keeps no outputs, lives
-    ``SHADOW_RECORD_TTL_S`` and is never copied to the dead-letter stream (it answers nobody)."""
+    ``SHADOW_RECORD_TTL_S`` and is never copied to the dead-letter stream (it answers nobody).
+    A tenant's async job (``in_ledger``) records its result's size in the tenant's ledger and
+    announces its outcome on ``jobs:events``; a result that would take the tenant's stored bytes
+    past ``max_stored_bytes`` (0: no bound) is not kept: the job fails with the reason."""
     shadow = job.role == "shadow"
     if shadow:
         dead_reason = ""
         ttl_s = min(ttl_s, SHADOW_RECORD_TTL_S)
+    ledger = in_ledger(job)
     keys = [
         state_key(job),
         job.stream,
@@ -134,12 +187,11 @@ def complete(
         dead_letter_key(job.model),
         inflight_key(job.tenant) if job.counted else "",
         job.idempotency,
+        *(stored_keys(job.tenant) if ledger else ("", "")),
     ]
     extra: list[Any] = []
     if dead_reason:
-        for k, v in job.raw.items():
-            extra += [k, v]
-        extra += [b"entry", job.entry_id]
+        extra = letter_fields(job, letters.max_input_bytes)
     args: list[Any] = [
         job.entry_id,
         CONSUMER_GROUP,
@@ -155,9 +207,27 @@ def complete(
         finished_ms,
         dead_reason,
         result,
+        JOB_EVENTS_CHANNEL if ledger else "",
+        letters.max_count,
+        letters.max_age_s * 1000,
+        max_stored_bytes if ledger else 0,
         *extra,
     ]
     return keys, args
+
+
+def letter_fields(job: Job, max_input_bytes: int) -> list[Any]:
+    """A dead letter's fields: the job's original entry, and where it came from. An input over
+    ``max_input_bytes`` is not copied: the letter keeps its size and SHA-256 and is marked not
+    replayable."""
+    found: list[Any] = []
+    for k, v in job.raw.items():
+        if k == b"x" and len(v) > max_input_bytes:
+            digest = hashlib.sha256(v).hexdigest()
+            found += [LETTER_INPUT_BYTES, len(v), LETTER_INPUT_SHA256, digest, LETTER_REPLAYABLE, b"0"]
+        else:
+            found += [k, v]
+    return [*found, b"entry", job.entry_id]
 
 
 def abandon(
@@ -178,8 +248,10 @@ def abandon(
 
 
 def start(job: Job, worker: str, started_ms: int | None, pid: int) -> Call:
-    """Mark an async job running (``started_ms`` None: only name the ``pid`` now running it)."""
-    return [job_key(job.job_id)], [worker, "" if started_ms is None else started_ms, pid]
+    """Mark an async job running (``started_ms`` None: only name the ``pid`` now running it); a
+    tenant's job is announced on ``jobs:events``."""
+    channel = JOB_EVENTS_CHANNEL if in_ledger(job) else ""
+    return [job_key(job.job_id)], [worker, "" if started_ms is None else started_ms, pid, channel, job.job_id]
 
 
 def settle(

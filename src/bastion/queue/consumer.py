@@ -3,6 +3,9 @@
 Delivery is at-least-once: an entry stays pending until ``complete`` acknowledges it together
 with its stored outcome. Entries idle past the visibility timeout are claimed by another
 consumer; an entry delivered ``max_deliveries`` times is dead-lettered instead of run again.
+An outcome Redis refuses to store (it is out of memory, ``noeviction``) leaves its entry
+pending and unacknowledged (``Outcome.refused``): the worker tries again, or the job is
+redelivered; it is never acknowledged without its outcome.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bastion.constants import (
     shadow_key,
 )
 from bastion.queue import calls
+from bastion.queue.calls import DeadLetters
 from bastion.queue.envelope import Job
 from bastion.queue.scripts import run_pipeline
 
@@ -42,6 +46,7 @@ class Outcome:
     ran: bool = False  # the model ran it (an expired job did not: its price teaches nothing)
     stored: bool = False  # set by ``complete``: this outcome is the job's (not a redelivery's repeat)
     settles: bool = False  # set by ``complete``: the first worker outcome, which settles the cost
+    refused: bool = False  # set by ``complete``: Redis refused the write (out of memory); still pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,9 @@ class Consumer:
         sync_result_ttl_s: int,
         reply_cap: int = 10_000,
         floor_per_row: float = calls.Pricing().floor_per_row,
+        result_cost_per_kib: float = 0.0,
+        dead_letters: DeadLetters = DeadLetters(),  # noqa: B008 - frozen dataclass
+        max_stored_result_bytes: int = 0,
     ) -> None:
         self.client = client
         self.name = name
@@ -70,6 +78,9 @@ class Consumer:
         self._sync_result_ttl_s = sync_result_ttl_s
         self._reply_cap = reply_cap
         self._floor_per_row = floor_per_row
+        self._result_cost_per_kib = result_cost_per_kib
+        self._dead_letters = dead_letters
+        self._max_stored_bytes = max_stored_result_bytes
 
     def ensure_groups(self, models: list[str]) -> None:
         for model in models:
@@ -205,7 +216,9 @@ class Consumer:
             run_pipeline(self.client, pipe, [calls.START])
 
     def complete(self, outcomes: list[Outcome]) -> list[str]:
-        """Store outcomes, reply to waiting gateways, acknowledge - one round trip."""
+        """Store outcomes, reply to waiting gateways, acknowledge - one round trip. Returns the
+        status stored for each; '' for an outcome Redis refused for want of memory (``refused``:
+        its entry stays pending). Any other error is raised."""
         if not outcomes:
             return []
         now_ms = int(time.time() * 1000)
@@ -222,13 +235,25 @@ class Consumer:
                 finished_ms=now_ms,
                 reply_cap=self._reply_cap,
                 dead_reason=o.dead_reason,
+                letters=self._dead_letters,
+                max_stored_bytes=self._max_stored_bytes,
             )
             calls.COMPLETE.queue(pipe, keys, args)
+        results = run_pipeline(self.client, pipe, [calls.COMPLETE], raise_errors=False)
+        errors = [r for r in results if isinstance(r, Exception) and not out_of_memory(r)]
+        if errors:
+            raise errors[0]
         statuses = []
-        for o, (status, stored, settles) in zip(
-            outcomes, run_pipeline(self.client, pipe, [calls.COMPLETE]), strict=True
-        ):
+        for o, result in zip(outcomes, results, strict=True):
+            o.refused = isinstance(result, Exception)
+            if o.refused:
+                o.stored = o.settles = False
+                statuses.append("")
+                continue
+            status, stored, settles = result
             o.stored, o.settles = int(stored) == 1, int(settles) == 1
+            if o.stored and _s(status) != o.status:
+                o.result = b""  # not kept (over the tenant's stored-result bytes): nothing to charge
             statuses.append(_s(status))
         return statuses
 
@@ -250,7 +275,7 @@ class Consumer:
             g = groups.setdefault((job.tenant, job.key_id, job.model, job.version), [0.0, 0.0, 0.0, 0])
             if job.cost > 0:
                 g[0] += job.cost
-                g[1] += o.measured_units
+                g[1] += o.measured_units + self.storage_units(o)
             if o.ran:
                 g[2] += o.measured_units
                 g[3] += job.rows
@@ -271,6 +296,14 @@ class Consumer:
                 calls.SETTLE.queue(pipe, keys, args)
         if pipe.command_stack:
             run_pipeline(self.client, pipe, [calls.SETTLE])
+
+    def storage_units(self, o: Outcome) -> float:
+        """What keeping an async job's result costs: ``result_cost_per_kib`` per KiB of the stored
+        result (only the stored outcome of a tenant's async job; a sync result lives only until
+        its caller has it, minutes at most, and is not charged)."""
+        if not o.stored or not o.result or not calls.in_ledger(o.job):
+            return 0.0
+        return self._result_cost_per_kib * len(o.result) / 1024
 
     def record_shadow(self, totals: dict[tuple[str, int], list[float]]) -> None:
         """Add shadow comparison counts: (model, version) -> [requests, rows, agree, abs_sum, values]."""
@@ -305,6 +338,13 @@ class Consumer:
                 for job in jobs
             ]
         )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Redis refused a write because it is at ``maxmemory`` (``noeviction``)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    )
 
 
 def _s(value: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from bastion.constants import EVALUATION_TENANT, LANE_BATCH, LANE_SHADOW, LANE_SYNC
 from bastion.errors import IdempotencyMismatch, Overloaded, RateLimited
 from bastion.queue import calls
-from bastion.queue.calls import Admit, Pricing
+from bastion.queue.calls import Admit, Pricing, Storage
 from bastion.queue.durability import Durability
 from bastion.queue.envelope import ROLE_EVALUATION, Envelope
 from bastion.queue.scripts import arun_pipeline
@@ -67,13 +67,15 @@ class Producer:
         limits: Limits = UNLIMITED,
         idempotency: tuple[str, str] | None = None,
         max_queue: int | None = None,
+        storage: Storage | None = None,
     ) -> Admission:
-        """Admit and queue a job, or raise ``RateLimited`` (a budget or the in-flight cap is spent)
-        or ``Overloaded`` (the model's queue is over ``max_queue``, else the lane's limit).
+        """Admit and queue a job, or raise ``RateLimited`` (a budget, the in-flight cap or, with
+        ``storage``, the tenant's stored-result count or bytes is spent) or ``Overloaded`` (the
+        model's queue is over ``max_queue``, else the lane's limit).
 
         ``idempotency`` is the (record key, request fingerprint) of an Idempotency-Key; a sync
         job's envelope also names the record (``env.idempotency``), where the worker stores its
-        outcome."""
+        outcome. ``storage`` applies only to a tenant's async job (``calls.in_ledger``)."""
         env.created_ms = now_ms = int(time.time() * 1000)
         slot_ms = env.deadline_ms - now_ms + SLOT_MARGIN_MS if env.deadline_ms else ASYNC_SLOT_MS
         admit = Admit(
@@ -84,6 +86,7 @@ class Producer:
             pricing=self.pricing,
             slot_ms=max(slot_ms, SLOT_MARGIN_MS),
             idempotency=idempotency,
+            storage=storage if storage is not None and calls.in_ledger(env) else None,
         )
         keys, args = calls.enqueue(env, admit)
         loop = asyncio.get_running_loop()
@@ -182,6 +185,16 @@ def admitted(reply: Any, model: str, lane: str) -> Admission:
         )
     if reason == "queue":
         raise Overloaded(f"model {model!r} has {int(reply[2])} jobs waiting on the {lane} lane; retry later")
+    if reason in ("stored", "stored_bytes"):
+        held, cap, wait = _text(reply[2]), _text(reply[3]), max(1, int(reply[4]))
+        if reason == "stored":
+            what = f"stored results: {held} of {cap} (the tenant's queued and kept async job results)"
+        else:
+            what = (
+                f"stored result bytes: {held} of {cap} (the tenant's kept async job results, and its queued "
+                "ones at their average size)"
+            )
+        raise RateLimited(f"{what}; retry in {wait} s, when the oldest expires", retry_after=wait)
     if reason == "concurrency":
         raise RateLimited(
             f"the tenant has {_text(reply[2])} jobs in flight, its limit; retry when one finishes", retry_after=1

@@ -57,11 +57,12 @@ class Lua:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def run_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
+def run_pipeline(client: Any, pipe: Any, scripts: list[Lua], raise_errors: bool = True) -> list[Any]:
     """Execute a non-transactional pipeline of script calls, loading scripts on NOSCRIPT.
 
     Only the calls that got NOSCRIPT are sent again: the others already ran (a pipeline is not
-    atomic, so another process may load a script between two of its calls)."""
+    atomic, so another process may load a script between two of its calls). The first error is
+    raised, or (``raise_errors`` False) each call's error is returned in its place."""
     commands = list(pipe.command_stack)
     results: list[Any] = pipe.execute(raise_on_error=False)
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
@@ -74,9 +75,10 @@ def run_pipeline(client: Any, pipe: Any, scripts: list[Lua]) -> list[Any]:
             retry.execute_command(*args, **options)
         for i, result in zip(missing, retry.execute(raise_on_error=False), strict=True):
             results[i] = result
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
+    if raise_errors:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
     return results
 
 

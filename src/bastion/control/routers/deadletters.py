@@ -1,4 +1,8 @@
-"""Dead-lettered jobs of a model: list them (never their inputs) and queue async ones again."""
+"""Dead-lettered jobs of a model: list them (never their inputs) and queue async ones again.
+
+A letter whose input was too large to keep (``dead_letter_max_input_bytes``) is listed with its
+size and digest and ``replayable: false``; asking to replay it by id is a 409 and replays nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from bastion.control import changes
 from bastion.control.plane import plane_of, redis_errors
 from bastion.control.principals import needs, principal
 from bastion.control.schemas import ReplayRequest
+from bastion.errors import Conflict
 from bastion.queue import deadletters
 from bastion.responses import json_response
 
@@ -39,13 +44,22 @@ async def replay_dead_letters(
     request: Request,
     admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
-    """Queue dead-lettered async jobs again (all of the newest 1,000 when no ids are given)."""
+    """Queue dead-lettered async jobs again (all of the newest 1,000 when no ids are given, those
+    that kept their input). Naming a letter that kept no copy of its input is a 409."""
     plane = plane_of(request)
 
     def replay() -> dict[str, Any]:
         plane.registry.get_model(name)
         with redis_errors(_UNAVAILABLE):
-            ids = body.ids or [d["id"] for d in deadletters.listing(plane.redis, name, 1000)]
+            if body.ids:
+                unusable = deadletters.not_replayable(plane.redis, name, body.ids)
+                if unusable:
+                    raise Conflict(
+                        f"{len(unusable)} of the dead letters kept no copy of their job's input (it was over "
+                        f"{plane.settings.dead_letter_max_input_bytes} bytes; the letter keeps its size and SHA-256): "
+                        f"they cannot be replayed, and nothing was replayed: {', '.join(unusable[:10])}"
+                    )
+            ids = body.ids or [d["id"] for d in deadletters.listing(plane.redis, name, 1000) if d["replayable"]]
             return dict(deadletters.replay(plane.redis, name, ids, plane.settings.result_ttl_s))
 
     # Redis work first, outside the unit of work: up to 1,000 script calls must not hold the

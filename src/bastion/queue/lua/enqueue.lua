@@ -14,6 +14,14 @@
 -- The in-flight cap is a sorted set of job ids scored by when each slot lapses: a slot is given
 -- back with the job's outcome, and one that was never given back (a lost reply) lapses by itself
 -- instead of holding the count up for ever.
+-- The stored-result ledger (async jobs of a tenant only; KEYS[8], KEYS[9] given) counts the
+-- tenant's queued and kept results: a sorted set of job ids scored by when each one's state
+-- expires (ms), and a hash of each kept result's bytes with their 'total' (outcome.lua writes
+-- them, and 'done': how many have an outcome). A submission is refused when the count reaches its
+-- cap, or when the bytes kept plus the queued jobs' results expected at the average size reach the
+-- byte cap (complete.lua holds the byte bound itself: a result that would pass it is not kept).
+-- Up to 100 expired entries are pruned per call (their bytes subtracted); a job that never got an
+-- outcome leaves with its state. Both keys live as long as their longest entry.
 --
 -- KEYS[1] queue stream q:{model}:{lane}     KEYS[2] job state hash job:{id}
 -- KEYS[3] tenant bucket rl:t:{tenant}:{model}   KEYS[4] key bucket rl:k:{key id}
@@ -27,12 +35,15 @@
 -- ARGV[15] request fingerprint for the idempotency record ('' : no Idempotency-Key)
 -- ARGV[16] idempotency record TTL s  ARGV[17] job id  ARGV[18] in-flight slot lifetime (ms)
 -- ARGV[19] version
--- ARGV[20..] stream entry field/value pairs (the envelope)
+-- KEYS[8] stored-result ledger stored:{tenant}  KEYS[9] its bytes storedb:{tenant} (only with a ledger)
+-- ARGV[20] stored results cap (0: no ledger)  ARGV[21] stored result bytes cap
+-- ARGV[22..] stream entry field/value pairs (the envelope)
 -- Returns {1, entry-id, cost, tenant tokens left or '', key tokens left or '', 1 if it took a slot}
 -- when queued, or
 -- {0, reason, detail...}: {'queue', length}, {'concurrency', in flight},
 -- {'tenant' | 'key', tokens, cost, rate, burst}, {'idempotency'} (the key was used for another
--- request), or {2, job id} when the key was already used for this request (nothing is queued).
+-- request), {'stored' | 'stored_bytes', held, cap, seconds until the oldest stored result
+-- expires}, or {2, job id} when the key was already used for this request (nothing is queued).
 if ARGV[15] ~= '' then
   local seen = redis.call('HMGET', KEYS[7], 'fp', 'job')
   if seen[1] then
@@ -50,6 +61,47 @@ local per_row = math.max(tonumber(redis.call('HGET', KEYS[6], 'per_row') or ARGV
 local cost = tonumber(ARGV[7]) * per_row
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now_ms = math.floor(now * 1000)
+
+local max_stored = tonumber(ARGV[20])
+if max_stored > 0 then
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now_ms, 'LIMIT', 0, 100)
+  if #stale > 0 then
+    local freed, ended = 0, 0
+    for _, size in ipairs(redis.call('HMGET', KEYS[9], unpack(stale))) do
+      if size then
+        freed, ended = freed + tonumber(size), ended + 1
+      end
+    end
+    redis.call('ZREM', KEYS[8], unpack(stale))
+    redis.call('HDEL', KEYS[9], unpack(stale))
+    if freed > 0 then
+      redis.call('HINCRBY', KEYS[9], 'total', -freed)
+    end
+    if ended > 0 then
+      redis.call('HINCRBY', KEYS[9], 'done', -ended)
+    end
+  end
+  local live = '(' .. string.format('%d', now_ms)
+  local held = redis.call('ZCOUNT', KEYS[8], live, '+inf')
+  local sums = redis.call('HMGET', KEYS[9], 'total', 'done')
+  local bytes, done = tonumber(sums[1] or '0'), tonumber(sums[2] or '0')
+  if done > 0 and held > done then  -- queued jobs are expected to keep results of the average size
+    bytes = bytes + math.floor((held - done) * bytes / done)
+  end
+  local max_bytes = tonumber(ARGV[21])
+  if held >= max_stored or bytes >= max_bytes then
+    local oldest = redis.call('ZRANGEBYSCORE', KEYS[8], live, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local wait = 1
+    if #oldest == 2 then
+      wait = math.max(1, math.ceil((tonumber(oldest[2]) - now_ms) / 1000))
+    end
+    if held >= max_stored then
+      return {0, 'stored', held, max_stored, wait}
+    end
+    return {0, 'stored_bytes', string.format('%d', bytes), string.format('%d', max_bytes), wait}
+  end
+end
 
 local function level(key, rate, burst)
   local s = redis.call('HMGET', key, 'tokens', 'ts')
@@ -72,7 +124,6 @@ for i, spec in ipairs({{KEYS[3], ARGV[8], ARGV[9], 'tenant'}, {KEYS[4], ARGV[10]
   end
 end
 local cap = tonumber(ARGV[12])
-local now_ms = math.floor(now * 1000)
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms)  -- slots whose job never gave them back
   local held = redis.call('ZCARD', KEYS[5])
@@ -102,13 +153,20 @@ if cap > 0 then
   end
   fields[4] = '1'  -- the outcome (the worker's or an abandoning gateway's) gives the slot back
 end
-for i = 20, #ARGV do
+for i = 22, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[2], 'tenant', ARGV[4], 'model', ARGV[5], 'version', ARGV[19], 'status', 'queued',
              'created', ARGV[6])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+if max_stored > 0 then
+  local life = tonumber(ARGV[3]) * 1000
+  redis.call('ZADD', KEYS[8], now_ms + life, ARGV[17])
+  if redis.call('PTTL', KEYS[8]) < life then  -- the ledger lives as long as its longest entry
+    redis.call('PEXPIRE', KEYS[8], life)
+  end
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 if ARGV[15] ~= '' then

@@ -7,15 +7,23 @@
 -- caller got its answer long ago, and a shadow copy answers nobody: their dead letters are only
 -- removed, as is an evaluation's (its report was closed when the job died) and a malformed one.
 --
+-- A letter marked replayable '0' kept no copy of its input (it was too large): it cannot run
+-- again, and it is left where it is (listed, until it ages out or is trimmed).
+--
 -- Only async jobs are replayed, and they were on the batch lane already: the envelope is copied as is.
 -- KEYS[1] dead-letter stream dlq:{model}  KEYS[2] batch stream q:{model}:batch
 -- ARGV[1] dead-letter entry id  ARGV[2] job state TTL s  ARGV[3] job key prefix ('job:')
--- Returns 1 replayed, 2 discarded (sync or shadow), 0 not found.
+-- Returns 1 replayed, 2 discarded (sync or shadow), 3 not replayable (kept), 0 not found.
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then
   return 0
 end
 local raw = found[1][2]
+for i = 1, #raw, 2 do
+  if raw[i] == 'replayable' and raw[i + 1] == '0' then
+    return 3
+  end
+end
 local fields, seen = {}, {}
 for i = 1, #raw, 2 do
   local k, v = raw[i], raw[i + 1]
