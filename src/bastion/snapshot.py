@@ -1,8 +1,11 @@
 """The control-plane snapshot: what gateways and workers know without SQL.
 
-The control plane writes the snapshot as JSON to ``snap:current`` and announces it on
-``snap:notify``. Readers keep the parsed snapshot in memory and refresh it on a notice or
-after ``snapshot_refresh_s`` in case a notice was missed.
+The control plane writes the snapshot as JSON to ``snap:current``, its serial to the small
+``snap:serial`` key (in the same atomic step), and announces it on ``snap:notify``. Readers keep
+the parsed snapshot in memory and fetch it again on a notice; every ``snapshot_refresh_s``, in
+case a notice was missed, they read only ``snap:serial`` and fetch the snapshot when it names a
+serial other than the one they hold (or is missing: a Redis written before the key existed). An
+idle process therefore reads a few bytes per period, whatever the snapshot's size.
 
 Every snapshot carries a ``serial``; a higher serial is a later read of the control plane's
 state (the registry issues serials in SQL, see ``Registry.snapshot``). ``publish`` writes a
@@ -20,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY
+from bastion.constants import SNAPSHOT_CHANNEL, SNAPSHOT_KEY, SNAPSHOT_SERIAL_KEY
 from bastion.queue.scripts import Lua
 from bastion.signature import Signature
 
@@ -162,6 +165,11 @@ class Snapshot:
     def empty(cls) -> Snapshot:
         return cls(0, {}, {}, {})
 
+    def outdated(self, redis: Any) -> bool:
+        """Whether the published snapshot may differ from this one: ``snap:serial`` (read with the
+        sync client ``redis``) names another serial, or is missing. A few bytes, not the snapshot."""
+        return changed(redis.get(SNAPSHOT_SERIAL_KEY), self.serial)
+
     def newer_than(self, other: Snapshot) -> bool:
         """Whether this snapshot should replace ``other`` (readers keep the highest serial)."""
         return self.serial > other.serial
@@ -228,6 +236,26 @@ def encode(data: dict[str, Any]) -> tuple[int, bytes]:
     return serial, orjson.dumps({"serial": serial, **{k: v for k, v in data.items() if k != "serial"}})
 
 
+def changed(polled: bytes | str | None, held: int) -> bool:
+    """Whether a value read from ``snap:serial`` means the snapshot must be fetched again: it is
+    missing or unreadable, or names a serial other than ``held`` (0: nothing held yet)."""
+    if polled is None or not held:
+        return True
+    try:
+        return int(polled) != held
+    except ValueError:
+        return True
+
+
+def polled_serial(redis: Any) -> int | None:
+    """The serial ``snap:serial`` names (None: missing or unreadable)."""
+    raw = redis.get(SNAPSHOT_SERIAL_KEY)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
 def stored_serial(redis: Any) -> int | None:
     """The serial of the snapshot Redis holds (None: none, or one without a serial)."""
     head = redis.getrange(SNAPSHOT_KEY, 0, 40)
@@ -240,5 +268,5 @@ def publish(redis: Any, data: dict[str, Any]) -> tuple[int, bool]:
     higher (``redis`` is a sync redis-py client). Returns the serial Redis holds now and whether
     it is this snapshot's."""
     serial, raw = encode(data)
-    stored, written = PUBLISH.call(redis, [SNAPSHOT_KEY], [str(serial), raw, SNAPSHOT_CHANNEL])
+    stored, written = PUBLISH.call(redis, [SNAPSHOT_KEY, SNAPSHOT_SERIAL_KEY], [str(serial), raw, SNAPSHOT_CHANNEL])
     return int(stored), bool(int(written))

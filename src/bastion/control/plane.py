@@ -16,6 +16,7 @@ import redis
 from starlette.requests import Request
 
 from bastion import logs, snapshot
+from bastion.artifacts.sandbox import SandboxedCheck
 from bastion.artifacts.store import ArtifactStore
 from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.errors import Overloaded, Unavailable
@@ -23,7 +24,7 @@ from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
 from bastion.registry import db
 from bastion.registry.limits import parse_tiers
-from bastion.registry.service import Registry
+from bastion.registry.service import ROUTED_GRACE_S, Registry
 from bastion.settings import Settings
 
 log = logs.get("bastion.control")
@@ -51,6 +52,10 @@ class ControlPlane:
             settings.max_upload_bytes,
             tiers=parse_tiers(settings.rate_tiers),
             default_tier=settings.default_tier,
+            check=SandboxedCheck(settings.artifact_check_memory_mb, settings.artifact_check_timeout_s),
+            max_metadata_bytes=settings.max_metadata_bytes,
+            # a version routed away keeps serving the jobs queued for it as long as their state lives
+            routed_grace_s=max(ROUTED_GRACE_S, float(settings.result_ttl_s)),
         )
         self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
 
@@ -71,11 +76,14 @@ class ControlPlane:
     def reconcile(self) -> bool:
         """Publish again when Redis holds no snapshot, or one older than the last serial SQL
         issued (Redis restarted without persistence, restored from an older copy, or away when a
-        change was published): gateways and workers that start then never see a stale snapshot
-        for longer than one reconcile period. True when it published."""
+        change was published), or when the serial key readers poll does not name the stored
+        snapshot's serial (a Redis written by an older release): gateways and workers that start
+        then never see a stale snapshot for longer than one reconcile period. True when it
+        published."""
         with redis_errors("the snapshot could not be checked"):
             stored = snapshot.stored_serial(self.redis)
-        if stored is not None and stored >= self.registry.latest_serial():
+            polled = snapshot.polled_serial(self.redis)
+        if stored is not None and stored >= self.registry.latest_serial() and polled == stored:
             return False
         log.warning("snapshot_republished", stored=stored)
         self.publish()
@@ -114,6 +122,9 @@ class ControlPlane:
         (In a unit of work, a failure to queue rolls the request of the evaluation back too.)"""
         job_id, spec = self.registry.lifecycle.begin_evaluation(model, version, by)
         try:
+            # Workers find the version in the snapshot (only versions that take traffic or are
+            # being evaluated are there): publish it before the job can be read.
+            self.publish()
             with redis_errors("the evaluation could not be queued"):
                 enqueue_evaluation(
                     self.redis,

@@ -5,22 +5,31 @@ model card, owner, training-data lineage, offline metrics, post-processing, the 
 signature (feature names, allowed ranges and categories, output labels) and a reference sample
 (kept for drift). ``GatePolicy`` is set per model and decides what a version must show to enter
 ``production``.
+
+Sizes are capped: every list and string has a bound, and the whole document as JSON (without the
+reference sample, which is kept in the artifact store) is at most ``max_metadata_bytes``
+(``check_size``: a 413 naming the largest field), so a version never weighs on the registry or on
+the snapshot that gateways and workers read.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bastion.errors import InvalidInput
+from bastion.errors import InvalidInput, PayloadTooLarge
 from bastion.signature import Feature as SignatureFeature
 from bastion.signature import Signature
 
 _NAME = r"^[A-Za-z0-9_.:/ -]{1,64}$"
 _Model = TypeVar("_Model", bound=BaseModel)
+Label = Annotated[str, Field(max_length=256)]
+Key = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_REFERENCE_SAMPLE_BYTES = 16 << 20  # the reference sample's JSON, on top of max_metadata_bytes
 
 
 class _Strict(BaseModel):
@@ -50,12 +59,12 @@ class InputRefinement(_Strict):
 
 
 class OutputRefinement(_Strict):
-    labels: list[str] = Field(max_length=10_000, description="class names, by class index")
+    labels: list[Label] = Field(max_length=10_000, description="class names, by class index")
 
 
 class SignatureRefinement(_Strict):
-    inputs: dict[str, InputRefinement] = Field(default_factory=dict, max_length=64)
-    outputs: dict[str, OutputRefinement] = Field(default_factory=dict, max_length=64)
+    inputs: dict[Annotated[str, Field(max_length=512)], InputRefinement] = Field(default_factory=dict, max_length=64)
+    outputs: dict[Annotated[str, Field(max_length=512)], OutputRefinement] = Field(default_factory=dict, max_length=64)
 
 
 class Lineage(_Strict):
@@ -78,11 +87,11 @@ class VersionMetadata(_Strict):
     owner: str = Field(default="", max_length=128)
     model_card: str = Field(default="", max_length=200_000)
     lineage: Lineage | None = None
-    offline_metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
+    offline_metrics: dict[Key, float] = Field(default_factory=dict, max_length=64)
     postprocessing: PostProcessing = Field(default_factory=PostProcessing)
     signature: SignatureRefinement = Field(default_factory=SignatureRefinement)
     rows_independent: bool = True
-    reference_sample: dict[str, list[Any]] | None = Field(
+    reference_sample: dict[Annotated[str, Field(max_length=512)], list[Any]] | None = Field(
         default=None, max_length=64, description="input name -> rows, kept as the drift baseline"
     )
 
@@ -158,6 +167,20 @@ def parse(kind: type[_Model], data: Any, what: str) -> _Model:
             f"{'.'.join(str(p) for p in e['loc']) or what}: {e['msg']}" for e in exc.errors(include_url=False)[:5]
         )
         raise InvalidInput(f"{what} is invalid: {found}") from exc
+
+
+def check_size(doc: dict[str, Any], limit: int, what: str) -> None:
+    """Refuse (413) a document whose JSON is over ``limit`` bytes, naming its largest field."""
+    size = len(orjson.dumps(doc))
+    if size <= limit:
+        return
+    field, largest = max(((str(k), len(orjson.dumps(v))) for k, v in doc.items()), key=lambda kv: kv[1])
+    raise PayloadTooLarge(
+        f"{what} is {size} bytes as JSON; the limit is {limit} bytes (max_metadata_bytes): "
+        f"its largest field is '{field}' ({largest} bytes)",
+        field=field,
+        limit=limit,
+    )
 
 
 def refine(signature: Signature, refinement: SignatureRefinement) -> Signature:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -25,14 +25,25 @@ from bastion.registry.deployments import Deployments
 from bastion.registry.lifecycle import Lifecycle, policy_of, record
 from bastion.registry.limits import Budget, TenantLimits
 from bastion.registry.limits import resolve as resolve_limits
-from bastion.registry.metadata import GatePolicy, VersionMetadata, check_postprocessing, parse, refine
+from bastion.registry.metadata import (
+    GatePolicy,
+    VersionMetadata,
+    check_postprocessing,
+    check_size,
+    parse,
+    refine,
+)
 from bastion.registry.names import check_name
-from bastion.registry.tables import ApiKey, Deployment, Model, ModelVersion, SnapshotSerial, Tenant
+from bastion.registry.tables import ApiKey, Deployment, DeploymentEvent, Model, ModelVersion, SnapshotSerial, Tenant
 from bastion.registry.trail import Trail
 from bastion.security import apikeys, signing
 from bastion.signature import Signature, to_tensor
 
 _MAX_REFERENCE_ROWS = 10_000
+_EVENT_PAGE = 50
+ROUTED_GRACE_S = 3600.0  # a version routed away stays in the snapshot this long: its queued jobs still run
+
+Check = Callable[[bytes, int], Signature]  # artifact bytes, size limit -> signature (or InvalidArtifact)
 
 
 class Registry:
@@ -43,8 +54,17 @@ class Registry:
         max_upload_bytes: int,
         tiers: dict[str, Budget] | None = None,
         default_tier: str = "",
+        *,
+        check: Check = onnx_check.inspect,
+        max_metadata_bytes: int = 64 << 10,
+        routed_grace_s: float = ROUTED_GRACE_S,
     ) -> None:
+        """``check`` inspects an upload: in process by default; the control plane passes
+        ``bastion.artifacts.sandbox.SandboxedCheck`` (a child process with resource limits)."""
         self.sessions = db.Sessions.of(sessions)
+        self.check = check
+        self.max_metadata_bytes = max_metadata_bytes
+        self.routed_grace_s = routed_grace_s
         self.tiers = tiers or {}
         self.default_tier = default_tier if default_tier in self.tiers else ""
         self.store = store
@@ -239,6 +259,7 @@ class Registry:
             meta = meta.model_copy(update={"description": description[:4000]})
         if rows_independent is not None:
             meta = meta.model_copy(update={"rows_independent": rows_independent})
+        check_size(meta.model_dump(exclude={"reference_sample"}), self.max_metadata_bytes, "the version metadata")
         policy = self._policy(model)
         if activate and policy.gated:
             raise Conflict(
@@ -246,8 +267,9 @@ class Registry:
                 "and promote the version"
             )
         limit = min(self.max_upload_bytes, policy.max_artifact_bytes or self.max_upload_bytes)
-        signature = onnx_check.inspect(data, limit)
+        signature = self.check(data, limit)
         signature = refine(replace(signature, rows_independent=meta.rows_independent), meta.signature)
+        check_size({"signature": signature.to_dict()}, self.max_metadata_bytes, "the version's signature")
         check_postprocessing(signature, meta.postprocessing)
         digest = sha256_hex(data)
         signed_by = self._verify(digest, artifact_signature, signer) if artifact_signature else None
@@ -392,7 +414,10 @@ class Registry:
 
     def snapshot(self, preload: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """What gateways and workers need, without SQL: keys by digest, models, signatures, and
-        the ``serial`` SQL issued for this read.
+        the ``serial`` SQL issued for this read. Only versions that take traffic are in it: those
+        routed now (any role, and the fallback), those routed in the last ``routed_grace_s`` (their
+        queued jobs still run), those named in ``preload`` and those being evaluated; a registered
+        version nothing routes to costs readers nothing.
 
         The serial is taken first, in the transaction that then reads the state: bumping the one
         ``snapshot_serial`` row takes its write lock until the commit, so snapshot reads are
@@ -422,9 +447,12 @@ class Registry:
                     "subject_trusted": bool(key.subject_trusted),
                 }
             listed = _models(s)
+            ids: dict[str, int] = {name: id_ for name, id_ in s.execute(select(Model.name, Model.id)).all()}
+            recent = {name: _recently_routed(s, ids[name], now, self.routed_grace_s) for name in ids}
         models = {}
         for model in listed:
             dep = model["deployment"]
+            wanted = recent[model["name"]] | set((preload or {}).get(model["name"], []))
             models[model["name"]] = {
                 "current": model["current_version"],
                 "routes": dep["routes"],
@@ -434,7 +462,9 @@ class Registry:
                 "preload": (preload or {}).get(model["name"], []),
                 "serving": model["serving"],
                 "versions": {
-                    str(v["version"]): _snapshot_version(v) for v in model["versions"] if v["stage"] != "retired"
+                    str(v["version"]): _snapshot_version(v)
+                    for v in model["versions"]
+                    if v["stage"] != "retired" and (v["version"] in wanted or _evaluating(v))
                 },
             }
         default_tier = self.tiers.get(self.default_tier)
@@ -481,6 +511,39 @@ def _next_serial(s: Session) -> int:
 
 def _models(s: Session) -> list[dict[str, Any]]:
     return [_model_view(s, model) for model in s.scalars(select(Model).order_by(Model.name))]
+
+
+def _recently_routed(s: Session, model_id: int, now: datetime, grace_s: float) -> set[int]:
+    """The versions routed now or at any time in the last ``grace_s`` (primary, canary, shadow,
+    fallback): the current deployment, every deployment event inside the window, and the last
+    one before it (the state the window began with)."""
+    found: set[int] = set()
+    dep = s.get(Deployment, model_id)
+    if dep is not None:
+        found |= {int(r["version"]) for r in dep.routes}
+        if dep.fallback_version is not None:
+            found.add(dep.fallback_version)
+    since = now - timedelta(seconds=grace_s)
+    before: int | None = None
+    while True:  # newest first, a page at a time: a long history is never loaded whole
+        query = select(DeploymentEvent).where(DeploymentEvent.model_id == model_id)
+        if before is not None:
+            query = query.where(DeploymentEvent.id < before)
+        page = list(s.scalars(query.order_by(DeploymentEvent.id.desc()).limit(_EVENT_PAGE)))
+        for event in page:
+            found |= {int(r["version"]) for r in event.routes}
+            if event.fallback_version is not None:
+                found.add(event.fallback_version)
+            if _aware(event.created_at) < since:
+                return found
+        if len(page) < _EVENT_PAGE:
+            return found
+        before = page[-1].id
+
+
+def _evaluating(v: dict[str, Any]) -> bool:
+    """A version a worker is evaluating (until the report is collected)."""
+    return bool(v["evaluation"]) and v["evaluation"].get("status") == "running"
 
 
 def _snapshot_version(v: dict[str, Any]) -> dict[str, Any]:

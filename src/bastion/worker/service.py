@@ -2,7 +2,9 @@
 
 A worker holds no SQL credentials and listens on no port (a metrics port at most). On SIGTERM
 it finishes the batch it holds, acknowledges it, and exits; anything it had not read stays
-in the stream for the next worker.
+in the stream for the next worker. When Redis refuses to store outcomes (out of memory), the
+worker keeps them and tries again for up to ``STORE_FULL_HOLD_S``, its jobs' claim kept alive
+meanwhile; jobs still refused then stay pending and are redelivered later - never lost.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from bastion.constants import (
     warm_key,
 )
 from bastion.errors import BastionError, InvalidInput
-from bastion.queue.consumer import Consumer, Outcome
+from bastion.queue.calls import DeadLetters
+from bastion.queue.consumer import Consumer, Outcome, out_of_memory
 from bastion.queue.envelope import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
@@ -40,6 +43,9 @@ from bastion.worker.isolation import Child, ChildDied, run_isolated
 from bastion.worker.models import ModelCache
 
 log = logs.get("bastion.worker")
+
+STORE_FULL_HOLD_S = 60.0  # how long refused outcomes are kept and retried before the jobs go back
+STORE_FULL_BACKOFF_S = (0.25, 5.0)  # first and longest wait between tries
 
 
 class Worker:
@@ -54,6 +60,11 @@ class Worker:
             result_ttl_s=settings.result_ttl_s,
             sync_result_ttl_s=settings.sync_result_ttl_s,
             floor_per_row=settings.cost_per_row_floor,
+            result_cost_per_kib=settings.result_cost_per_kib,
+            dead_letters=DeadLetters(
+                settings.max_dead_letters, settings.dead_letter_max_age_s, settings.dead_letter_max_input_bytes
+            ),
+            max_stored_result_bytes=settings.max_stored_result_bytes,
         )
         self.snapshot = Snapshot.empty()
         self.models: list[str] = []
@@ -136,6 +147,9 @@ class Worker:
 
     def refresh(self, force: bool = False) -> bool:
         self._next_refresh = time.monotonic() + self.settings.snapshot_refresh_s
+        if not force and not self.snapshot.outdated(self.client):
+            self._report_warm()  # the serial key names the snapshot held: nothing to fetch
+            return True
         raw: Any = self.client.get(SNAPSHOT_KEY)
         if raw is None:
             return False
@@ -232,7 +246,7 @@ class Worker:
                 )
             else:
                 groups[(job.model, job.version)].append(job)
-        self.consumer.mark_running([j for group in groups.values() for j in group])
+        self._mark_running([j for group in groups.values() for j in group])
         self._finish(outcomes)
         released: list[Job] = []
         # Each model version's outcomes are stored as soon as it has run: if a later group kills
@@ -241,14 +255,47 @@ class Worker:
             self._finish(self._run_group(model, version, group, beat, released, suspect))
         return released
 
+    def _mark_running(self, jobs: list[Job]) -> None:
+        """'running' is only shown to the job's owner: a Redis out of memory does not stop the run."""
+        try:
+            self.consumer.mark_running(jobs)
+        except redis.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
+            metrics.ERRORS.labels("worker", "store_full").inc()
+            log.warning("job_store_full", action="jobs run without being marked running", count=len(jobs))
+
     def _finish(self, outcomes: list[Outcome]) -> None:
-        if not outcomes:
-            return
-        statuses = self.consumer.complete(outcomes)
-        for outcome, stored in zip(outcomes, statuses, strict=True):
-            metrics.JOBS.labels(outcome.job.model, stored).inc()
-        self.consumer.settle(outcomes)
-        self._record_shadows(outcomes)
+        """Store outcomes, then settle what was stored. Outcomes Redis refuses (out of memory) are
+        tried again with a growing wait for up to ``STORE_FULL_HOLD_S`` (the heartbeat keeps the
+        jobs' claim meanwhile); what is still refused then, or when the worker stops, stays
+        pending, unacknowledged, and is redelivered later."""
+        wait, give_up = STORE_FULL_BACKOFF_S[0], time.monotonic() + STORE_FULL_HOLD_S
+        while outcomes:
+            statuses = self.consumer.complete(outcomes)
+            done = [o for o in outcomes if not o.refused]
+            for outcome, stored in zip(outcomes, statuses, strict=True):
+                if not outcome.refused:
+                    metrics.JOBS.labels(outcome.job.model, stored).inc()
+            try:
+                self.consumer.settle(done)
+                self._record_shadows(done)
+            except redis.ResponseError as exc:  # stored and acknowledged: only the correction is lost
+                if not out_of_memory(exc):
+                    raise
+                metrics.ERRORS.labels("worker", "store_full").inc()
+                log.warning("job_store_full", action="outcomes stored, cost not settled", count=len(done))
+            outcomes = [o for o in outcomes if o.refused]
+            if not outcomes:
+                return
+            metrics.ERRORS.labels("worker", "store_full").inc()
+            if self.stopping or time.monotonic() + wait > give_up:
+                pending = [o.job.job_id for o in outcomes][:20]
+                log.warning("job_store_full", action="jobs left pending for redelivery", job_ids=pending)
+                return
+            log.warning("job_store_full", action="outcomes kept, retrying", count=len(outcomes), retry_s=wait)
+            time.sleep(wait)
+            wait = min(wait * 2, STORE_FULL_BACKOFF_S[1])
 
     def _evaluate(self, job: Job) -> Outcome:
         """Run a version on a holdout set (read from the artifact store, verified) and report metrics."""

@@ -14,7 +14,8 @@ from bastion.control import changes
 from bastion.control.plane import plane_of
 from bastion.control.principals import needs, principal
 from bastion.control.routers.deployments import route_primary
-from bastion.errors import InvalidInput, UnsupportedMedia
+from bastion.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from bastion.registry.metadata import MAX_REFERENCE_SAMPLE_BYTES
 from bastion.responses import json_response
 
 router = APIRouter()
@@ -67,7 +68,10 @@ async def register_version(
     the file (``artifact``), its metadata (``metadata``, JSON) and a detached ``signature``. An
     activated version is warmed up on the workers, then becomes the primary."""
     plane = plane_of(request)
-    data, metadata, form_signature = await _upload(request, plane.settings.max_upload_bytes)
+    settings = plane.settings
+    data, metadata, form_signature = await _upload(
+        request, settings.max_upload_bytes, settings.max_metadata_bytes + MAX_REFERENCE_SAMPLE_BYTES
+    )
     prepare = functools.partial(
         plane.registry.prepare_version,
         name,
@@ -95,8 +99,9 @@ async def register_version(
     return json_response(view, status_code=201)
 
 
-async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] | None, str | None]:
-    """The artifact bytes, the metadata document and the signature of an upload."""
+async def _upload(request: Request, limit: int, metadata_limit: int) -> tuple[bytes, dict[str, Any] | None, str | None]:
+    """The artifact bytes, the metadata document (at most ``metadata_limit`` bytes of JSON before
+    it is parsed: ``max_metadata_bytes`` plus room for a reference sample) and the signature."""
     content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if content_type == "application/octet-stream":
         return await request.body(), None, None
@@ -106,8 +111,13 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] |
             "with 'artifact', 'metadata' and 'signature'"
         )
     try:
-        form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+        form = await request.form(max_files=1, max_fields=4, max_part_size=metadata_limit)
     except Exception as exc:  # python-multipart / Starlette raise several kinds for malformed forms
+        if "maximum size" in str(exc):
+            raise PayloadTooLarge(
+                f"a form field ('metadata' or 'signature') is over {metadata_limit} bytes "
+                "(max_metadata_bytes, plus room for a reference sample)"
+            ) from exc
         raise InvalidInput("the multipart form is malformed or has too many parts") from exc
     unknown = sorted(set(form.keys()) - {"artifact", "metadata", "signature"})
     if unknown:
@@ -119,8 +129,15 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, dict[str, Any] |
     raw_meta = form.get("metadata")
     metadata = None
     if raw_meta is not None:
+        # a field (max_part_size bounds it); it cannot be a file too: the form takes one (the artifact)
+        raw = raw_meta.encode() if isinstance(raw_meta, str) else await raw_meta.read(metadata_limit + 1)
+        if len(raw) > metadata_limit:
+            raise PayloadTooLarge(
+                f"the 'metadata' field is {len(raw)} bytes; the limit is {metadata_limit} "
+                "(max_metadata_bytes, plus room for a reference sample)"
+            )
         try:
-            metadata = orjson.loads(raw_meta if isinstance(raw_meta, str) else await raw_meta.read())
+            metadata = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise InvalidInput("the 'metadata' field is not valid JSON") from exc
         if not isinstance(metadata, dict):
