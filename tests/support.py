@@ -71,6 +71,7 @@ class Stack:
             **settings,
         }
         self.gateway_urls: list[str] = []
+        self.gateway_metrics_ports: list[int] = []  # gateway i's private metrics port (on control_host)
         self.control_url = ""
         self.admin_key = ""
         self.keys: dict[str, str] = {}
@@ -100,10 +101,20 @@ class Stack:
             self.start_worker(i)
         for i in range(self.n_gateways):
             port = free_port()
+            # Every gateway gets its metrics port (port + i, as under bastion up, when one is set).
+            base = self.settings.gateway_metrics_port
+            metrics_port = base + i if base else free_port()
             self._spawn(
-                f"gateway-{i}", ["gateway"], {"BASTION_GATEWAY_PORT": str(port), "BASTION_GATEWAY_ID": f"gw{i}"}
+                f"gateway-{i}",
+                ["gateway"],
+                {
+                    "BASTION_GATEWAY_PORT": str(port),
+                    "BASTION_GATEWAY_ID": f"gw{i}",
+                    "BASTION_GATEWAY_METRICS_PORT": str(metrics_port),
+                },
             )
             self.gateway_urls.append(f"http://127.0.0.1:{port}")
+            self.gateway_metrics_ports.append(metrics_port)
         for gw in self.gateway_urls:
             wait_until(lambda gw=gw: http_ok(f"{gw}/readyz"), 60, f"gateway {gw}")
         return self
@@ -181,6 +192,14 @@ class Stack:
     @property
     def gateway(self) -> str:
         return self.gateway_urls[0]
+
+    def gateway_metrics_url(self, gateway: int = 0) -> str:
+        """Where gateway ``gateway`` serves its Prometheus metrics (private; not the public port)."""
+        return f"http://127.0.0.1:{self.gateway_metrics_ports[gateway]}/metrics"
+
+    def gateway_metrics(self, gateway: int = 0) -> str:
+        """Gateway ``gateway``'s Prometheus metrics, as text."""
+        return httpx.get(self.gateway_metrics_url(gateway), timeout=10.0).text
 
     def client(self, tenant: str = "acme", gateway: int = 0, **kwargs: Any) -> httpx.Client:
         """A client of gateway ``gateway`` with key ``keys[tenant]`` (a tenant, or a key's label)."""

@@ -10,12 +10,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import orjson
 
 from bastion import demo
 from bastion.gateway.breakers import Breaker, Outcome, Policy, State
-from tests.support import running, wait_until
+from tests.support import Stack, running, wait_until
 
 POLICY = Policy(window=10, min_calls=5, failure_rate=0.5, slow_rate=0.8, slow_s=1.0, open_s=2.0, probes=2)
 
@@ -113,8 +112,8 @@ ROW = [1.0] * 30
 FAST = {"breaker_slow_s": 0.5, "breaker_min_calls": 5, "breaker_window": 10, "breaker_open_s": 0.5, "breaker_probes": 3}
 
 
-def _state(gateway: str) -> float:
-    text = httpx.get(f"{gateway}/metrics").text
+def _state(stack: Stack) -> float:
+    text = stack.gateway_metrics()
     found = re.findall(rf'bastion_breaker_state\{{model="{demo.MODEL_NAME}",version="1"\}} ([0-9.]+)', text)
     return float(found[0]) if found else 0.0
 
@@ -143,7 +142,7 @@ def test_clients_that_upload_slowly_are_timed_as_clients_and_never_open_the_brea
         for t in threads:
             t.join(30)
         assert answers == [200] * 12
-        assert _state(stack.gateway) == 0, "slow uploads opened the breaker"
+        assert _state(stack) == 0, "slow uploads opened the breaker"
         with stack.client() as http:
             victim = http.post(PREDICT, json={"inputs": [ROW]})
         assert victim.status_code == 200 and "x-bastion-fallback" not in victim.headers
@@ -158,7 +157,7 @@ def test_async_jobs_alone_close_a_half_open_breaker(tmp_path: Path) -> None:
             for _ in range(5):
                 assert http.post(PREDICT, json={"inputs": [ROW]}).status_code == 504
             assert http.post(PREDICT, json={"inputs": [ROW]}).status_code == 503, "the breaker opened"
-        assert _state(stack.gateway) == 2
+        assert _state(stack) == 2
         stack.signal("worker-0", signal.SIGCONT)
         time.sleep(0.6)  # past open_s: the next call is a probe
 
@@ -169,7 +168,7 @@ def test_async_jobs_alone_close_a_half_open_breaker(tmp_path: Path) -> None:
                     wait_until(
                         lambda: http.get(f"/v1/jobs/{r.json()['id']}").json()["status"] == "succeeded", 10, "a probe"
                     )
-            return _state(stack.gateway) == 0
+            return _state(stack) == 0
 
         wait_until(recovered, 20, "async probes to close the breaker", interval_s=0.1)
         with stack.client() as http:

@@ -160,7 +160,7 @@ def test_a_client_that_disconnects_mid_body_is_not_an_unexpected_error(tmp_path:
             time.sleep(0.05)
         with stack.client() as http:
             assert http.get("/readyz").status_code == 200
-            text = http.get("/metrics").text
+            text = stack.gateway_metrics()
         log = stack.log("gateway-0")
     assert "client_disconnected" in log
     assert "unexpected_error" not in log and "Traceback" not in log

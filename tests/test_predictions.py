@@ -91,9 +91,9 @@ def test_v2_model_metadata_and_health(stack: Stack) -> None:
 
 
 def test_metrics_are_exported(stack: Stack) -> None:
-    """The gateway's Prometheus endpoint reports request latency after traffic."""
+    """The gateway's Prometheus endpoint (its private metrics port) reports request latency after traffic."""
     with stack.client() as http:
         http.post("/v1/models/breast-cancer/predict", json={"inputs": [[1.0] * 30]})
-        text = http.get("/metrics").text
+    text = stack.gateway_metrics()
     assert "bastion_gateway_request_seconds_count" in text
     assert 'route="predict",status="200"' in text

@@ -1,4 +1,6 @@
-"""The one way Bastion builds an ASGI app: problem handlers, small middleware, docs off by default."""
+"""The one way Bastion builds an ASGI app: problem handlers, small middleware, docs off by default,
+and no redirect on a trailing slash (``/v1/models/`` is a 404 problem: no ``Location`` built from
+the client's ``Host`` header)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def new_app(
         redoc_url=None,
         openapi_url="/openapi.json" if docs_enabled else None,
         exception_handlers=problems.EXCEPTION_HANDLERS,
+        redirect_slashes=False,
     )
     middleware.install(app, max_body_bytes)
     return app

@@ -546,7 +546,7 @@ def breaker(root: Path, failing_s: float = 3.0) -> dict[str, Any]:
             time.sleep(0.02)
             opened_at = next(i for i, c in enumerate(failing) if c[2] == "circuit-open")
             after = failing[opened_at:]
-            text = http.get("/metrics").text
+            text = stack.gateway_metrics()
             half_opens = metric(text, "bastion_breaker_transitions_total", version="2", to="half_open")
 
             artifact.write_bytes(good)  # repaired
@@ -554,7 +554,7 @@ def breaker(root: Path, failing_s: float = 3.0) -> dict[str, Any]:
             recovery: list[tuple[int, str, str, float]] = []
             while time.monotonic() - repaired < 30:
                 recovery.append(call())
-                closed = http.get("/metrics").text
+                closed = stack.gateway_metrics()
                 if metric(closed, "bastion_breaker_transitions_total", version="2", to="closed") >= 1:
                     break
                 time.sleep(0.01)
@@ -567,7 +567,7 @@ def breaker(root: Path, failing_s: float = 3.0) -> dict[str, Any]:
                 down = [call(timeout_ms=250) for _ in range(60)]
             finally:
                 stack.signal("worker-0", signal.SIGCONT)
-            text = http.get("/metrics").text
+            text = stack.gateway_metrics()
     fast = [c[3] for c in down if c[0] == 503]
     return {
         "failing_calls": len(failing),

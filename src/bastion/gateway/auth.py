@@ -36,6 +36,7 @@ async def authenticate(request: Request, state: GatewayState, *scopes: str) -> K
     token = apikeys.bearer(request.headers.get("authorization"))
     if token is None:
         raise Unauthenticated("an API key or token is required: send 'Authorization: Bearer <key>'")
+    oidc.check_length(token)
     if token.startswith(API_KEY_PREFIX) or state.jwks is None:
         info = state.snapshots.current.keys.get(apikeys.digest(token))
         if info is None or not info.live(time.time()):

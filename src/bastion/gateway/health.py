@@ -1,5 +1,10 @@
-"""The gateway's health, readiness and metrics (``bastion.health``), and the Open Inference
-Protocol's server metadata and health routes; no credentials, no tenant data."""
+"""The gateway's health and readiness (``bastion.health``), and the Open Inference Protocol's
+server metadata and health routes; no credentials, no tenant data.
+
+``/metrics`` is not served on the public port unless ``public_metrics`` is set (a 404 like any
+unknown path); the gateway's metrics are on its private metrics port (``gateway_metrics_port``
+on ``control_host``, started by ``bastion.gateway.server``).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,12 @@ async def ready(request: Request) -> tuple[bool, dict[str, Any]]:
     return ok, checks
 
 
-router = health.router(ready)
+def _public_metrics(request: Request) -> bool:
+    state: GatewayState = request.app.state.gateway
+    return state.settings.public_metrics
+
+
+router = health.router(ready, metrics_served=_public_metrics)
 
 
 @router.get("/v2", tags=["open inference protocol"])

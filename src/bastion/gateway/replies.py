@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -37,16 +36,15 @@ class ReplyRouter:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
         self._read_since_trim = 0
-        self._prefix = "s" + secrets.token_hex(6)
-        self._ids = itertools.count()
         self.healthy = False
 
     def new_id(self) -> str:
-        """A unique id for a sync job: a random per-process prefix and a counter, no syscall.
+        """A unique, unpredictable id for a sync job: ``s`` and 16 random hex digits (64 bits from
+        the OS's CSPRNG), so one id tells nothing of another. Nothing depends on their order.
 
         Sync ids only name a reply in flight; access to any job is checked by tenant anyway.
         """
-        return f"{self._prefix}{next(self._ids):x}"
+        return "s" + secrets.token_hex(8)
 
     async def start(self) -> None:
         self._last_id = (await self._claim_stream()).decode()

@@ -1,4 +1,7 @@
-"""Run the gateway under uvicorn, on its own port or on a listening socket inherited from ``bastion up``."""
+"""Run the gateway under uvicorn (``bastion.httpserver``: the edge limits), on its own port or on a
+listening socket inherited from ``bastion up``; its Prometheus metrics on ``gateway_metrics_port``
+at ``control_host`` when that is set (private: not on the public port; a port already taken leaves
+them off with a ``metrics_port_in_use`` warning)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
-from bastion import logs
+from bastion import httpserver, logs
 from bastion.gateway.app import create_app
 from bastion.settings import Settings
 
@@ -52,23 +56,22 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
+def serve_metrics(port: int, host: str) -> None:
+    """Prometheus metrics on ``host:port``; a port taken (since the supervisor probed it) leaves
+    them off with a warning instead of crashing the gateway into a restart loop."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics_port_in_use", port=port, host=host, error_type=type(exc).__name__)
+
+
 def serve(settings: Settings, fd: int | None = None) -> None:
     logs.configure(settings.log_level, "gateway")
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.gateway_port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-        backlog=2048,
-    )
+    config = httpserver.config(app, settings, host=settings.host, port=settings.gateway_port, backlog=2048)
     server = DrainingServer(config, app, settings.drain_s)
+    if settings.gateway_metrics_port:
+        serve_metrics(settings.gateway_metrics_port, settings.control_host)
     tune_gc()
     if fd is None:
         server.run()

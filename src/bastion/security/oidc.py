@@ -1,13 +1,14 @@
 """JWT bearer tokens from an OIDC issuer, verified against its JWKS.
 
-What is checked, in order: the token parses; its ``alg`` is on the allow-list (RS256, ES256,
-EdDSA by default - never ``none`` or an HMAC algorithm, so a token "signed" with the issuer's
-public key as an HMAC secret is refused before any key is touched); its ``kid`` names a key in
-the issuer's JWKS (fetched over HTTPS, cached, fetched again once when an unknown ``kid`` shows
-up, at most every ``min_refetch_s``, so issuer key rotation just works and random kids cannot
-make us hammer the issuer); the key's type fits the algorithm; the signature; then ``iss``,
-``aud``, ``exp`` and ``nbf`` (all required but ``nbf``; 30 s leeway). Every failure is an
-``Unauthenticated`` that says what was wrong, without echoing the token.
+What is checked, in order: the token is at most ``MAX_TOKEN_BYTES`` long (before anything decodes
+it: 8 KiB is far beyond any issuer's tokens, and a 26 MB one costs seconds of CPU); it parses; its
+``alg`` is on the allow-list (RS256, ES256, EdDSA by default - never ``none`` or an HMAC algorithm,
+so a token "signed" with the issuer's public key as an HMAC secret is refused before any key is
+touched); its ``kid`` names a key in the issuer's JWKS (fetched over HTTPS, cached, fetched again
+once when an unknown ``kid`` shows up, at most every ``min_refetch_s``, so issuer key rotation just
+works and random kids cannot make us hammer the issuer); the key's type fits the algorithm; the
+signature; then ``iss``, ``aud``, ``exp`` and ``nbf`` (all required but ``nbf``; 30 s leeway). Every
+failure is an ``Unauthenticated`` that says what was wrong, without echoing the token.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import jwt
 from bastion.errors import Unauthenticated, Unavailable
 
 _LEEWAY_S = 30
+MAX_TOKEN_BYTES = 8 << 10  # longest bearer token (JWT or API key) looked at
+
+
+def check_length(token: str) -> None:
+    """Refuse a bearer token longer than ``MAX_TOKEN_BYTES`` before anything decodes or hashes it."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Unauthenticated(f"the bearer token is longer than {MAX_TOKEN_BYTES} bytes; tokens that long are refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,7 @@ class JwksCache:
 async def verify(token: str, cache: JwksCache) -> dict[str, Any]:
     """The token's verified claims, or ``Unauthenticated`` saying why not."""
     config = cache.config
+    check_length(token)
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
