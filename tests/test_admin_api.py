@@ -19,7 +19,7 @@ PICKLE = (
 
 
 def _admin(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.control_url, headers={"Authorization": f"Bearer {stack.admin_key}"})
+    return httpx.Client(base_url=stack.control_url, headers={"Authorization": f"Bearer {stack.admin_key}"}, timeout=30)
 
 
 def test_a_pickle_renamed_onnx_is_refused_with_a_problem(stack: Stack, tmp_path: Path) -> None:

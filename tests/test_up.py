@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,14 @@ def _alive(pid: int) -> bool:
 
 
 class Up:
-    def __init__(self, data_dir: Path, gateway_port: int, control_port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        gateway_port: int,
+        control_port: int,
+        env: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.gateway_port = gateway_port
         self.proc = subprocess.Popen(
@@ -49,6 +57,7 @@ class Up:
                 str(control_port),
                 "--log-level",
                 "warning",
+                *(extra or []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -231,3 +240,51 @@ def test_sighup_stops_every_process(tmp_path: Path) -> None:
 
 def _environ(pid: int) -> bytes:
     return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) with a socket listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+LOOPBACK, ANY = "0100007F", "00000000"
+
+
+def test_a_public_host_leaves_the_admin_api_and_metrics_on_the_control_host(tmp_path: Path) -> None:
+    """``--host 0.0.0.0`` opens the gateway to the network; the admin API and the metrics ports
+    stay on ``--control-host`` (127.0.0.1); a metrics port already taken is reported and left
+    off, and the start goes on."""
+    gateway_port, control_port, worker_metrics = free_port(), free_port(), free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    gateway_metrics = taken.getsockname()[1]
+    extra = ["--host", "0.0.0.0", "--control-host", "127.0.0.1"]  # noqa: S104 - the point of the test
+    extra += ["--worker-metrics-port", str(worker_metrics), "--gateway-metrics-port", str(gateway_metrics)]
+    instance = Up(tmp_path, gateway_port, control_port, extra=extra)
+    try:
+        banner = instance.read_banner()
+        assert _listening(control_port) == {LOOPBACK}
+        assert _listening(gateway_port) == {ANY}
+        wait_until(lambda: _listening(worker_metrics) == {LOOPBACK}, 30, "the worker's metrics port")
+        assert "bastion_worker" in httpx.get(f"http://127.0.0.1:{worker_metrics}/metrics", timeout=10).text
+        assert f"Admin API: http://127.0.0.1:{control_port}" in banner
+        assert f"Gateway (public): http://0.0.0.0:{gateway_port}" in banner
+        assert f"worker-0 {worker_metrics}" in banner and "(off, port taken: gateway-0)" in banner
+        pids = instance.pids()
+        assert b"BASTION_GATEWAY_METRICS_PORT=0\x00" in _environ(pids["gateway-0"])
+        assert f"BASTION_WORKER_METRICS_PORT={worker_metrics}\x00".encode() in _environ(pids["worker-0"])
+    finally:
+        instance.proc.send_signal(signal.SIGINT)
+        instance.proc.wait(60)
+        errors = instance.proc.stderr.read() if instance.proc.stderr else ""
+        assert instance.stop() == 0
+        taken.close()
+    assert "metrics_port_in_use" in errors and "--gateway-metrics-port" in errors and str(gateway_metrics) in errors

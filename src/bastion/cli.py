@@ -111,7 +111,7 @@ def control_command(fd: FdOption = None, **options: Any) -> None:
 
 # admin commands --------------------------------------------------------------------------
 ControlUrl = Annotated[
-    str | None, typer.Option(envvar="BASTION_CONTROL_URL", help="admin API URL (default: from host/control port)")
+    str | None, typer.Option(envvar="BASTION_CONTROL_URL", help="admin API URL (default: from control host and port)")
 ]
 AdminKey = Annotated[
     str | None, typer.Option(envvar="BASTION_ADMIN_KEY", help="admin key (default: <data dir>/admin.key)")
@@ -121,9 +121,10 @@ DataDir = Annotated[Path | None, typer.Option(envvar="BASTION_DATA_DIR", help="d
 
 def _client(control_url: str | None, admin_key: str | None, data_dir: Path | None) -> Any:
     from bastion.adminclient import AdminClient
+    from bastion.embedded.supervisor import client_host
 
     settings = _settings({"data_dir": data_dir})
-    url = control_url or f"http://{settings.host}:{settings.control_port}"
+    url = control_url or f"http://{client_host(settings.control_host)}:{settings.control_port}"
     key = admin_key or (settings.admin_key.get_secret_value() if settings.admin_key else None)
     if key is None:
         try:

@@ -47,3 +47,10 @@ BREAKER_DIVERTED = Counter(
     ["model", "version", "outcome"],
 )
 CACHE = Counter("bastion_gateway_cache_total", "Response cache lookups", ["model", "result"])
+
+# control plane
+REDIS_MEMORY_USED = Gauge("bastion_redis_memory_used_bytes", "Memory Redis uses (INFO memory used_memory)")
+REDIS_MEMORY_MAX = Gauge("bastion_redis_memory_max_bytes", "Redis's memory bound (maxmemory; 0: unbounded)")
+REDIS_MEMORY_HIGH = Gauge(
+    "bastion_redis_memory_high", "1 while Redis uses redis_memory_alert x maxmemory or more, else 0"
+)

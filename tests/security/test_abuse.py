@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import queue
@@ -12,6 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from bastion.constants import BANNED_KEY
+from bastion.gateway.abuse import AbuseGuard
+from bastion.redisconn import async_client, sync_client
+from bastion.settings import Settings
 from tests.support import Stack, running
 
 ROW = [1.0] * 30
@@ -146,13 +151,26 @@ def test_a_banned_key_is_refused_from_any_address(guarded: Stack) -> None:
 
 
 def test_forwarded_for_is_ignored_from_an_untrusted_peer(guarded: Stack) -> None:
-    from bastion.gateway.abuse import AbuseGuard
-
     guard = AbuseGuard(None, guarded.settings.model_copy(update={"trusted_proxies": "10.1.0.0/16"}))
     scope = {"client": ("192.0.2.1", 5000), "headers": [(b"x-forwarded-for", b"1.2.3.4")]}
     assert guard.address(scope) == "192.0.2.1"
     scope = {"client": ("10.1.2.3", 5000), "headers": [(b"x-forwarded-for", b"6.6.6.6, 1.2.3.4, 10.1.9.9")]}
     assert guard.address(scope) == "1.2.3.4", "the right-most hop that is not a trusted proxy"
+
+
+def test_an_ipv6_client_is_counted_by_its_64_network_and_a_mapped_ipv4_one_as_its_ipv4_address(
+    tmp_path: Any,
+) -> None:
+    """A subscriber holds a whole /64: failures from any of its addresses count (and ban) as one
+    client, whether the address is the peer's or a trusted proxy's ``X-Forwarded-For`` hop."""
+    guard = AbuseGuard(None, Settings(data_dir=tmp_path, trusted_proxies="10.1.0.0/16"))
+    for peer in ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe"):
+        assert guard.address({"client": (peer, 5000), "headers": []}) == "2001:db8:1:2::/64"
+    assert guard.address({"client": ("2001:db8:1:3::1", 5000), "headers": []}) == "2001:db8:1:3::/64"
+    assert guard.address({"client": ("::ffff:192.0.2.1", 5000), "headers": []}) == "192.0.2.1"
+    assert guard.address({"client": ("192.0.2.1", 5000), "headers": []}) == "192.0.2.1"
+    forwarded = {"client": ("10.1.2.3", 5000), "headers": [(b"x-forwarded-for", b"2001:db8:9:9::42, 10.1.9.9")]}
+    assert guard.address(forwarded) == "2001:db8:9:9::/64"
 
 
 def test_a_tenant_at_its_budget_is_refused_but_never_banned(guarded: Stack) -> None:
@@ -169,3 +187,70 @@ def test_a_tenant_at_its_budget_is_refused_but_never_banned(guarded: Stack) -> N
     assert all("budget" in r.json()["detail"] for r in refused), "refused by its budget, never by a ban"
     with guarded.client("acme", gateway=1, headers=shared) as neighbour:
         assert neighbour.post(PREDICT, json={"inputs": [ROW]}).status_code == 200, "the shared address was banned"
+
+
+def test_the_ban_map_is_bounded_dropping_ended_then_soonest_ending_bans(tmp_path: Any) -> None:
+    """However many bans arrive, a gateway holds at most ``abuse_max_bans``: an insert drops the
+    ended ones (not only a lookup), then the ones that end soonest."""
+    guard = AbuseGuard(None, Settings(data_dir=tmp_path, abuse_max_bans=16))
+    for i in range(10):
+        guard._ban(f"a:short-{i}", 0.05)
+    time.sleep(0.1)
+    guard._ban("a:long-0", 3600)
+    assert guard.bans_held == 1, "ended bans are dropped on insert"
+    for i in range(1, 1000):
+        guard._ban(f"a:long-{i}", 60 + i)
+    assert guard.bans_held == 16
+    assert all(guard.banned_for(f"a:long-{i}") > 0 for i in range(985, 1000)), "the bans that end last stay"
+    assert guard.banned_for("a:long-0") > 0, "the longest ban stays (15 + 1 = 16)"
+    assert guard.banned_for("a:long-500") == 0
+    assert len(guard._ends) <= 2 * 16 + 64, "the expiry heap is bounded too"
+
+
+def _scans(client: Any) -> int:
+    return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_a_starting_gateway_loads_live_bans_from_one_set_without_scanning(redis_url: str, tmp_path: Any) -> None:
+    """Bans are recorded in one sorted set (TTL: the longest ban); a guard that starts loads the
+    live ones (the ``abuse_max_bans`` that end last), trims the ended ones, never SCANs, and then
+    follows new bans on the ban channel."""
+    base = {"data_dir": tmp_path, "abuse_ban_after": 1, "abuse_max_bans": 16, "abuse_ban_max_s": 3600}
+    sync = sync_client(redis_url)
+
+    async def go() -> None:
+        client = async_client(redis_url)
+        striker = AbuseGuard(client, Settings(**base, abuse_ban_s=60))
+        brief = AbuseGuard(client, Settings(**base, abuse_ban_s=1))
+        for i in range(40):
+            assert await striker.strike([f"a:198.51.100.{i}"]) == 0
+        for i in range(5):
+            await brief.strike([f"a:192.0.2.{i}"])
+        assert await client.zcard(BANNED_KEY) == 45
+        assert 3500 < await client.ttl(BANNED_KEY) <= 3600
+        for i in range(1000):  # a keyspace a SCAN would have to walk
+            await client.set(f"test:other:{i}", b"x", ex=600)
+        await asyncio.sleep(1.2)  # the five short bans end
+        scans = _scans(sync)
+        starting = AbuseGuard(client, Settings(**base))
+        await starting.start()
+        try:
+            assert _scans(sync) == scans, "the guard scanned the keyspace"
+            assert starting.bans_held == 16
+            assert all(starting.banned_for(f"a:198.51.100.{i}") > 50 for i in range(24, 40))
+            assert await client.zcard(BANNED_KEY) == 40, "ended bans are trimmed"
+            await striker.strike(["a:203.0.113.99"])
+            for _ in range(100):  # the channel still tells a running gateway of a new ban
+                if starting.banned_for("a:203.0.113.99"):
+                    break
+                await asyncio.sleep(0.05)
+            assert starting.banned_for("a:203.0.113.99") > 50
+            assert starting.bans_held == 16
+        finally:
+            await starting.stop()
+            await client.aclose()
+
+    try:
+        asyncio.run(go())
+    finally:
+        sync.close()

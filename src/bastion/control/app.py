@@ -1,8 +1,10 @@
 """The admin API's wiring: the control plane's services, one router per admin resource under
 ``/admin/v1`` (every route needs an admin principal), and the health endpoints.
 
-Routes live in ``bastion.control.routers``; who may call them in ``bastion.control.principals``;
-every state change goes through the unit of work in ``bastion.control.changes``.
+Routes live in ``bastion.control.routers``; who may call them in ``bastion.control.principals``,
+settled before any body is read by ``bastion.control.gate``; every state change goes through the
+unit of work in ``bastion.control.changes``. Two loops run beside the API: the snapshot
+reconcile and the Redis memory watch (``bastion.control.memory``).
 """
 
 from __future__ import annotations
@@ -15,22 +17,30 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
+from starlette.middleware import Middleware
+from starlette.routing import compile_path
 
 from bastion import health, logs
 from bastion.asgi import new_app
+from bastion.control import memory
 from bastion.control.bootstrap import ensure_admin_key
+from bastion.control.gate import AdminGate
 from bastion.control.plane import ControlPlane, plane_of
 from bastion.control.principals import principal
 from bastion.control.routers import changes, deadletters, deployments, keys, lifecycle, models, snapshot, tenants
 from bastion.settings import Settings
 
 log = logs.get("bastion.control")
+PREFIX = "/admin/v1"
 ROUTERS = (models, lifecycle, deployments, deadletters, tenants, keys, snapshot, changes)
+UPLOADS = (models.register_version,)  # routes whose body is an artifact: max_upload_bytes, not the JSON limit
 
 
 async def _ready(request: Request) -> tuple[bool, dict[str, Any]]:
+    """Ready when Redis answers; a Redis near its memory bound is reported, not unready."""
     ok = await run_in_threadpool(plane_of(request).ready)
-    return ok, {"redis": ok}
+    return ok, {"redis": ok, "redis_memory": request.app.state.memory.report()}
 
 
 async def _reconcile(control: ControlPlane, every_s: float) -> None:
@@ -50,18 +60,33 @@ def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI
         app.state.control = control
         await run_in_threadpool(ensure_admin_key, control.registry, settings.admin_key_file)
         await run_in_threadpool(control.publish)
-        keeper = asyncio.create_task(_reconcile(control, settings.snapshot_refresh_s))
+        app.state.memory = memory.MemoryWatch(control.redis, settings.redis_memory_alert)
+        loops = [
+            asyncio.create_task(_reconcile(control, settings.snapshot_refresh_s)),
+            asyncio.create_task(memory.watch(app.state.memory, settings.snapshot_refresh_s)),
+        ]
         log.info("control_started")
         yield
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for loop in loops:
+            loop.cancel()
+        for loop in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
         control.redis.close()
 
     app = new_app(
         "Bastion control plane", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_upload_bytes
     )
     for resource in ROUTERS:
-        app.include_router(resource.router, prefix="/admin/v1", dependencies=[Depends(principal)])
+        app.include_router(resource.router, prefix=PREFIX, dependencies=[Depends(principal)])
     app.include_router(health.router(_ready))
+    uploads = [
+        (compile_path(PREFIX + route.path)[0], frozenset(route.methods or ()))
+        for resource in ROUTERS
+        for route in resource.router.routes
+        if isinstance(route, APIRoute) and route.endpoint in UPLOADS
+    ]
+    # Innermost of the middleware (inside the app-wide body limit of max_upload_bytes, the request
+    # id and the security headers): add_middleware would put it outermost.
+    app.user_middleware.append(Middleware(AdminGate, max_json_bytes=settings.max_admin_body_bytes, uploads=uploads))
     return app

@@ -1,6 +1,8 @@
 """Who is calling the admin API, and what it may do.
 
-A principal is the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key of the operators' tenant.
+A principal is the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key of the operators' tenant,
+resolved from the ``Authorization`` header alone (``resolve``) before any body is read
+(``bastion.control.gate``); routes read it through the ``principal`` dependency.
 ``admin`` holds every scope. A route needs one scope (``needs``); a key change also needs the
 caller to hold every scope of the key it creates, rotates or revokes (``may_grant``), so that no
 principal can make, obtain or take away a key more powerful than itself: ``admin`` is granted only
@@ -14,21 +16,26 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from bastion.constants import OPERATORS_TENANT, SCOPES
-from bastion.control.plane import plane_of
+from bastion.control.plane import ControlPlane, plane_of
 from bastion.errors import Forbidden, Unauthenticated
-from bastion.security import apikeys
+from bastion.security import apikeys, oidc
 
 ENV_ADMIN = "env-admin"  # the principal id of BASTION_ADMIN_KEY
+STATE_KEY = "principal"  # where ``AdminGate`` leaves the resolved principal in ``scope["state"]``
 
 
-def principal(request: Request) -> dict[str, Any]:
-    """Who is calling: the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key from the registry."""
-    plane = plane_of(request)
-    token = apikeys.bearer(request.headers.get("authorization"))
+def resolve(plane: ControlPlane, authorization: str | None) -> dict[str, Any]:
+    """Who is calling, from the ``Authorization`` header alone: the ``BASTION_ADMIN_KEY`` (scope
+    ``admin``) or a live key of the operators' tenant from the registry. Raises ``Unauthenticated``
+    (no key, or one that is unknown, revoked or expired: the same answer for each) or ``Forbidden``
+    (a live key of another tenant). One digest lookup in SQL; call it off the event loop."""
+    token = apikeys.bearer(authorization)
     if token is None:
         raise Unauthenticated("an admin key is required: send 'Authorization: Bearer <key>'")
+    oidc.check_length(token)
     configured = plane.settings.admin_key
     if configured is not None and hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
         return {"id": ENV_ADMIN, "tenant": OPERATORS_TENANT, "scopes": ["admin"]}
@@ -38,6 +45,15 @@ def principal(request: Request) -> dict[str, Any]:
     if key["tenant"] != OPERATORS_TENANT:
         raise Forbidden(f"only keys of the '{OPERATORS_TENANT}' tenant may use the admin API")
     return key
+
+
+async def principal(request: Request) -> dict[str, Any]:
+    """The FastAPI dependency: the principal ``AdminGate`` resolved before the body was read
+    (resolved here only for an app served without the gate)."""
+    found: dict[str, Any] | None = request.scope.get("state", {}).get(STATE_KEY)
+    if found is None:
+        found = await run_in_threadpool(resolve, plane_of(request), request.headers.get("authorization"))
+    return found
 
 
 def scopes_of(caller: dict[str, Any]) -> frozenset[str]:
@@ -50,7 +66,7 @@ def needs(scope: str, **openapi: Any) -> dict[str, Any]:
     """Route arguments: the caller needs ``scope`` (or ``admin``); the OpenAPI document says so
     in ``x-bastion-scopes`` (the security tests read the route x scope matrix from there)."""
 
-    def check(caller: dict[str, Any] = Depends(principal)) -> None:  # noqa: B008 - FastAPI dependency
+    async def check(caller: dict[str, Any] = Depends(principal)) -> None:  # noqa: B008 - FastAPI dependency
         if scope not in scopes_of(caller):
             raise Forbidden(f"this key lacks the '{scope}' scope (or 'admin') this route needs")
 

@@ -7,6 +7,10 @@ too long. A random password is set through a 0600 config file, and AOF is on so 
 survive a restart: ``appendfsync everysec`` (every write reaches the file before its reply, so a
 killed Redis loses nothing; a machine crash loses up to a second) or, with durability
 ``always``, an fsync per write.
+
+Its memory is bounded: ``maxmemory`` (``redis_maxmemory_mb``, 1 GiB by default) with
+``maxmemory-policy noeviction``: queue data is never evicted; a full Redis refuses writes instead
+(the control plane alerts before that, ``bastion.control.memory``).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import redis
 
 from bastion.errors import Unavailable
 from bastion.redisconn import sync_client
+from bastion.settings import Settings
 
 _MAX_SOCKET_PATH = 100
+DEFAULT_MAXMEMORY_MB: int = Settings.model_fields["redis_maxmemory_mb"].default
 
 
 def redis_binary() -> str:
@@ -52,9 +58,10 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, directory: Path, fsync: str = "everysec") -> None:
+    def __init__(self, directory: Path, fsync: str = "everysec", maxmemory_mb: int = DEFAULT_MAXMEMORY_MB) -> None:
         self.directory = directory
         self.fsync = "always" if fsync == "always" else "everysec"
+        self.maxmemory_mb = maxmemory_mb
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self._config = directory / "redis.conf"
@@ -72,6 +79,8 @@ class EmbeddedRedis:
             f"requirepass {password}",
             "daemonize no",
             "protected-mode yes",
+            f"maxmemory {self.maxmemory_mb}mb",
+            "maxmemory-policy noeviction",  # queue data is never evicted: a full Redis refuses writes
         ]
         if len(str(sock)) < _MAX_SOCKET_PATH:
             lines += ["port 0", f"unixsocket {sock}", "unixsocketperm 700"]

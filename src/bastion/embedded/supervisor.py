@@ -1,9 +1,15 @@
 """``bastion up``: Redis, control plane, gateways and workers as separate, supervised processes.
 
-The supervisor binds the public gateway port itself (so a taken port is reported before
-anything starts) and hands the listening socket to every gateway process. A process that
-exits unexpectedly is restarted with a backoff; Ctrl-C (SIGINT) or SIGTERM stops gateways
-first, then workers (which finish their batch), then the control plane and Redis.
+The supervisor binds the public gateway port (on ``host``) and the admin port (on
+``control_host``, loopback by default) itself, so a taken port is reported before anything
+starts, and hands the listening sockets to the gateway and control processes. Metrics are on
+private ports of ``control_host``: gateway ``i`` on ``gateway_metrics_port + i`` (9101 + i when
+unset), worker ``i`` on ``worker_metrics_port + i`` (9201 + i); a port already taken is logged
+(``metrics_port_in_use``, naming the port and the setting) and leaves that process's metrics off
+rather than failing the start. The embedded Redis is bounded by ``redis_maxmemory_mb``.
+
+A process that exits unexpectedly is restarted with a backoff; Ctrl-C (SIGINT) or SIGTERM stops
+gateways first, then workers (which finish their batch), then the control plane and Redis.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class PortInUse(BastionError):
 class AlreadyRunning(BastionError):
     title = "Already running"
 
+
+# Metrics ports when the setting is 0: bastion up always gives gateways and workers a private one.
+DEFAULT_METRICS_PORTS = {"gateway_metrics_port": 9101, "worker_metrics_port": 9201}
 
 # Settings a role must not receive: gateways and workers hold no SQL credentials or admin key.
 _WITHHELD = {
@@ -77,6 +86,34 @@ def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.so
         sock.set_inheritable(True)
         sockets.append(sock)
     return sockets
+
+
+def metrics_port(host: str, setting: str, base: int, i: int) -> int:
+    """The metrics port of process ``i`` for ``setting`` (``base`` or, when 0, its default, plus
+    ``i``), or 0 (off) when that port is taken on ``host``: logged, never fatal."""
+    port = (base or DEFAULT_METRICS_PORTS[setting]) + i
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the metrics server binds it
+        try:
+            probe.bind((host, port))
+        except (OSError, OverflowError) as exc:
+            log.warning(
+                "metrics_port_in_use",
+                port=port,
+                host=host,
+                setting=f"--{setting.replace('_', '-')}",
+                error_type=type(exc).__name__,
+                detail=f"port {port} on {host} is taken; this process runs without metrics "
+                f"(choose another first port with --{setting.replace('_', '-')})",
+            )
+            return 0
+    return port
+
+
+def client_host(host: str) -> str:
+    """How a client on this machine reaches a server bound on ``host``."""
+    return "127.0.0.1" if host in {"0.0.0.0", ""} else (f"[{host}]" if ":" in host else host)  # noqa: S104
 
 
 @dataclass
@@ -123,6 +160,7 @@ class Supervisor:
         self.stopping = False
         self.sockets: list[socket.socket] = []
         self.wrote_pids = False  # only the instance that wrote processes.json removes it
+        self.metrics: dict[str, int] = {}  # process name -> its metrics port (0: off)
 
     # set-up ------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> Child:
@@ -163,11 +201,11 @@ class Supervisor:
         s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock()
         gateway_socks = bind_port(s.host, s.gateway_port, "--gateway-port", s.gateways)
-        (control_sock,) = bind_port(s.host, s.control_port, "--control-port")
+        (control_sock,) = bind_port(s.control_host, s.control_port, "--control-port")
         self.sockets = [*gateway_socks, control_sock]
         redis_url = s.redis_url
         if not redis_url:
-            self.redis = EmbeddedRedis(s.data_dir / "redis", fsync=s.durability)
+            self.redis = EmbeddedRedis(s.data_dir / "redis", fsync=s.durability, maxmemory_mb=s.redis_maxmemory_mb)
             redis_url = self.redis.start()
         control = self._child(
             "control",
@@ -181,18 +219,22 @@ class Supervisor:
         banner = self._first_run(admin_key)
         for i in range(s.workers):
             wenv = {**self._env("worker", redis_url), "BASTION_WORKER_NAME": f"worker-{i}"}
-            if s.worker_metrics_port:
-                wenv["BASTION_WORKER_METRICS_PORT"] = str(s.worker_metrics_port + i)
+            port = metrics_port(s.control_host, "worker_metrics_port", s.worker_metrics_port, i)
+            wenv["BASTION_WORKER_METRICS_PORT"] = str(port)
+            self.metrics[f"worker-{i}"] = port
             self.children.append(self._child(f"worker-{i}", ["worker"], wenv))
         for i, sock in enumerate(gateway_socks):
             fd = sock.fileno()
             genv = self._env("gateway", redis_url)
+            port = metrics_port(s.control_host, "gateway_metrics_port", s.gateway_metrics_port, i)
+            genv["BASTION_GATEWAY_METRICS_PORT"] = str(port)
+            self.metrics[f"gateway-{i}"] = port
             self.children.append(self._child(f"gateway-{i}", ["gateway", "--fd", str(fd)], genv, (fd,)))
         for child in self.children[1:]:
             child.start()
-        self._wait_ready(f"http://{self._client_host()}:{s.gateway_port}/readyz", "gateway")
+        self._wait_ready(f"{self._gateway_url()}/readyz", "gateway")
         self._write_pids()
-        return banner
+        return f"{banner}\n{self._where()}"
 
     def _write_pids(self) -> None:
         """Record the process ids in ``<data dir>/processes.json`` for operators and tests."""
@@ -205,9 +247,22 @@ class Supervisor:
         os.replace(tmp, target)  # readers never see a half-written file
         self.wrote_pids = True
 
-    def _client_host(self) -> str:
-        host = self.settings.host
-        return "127.0.0.1" if host in {"0.0.0.0", ""} else (f"[{host}]" if ":" in host else host)  # noqa: S104
+    def _gateway_url(self) -> str:
+        return f"http://{client_host(self.settings.host)}:{self.settings.gateway_port}"
+
+    def _control_url(self) -> str:
+        return f"http://{client_host(self.settings.control_host)}:{self.settings.control_port}"
+
+    def _where(self) -> str:
+        """Where everything listens: the public gateway, the admin API and the metrics ports."""
+        s = self.settings
+        on = {name: port for name, port in self.metrics.items() if port}
+        off = sorted(set(self.metrics) - set(on))
+        ports = ", ".join(f"{name} {port}" for name, port in on.items()) or "none"
+        return (
+            f"Gateway (public): http://{s.host}:{s.gateway_port}. Admin API: http://{s.control_host}:{s.control_port}."
+            f"\nMetrics on {s.control_host}: {ports}" + (f" (off, port taken: {', '.join(off)})" if off else "") + "."
+        )
 
     def _wait_ready(self, url: str, what: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -223,26 +278,24 @@ class Supervisor:
         )
 
     def _wait_for_admin_key(self) -> str:
-        self._wait_ready(f"http://{self._client_host()}:{self.settings.control_port}/readyz", "control plane")
+        self._wait_ready(f"{self._control_url()}/readyz", "control plane")
         if self.settings.admin_key is not None:
             return self.settings.admin_key.get_secret_value()
         return self.settings.admin_key_file.read_text().strip()
 
     def _first_run(self, admin_key: str) -> str:
-        s = self.settings
-        client = AdminClient(f"http://{self._client_host()}:{s.control_port}", admin_key)
+        client = AdminClient(self._control_url(), admin_key)
         try:
             if any(m["name"] == demo.MODEL_NAME for m in client.models()):
                 return (
-                    f"Bastion is running: gateway http://{self._client_host()}:{s.gateway_port}, "
-                    f"admin API http://{self._client_host()}:{s.control_port}.\n"
-                    "API keys are shown only when created; make one with: bastion keys create --tenant demo"
+                    "Bastion is running.\n"
+                    "API keys are shown only when created; make one with: bastion keys create --tenant demo\n"
                 )
             client.register(demo.MODEL_NAME, demo.model_bytes(), description="demo breast-cancer classifier")
             key = client.create_key("demo", "first key")
         finally:
             client.close()
-        url = f"http://{self._client_host()}:{s.gateway_port}/v1/models/{demo.MODEL_NAME}/predict"
+        url = f"{self._gateway_url()}/v1/models/{demo.MODEL_NAME}/predict"
         return (
             "Bastion is running. Your first API key (shown once, stored only as a hash):\n\n"
             f"    {key['key']}\n\n"

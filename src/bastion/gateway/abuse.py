@@ -8,14 +8,22 @@ connection costs a coroutine, not a thread); past a second one the client is ban
 escalating period: every gateway refuses it at once (a 429 with ``Retry-After``, before reading
 its body), told through the ban channel.
 
+Each gateway keeps the bans it knows in memory, at most ``abuse_max_bans`` of them: an insert
+first drops ended bans, and past the bound the ban that ends soonest goes (it loses the least ban
+time). At start and after every reconnect it loads the live bans from one sorted set
+(``BANNED_KEY``: client id -> ban end, written and trimmed by ``strike.lua``), the
+``abuse_max_bans`` that end last, in one read: never a scan of the keyspace.
+
 A client address is the peer's, or, when the peer is a configured trusted proxy, the right-most
-address in ``X-Forwarded-For`` that is not itself a trusted proxy. A key id is counted only after
+address in ``X-Forwarded-For`` that is not itself a trusted proxy; an IPv6 address counts as its /64
+network (``httpserver.client_network``), as the edge's connection cap counts it. A key id is counted only after
 the key verified, so nobody can get someone else's key banned by sending its id with a bad secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import time
 from typing import Any
@@ -23,8 +31,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems
-from bastion.constants import BAN_CHANNEL, BAN_PREFIX, abuse_keys
+from bastion.constants import BAN_CHANNEL, BANNED_KEY, abuse_keys
 from bastion.gateway.channel import ChannelWatcher
+from bastion.httpserver import client_network
 from bastion.queue.scripts import Lua
 from bastion.settings import Settings
 
@@ -45,6 +54,7 @@ class AbuseGuard:
             ipaddress.ip_network(p.strip(), strict=False) for p in settings.trusted_proxies.split(",") if p.strip()
         ]
         self._bans: dict[str, float] = {}  # client id -> ban end (epoch seconds)
+        self._ends: list[tuple[float, str]] = []  # heap of (ban end, client id); stale entries skipped
         self._channel = ChannelWatcher(redis, BAN_CHANNEL, on_connect=self._load, on_tick=self._on_ban, idle_s=30.0)
 
     # bans ----------------------------------------------------------------------------------
@@ -59,8 +69,27 @@ class AbuseGuard:
             return 0.0
         return left
 
+    @property
+    def bans_held(self) -> int:
+        """How many bans this gateway keeps in memory (at most ``abuse_max_bans``)."""
+        return len(self._bans)
+
     def _ban(self, client: str, seconds: float) -> None:
-        self._bans[client] = time.time() + seconds
+        """Remember ``client``'s ban for ``seconds`` (a known ban is only ever lengthened), keeping
+        at most ``abuse_max_bans``: ended bans go first, then those that end soonest."""
+        now = time.time()
+        until = now + seconds
+        if until <= self._bans.get(client, 0.0):
+            return
+        self._bans[client] = until
+        heapq.heappush(self._ends, (until, client))
+        while self._ends and (self._ends[0][0] <= now or len(self._bans) > self.settings.abuse_max_bans):
+            end, gone = heapq.heappop(self._ends)
+            if self._bans.get(gone) == end:  # else a stale entry: the ban was lengthened or dropped
+                del self._bans[gone]
+        if len(self._ends) > 2 * len(self._bans) + 64:  # lengthened bans leave stale entries behind
+            self._ends = [(end, c) for c, end in self._bans.items()]
+            heapq.heapify(self._ends)
 
     async def start(self) -> None:
         await self._channel.start()
@@ -69,11 +98,16 @@ class AbuseGuard:
         await self._channel.stop()
 
     async def _load(self) -> None:
-        """Bans set while this gateway was not listening (at start, or after a reconnect)."""
-        async for raw in self.redis.scan_iter(match=f"{BAN_PREFIX}*", count=500):
-            ttl = await self.redis.ttl(raw)
-            if ttl > 0:
-                self._ban(raw.decode()[len(BAN_PREFIX) :], ttl)
+        """Bans set while this gateway was not listening (at start, or after a reconnect): the
+        ``abuse_max_bans`` live ones that end last, from ``BANNED_KEY`` (ended ones trimmed first)."""
+        seconds, micros = await self.redis.time()
+        now = seconds + micros / 1_000_000  # ban ends are on Redis's clock
+        await self.redis.zremrangebyscore(BANNED_KEY, "-inf", now)
+        live = await self.redis.zrevrangebyscore(
+            BANNED_KEY, "+inf", now, start=0, num=self.settings.abuse_max_bans, withscores=True
+        )
+        for raw, end in reversed(live):  # soonest first: the bound keeps those that end last
+            self._ban(raw.decode(), end - now)
 
     async def _on_ban(self, message: dict[str, Any] | None) -> None:
         if message and message.get("type") == "message":
@@ -84,7 +118,7 @@ class AbuseGuard:
     async def strike(self, clients: list[str]) -> float:
         """Count a failure for each client; returns the delay (seconds) to hold the answer back."""
         s = self.settings
-        keys = [k for c in clients for k in abuse_keys(c)]
+        keys = [*(k for c in clients for k in abuse_keys(c)), BANNED_KEY]
         args: list[Any] = [s.abuse_window_s, s.abuse_tarpit_after, s.abuse_ban_after, s.abuse_tarpit_step_ms]
         args += [s.abuse_tarpit_max_ms, s.abuse_ban_s, s.abuse_ban_max_s, BAN_CHANNEL, *clients]
         try:
@@ -101,16 +135,18 @@ class AbuseGuard:
         return float(delay_ms) / 1000
 
     def address(self, scope: Scope) -> str:
-        peer = (scope.get("client") or ("unknown", 0))[0]
+        """The client id of the request's address (``a:<this>``): an IPv4 address, or an IPv6 /64
+        network (one subscriber holds a whole /64), an IPv4-mapped IPv6 address as its IPv4 one."""
+        peer = str((scope.get("client") or ("unknown", 0))[0])
         if not self.trusted or not self._is_trusted(peer):
-            return str(peer)
+            return client_network(peer)
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
                 hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
                 for hop in reversed(hops):
                     if not self._is_trusted(hop):
-                        return str(hop[:64])
-        return str(peer)
+                        return client_network(hop[:64])
+        return client_network(peer)
 
     def _is_trusted(self, address: str) -> bool:
         try:

@@ -1,4 +1,6 @@
-"""Start a worker process: settings in, loop until SIGTERM."""
+"""Start a worker process: settings in, loop until SIGTERM. Its metrics (``worker_metrics_port``)
+listen on ``control_host``, the private address of the admin API, never on the public ``host``; a
+port already taken leaves them off with a ``metrics_port_in_use`` warning."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from bastion.worker.models import ModelCache
 from bastion.worker.prefork import Prefork
 from bastion.worker.service import Worker
 
+log = logs.get("bastion.worker")
+
 
 def run(settings: Settings) -> None:
     logs.configure(settings.log_level, "worker")
@@ -26,10 +30,19 @@ def run(settings: Settings) -> None:
         serve(settings, name)
 
 
+def serve_metrics(port: int, host: str) -> None:
+    """Prometheus metrics on ``host:port``; a port taken (since the supervisor probed it) leaves
+    them off with a warning instead of crashing the worker loop into a restart loop."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        log.warning("metrics_port_in_use", port=port, host=host, error_type=type(exc).__name__)
+
+
 def serve(settings: Settings, name: str) -> None:
     """The worker loop, until SIGTERM."""
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.host)
+        serve_metrics(settings.worker_metrics_port, settings.control_host)  # private, as the admin API
     client = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
     cache = ModelCache(
         ArtifactStore(settings.resolved_artifact_dir),
