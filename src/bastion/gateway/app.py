@@ -21,6 +21,7 @@ from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
 from bastion.gateway.breakers import Breakers, Policy
+from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
@@ -63,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         durability = Durability(settings.durability, settings.durability_replicas, settings.durability_timeout_ms)
         with contextlib.suppress(RedisError, OSError):  # Redis away at start: the check waits for the next start
             await durability.check(client)
+        snapshots = SnapshotWatcher(client, settings.snapshot_refresh_s)
         state = GatewayState(
             settings=settings,
             gateway_id=gateway_id,
@@ -77,7 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
                 durability=durability,
             ),
             replies=ReplyRouter(client, gateway_id),
-            snapshots=SnapshotWatcher(client, settings.snapshot_refresh_s),
+            snapshots=snapshots,
+            jobwatch=JobWatch(client, snapshots, lambda: state.draining),
             jwks=_jwks(settings),
             abuse=AbuseGuard(client, settings),
             breakers=Breakers(Policy.from_settings(settings)),
@@ -85,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.gateway = state
         await state.snapshots.start()
         await state.replies.start()
+        await state.jobwatch.start()
         if state.abuse is not None:
             await state.abuse.start()
         log.info("gateway_started", gateway_id=gateway_id)
@@ -94,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
             state.draining = True
             if state.background:  # let queued shadow copies reach Redis
                 await asyncio.wait(state.background, timeout=5)
+            await state.jobwatch.stop()
             await state.replies.stop()
             if state.abuse is not None:
                 await state.abuse.stop()

@@ -1,4 +1,4 @@
-"""What one gateway process holds: its Redis client, producer, reply router and snapshot."""
+"""What one gateway process holds: its Redis client, producer, reply router, snapshot and job watch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from bastion.gateway.abuse import AbuseGuard
 from bastion.gateway.breakers import Breakers, Policy
+from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.queue.producer import Producer
@@ -23,6 +24,7 @@ class GatewayState:
     producer: Producer
     replies: ReplyRouter
     snapshots: SnapshotWatcher
+    jobwatch: JobWatch
     jwks: JwksCache | None = None  # set when an OIDC issuer is configured
     abuse: AbuseGuard | None = None
     breakers: Breakers = field(default_factory=lambda: Breakers(Policy()))
