@@ -5,7 +5,9 @@ key                      what                                        lifetime / 
 =======================  ==========================================  ==============================
 q:{model}:{lane}         job stream of one model and lane            control plane (deleted with model);
                          (lane: ``sync``, ``batch`` or ``shadow``)   entries XDEL'd on completion
-dlq:{model}              dead-letter stream                          capped with MAXLEN
+dlq:{model}              dead-letter stream (inputs over             complete.lua: MAXLEN max_dead_letters
+                         dead_letter_max_input_bytes kept as size    and MINID now - max age on each
+                         and digest only: not replayable)            letter; TTL: the max age, refreshed
 r:{gateway}              reply stream of one gateway process         gateway deletes on exit; TTL
                                                                      refreshed while it lives
 job:{id}                 job state hash (tenant, status, result)     TTL: result_ttl (async) or
@@ -16,23 +18,26 @@ snap:current             the published control-plane snapshot        control pla
 snap:serial              the published snapshot's serial (a few      control plane (overwritten with
                          bytes: what processes poll)                 snap:current)
 snap:notify              pub/sub channel announcing a new snapshot   -
-jobs:events              pub/sub channel: an async job's id, each    start.lua / outcome.lua publish
-                         time its status changes (SSE streams wait)
+jobs:events              pub/sub channel: a tenant's async job id,   start.lua / complete.lua publish
+                         each time its status changes (SSE streams   (never for sync jobs, shadow
+                         wait on it)                                 copies or evaluations)
 stored:{tenant}          sorted set: the tenant's stored async       enqueue.lua adds, expiry prunes;
                          results ("<id>" scored by expiry; bytes in  key TTL: the longest result
                          storedb:{tenant})
-streams:{key id}         sorted set: open job event streams (SSE) of  gateway (jobs.py) adds and removes;
-                         one API key, scored by when each lapses     a slot lapses; key TTL: longest
+streams:{key id}         sorted set: open job event streams (SSE) of  stream_slot.lua (gateway/streams.py)
+                         one API key, scored by when each lapses     adds, refreshes and removes; a
+                                                                     slot lapses; key TTL: longest
 storedb:{tenant}         hash: bytes of each stored result, and the  outcome.lua; same TTL as
                          total                                       stored:{tenant}
 shadow:{model}:{ver}     shadow comparison counters of one version   workers; TTL 30 days, refreshed
                                                                      on each comparison
 rl:t:{tenant}:{model}    compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
 rl:k:{key id}            compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
-inflight:{tenant}        sorted set: job ids holding a slot of the   enqueue.lua adds, the outcome
-                         tenant's in-flight cap, scored by when the  (outcome.lua) removes; a slot
-                         slot lapses                                 lapses by itself; key TTL: the
-                                                                     longest slot
+inflight:{tenant}        sorted set: job ids (and open event streams, enqueue.lua adds, the outcome
+                         ``sse:...``) holding a slot of the tenant's (outcome.lua) removes;
+                         in-flight cap, scored by when the slot      stream_slot.lua adds and removes
+                         lapses                                      streams; a slot lapses by itself;
+                                                                     key TTL: the longest slot
 cost:{model}:{ver}       learned compute units per row (EWMA, from   workers (settle.lua); TTL 1 day
                          jobs that ran; never below the floor)
 idem:{tenant}:{digest}   an Idempotency-Key's request fingerprint,   enqueue.lua; the outcome by
@@ -45,6 +50,8 @@ strike:{client}          a client's failures in the abuse window     strike.lua;
 ban:{client}             the client is banned                        strike.lua; TTL: the ban
 bans:{client}            bans of the client in the last day          strike.lua; TTL 1 day
 abuse:bans               pub/sub channel announcing a ban            -
+abuse:banned             sorted set: live bans, client id scored by  strike.lua (trims ended ones);
+                         the ban's end (epoch s, Redis clock)        TTL abuse_ban_max_s, renewed
 =======================  ==========================================  ==============================
 
 ``{client}`` is ``a:<address>`` or ``k:<key id>``.
@@ -69,6 +76,7 @@ STRIKE_PREFIX = "strike:"
 BAN_PREFIX = "ban:"
 BANS_PREFIX = "bans:"
 BAN_CHANNEL = "abuse:bans"
+BANNED_KEY = "abuse:banned"
 SHADOW_RECORD_TTL_S = 600
 WARM_TTL_S = 3600
 SNAPSHOT_KEY = "snap:current"

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address the public gateway listens on")
     control_host: str = Field(
-        default="127.0.0.1", description="address the admin API (control plane) and metrics ports listen on"
+        default="127.0.0.1",
+        description="address the admin API (control plane) and the metrics ports listen on; metrics need no "
+        "credentials, so keep it private",
     )
     gateway_port: int = Field(default=8000, ge=0, le=65535, description="public gateway port")
     control_port: int = Field(default=8001, ge=0, le=65535, description="admin API (control plane) port")
@@ -71,7 +73,9 @@ class Settings(BaseSettings):
         default=4096, ge=16, description="open connections one HTTP process accepts; beyond them new ones get 503"
     )
     max_connections_per_client: int = Field(
-        default=256, ge=1, description="open connections one client address may hold on one HTTP process"
+        default=256,
+        ge=1,
+        description="open connections one client address (an IPv6 /64 counts as one) may hold on one HTTP process",
     )
     public_metrics: bool = Field(
         default=False, description="also serve /metrics on the public gateway port (off: only on the metrics port)"
@@ -118,7 +122,7 @@ class Settings(BaseSettings):
     result_cost_per_kib: float = Field(
         default=1.0, ge=0, description="compute units charged per KiB of a stored async result, on top of its run"
     )
-    max_dead_letters: int = Field(default=10_000, ge=1, description="dead letters kept per model (oldest go first)")
+    max_dead_letters: int = Field(default=1000, ge=1, description="dead letters kept per model (oldest go first)")
     dead_letter_max_age_s: int = Field(
         default=7 * 86_400, ge=60, description="dead letters older than this are dropped, seconds"
     )

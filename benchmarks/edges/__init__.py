@@ -1,0 +1,1 @@
+"""Parts of the edge benchmark (bench_edges.py): the stack, the victim, the raw wire, the findings."""
