@@ -6,7 +6,7 @@ updates; the names are shared so dashboards join them.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -54,3 +54,13 @@ REDIS_MEMORY_MAX = Gauge("bastion_redis_memory_max_bytes", "Redis's memory bound
 REDIS_MEMORY_HIGH = Gauge(
     "bastion_redis_memory_high", "1 while Redis uses redis_memory_alert x maxmemory or more, else 0"
 )
+
+
+def serve(port: int, host: str) -> bool:
+    """Export this process's metrics on ``host:port`` (a thread); False when the port is taken
+    (since the supervisor probed it): the caller logs it and runs on without metrics."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError:
+        return False
+    return True

@@ -12,9 +12,8 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client import start_http_server
 
-from bastion import httpserver, logs
+from bastion import httpserver, logs, metrics
 from bastion.gateway.app import create_app
 from bastion.settings import Settings
 
@@ -56,22 +55,14 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def serve_metrics(port: int, host: str) -> None:
-    """Prometheus metrics on ``host:port``; a port taken (since the supervisor probed it) leaves
-    them off with a warning instead of crashing the gateway into a restart loop."""
-    try:
-        start_http_server(port, addr=host)
-    except OSError as exc:
-        log.warning("metrics_port_in_use", port=port, host=host, error_type=type(exc).__name__)
-
-
 def serve(settings: Settings, fd: int | None = None) -> None:
     logs.configure(settings.log_level, "gateway")
     app = create_app(settings)
     config = httpserver.config(app, settings, host=settings.host, port=settings.gateway_port, backlog=2048)
     server = DrainingServer(config, app, settings.drain_s)
     if settings.gateway_metrics_port:
-        serve_metrics(settings.gateway_metrics_port, settings.control_host)
+        if not metrics.serve(settings.gateway_metrics_port, settings.control_host):
+            log.warning("metrics_port_in_use", port=settings.gateway_metrics_port, host=settings.control_host)
     tune_gc()
     if fd is None:
         server.run()

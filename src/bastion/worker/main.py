@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
-from prometheus_client import start_http_server
-
-from bastion import logs
+from bastion import logs, metrics
 from bastion.artifacts.store import ArtifactStore
 from bastion.redisconn import sync_client
 from bastion.runtime.onnx import OnnxRuntime
@@ -30,19 +28,11 @@ def run(settings: Settings) -> None:
         serve(settings, name)
 
 
-def serve_metrics(port: int, host: str) -> None:
-    """Prometheus metrics on ``host:port``; a port taken (since the supervisor probed it) leaves
-    them off with a warning instead of crashing the worker loop into a restart loop."""
-    try:
-        start_http_server(port, addr=host)
-    except OSError as exc:
-        log.warning("metrics_port_in_use", port=port, host=host, error_type=type(exc).__name__)
-
-
 def serve(settings: Settings, name: str) -> None:
     """The worker loop, until SIGTERM."""
     if settings.worker_metrics_port:
-        serve_metrics(settings.worker_metrics_port, settings.control_host)  # private, as the admin API
+        if not metrics.serve(settings.worker_metrics_port, settings.control_host):  # private, as the admin API
+            log.warning("metrics_port_in_use", port=settings.worker_metrics_port, host=settings.control_host)
     client = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
     cache = ModelCache(
         ArtifactStore(settings.resolved_artifact_dir),
