@@ -124,3 +124,21 @@ def test_cli_policy_rules_parse_every_kind() -> None:
     for bad in ("EU", "nothing:x=1", "EU=a", "=1"):
         with pytest.raises(typer.BadParameter):
             _rule(bad)
+
+
+def test_random_ids_are_distinct_and_a_forked_child_never_repeats_its_parents() -> None:
+    import os
+
+    from bastion import ids
+
+    assert len({ids.hex_id() for _ in range(20_000)}) == 20_000
+    ids.hex_id()  # the parent holds a block it has not used up
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, ",".join(ids.hex_id() for _ in range(64)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = set(os.read(read, 1 << 16).decode().split(","))
+    parent = {ids.hex_id() for _ in range(64)}
+    assert len(child) == 64 and not child & parent

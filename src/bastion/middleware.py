@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import logs, metrics, problems
+from bastion import ids, logs, metrics, problems
 from bastion.errors import PayloadTooLarge
 
 log = logs.get("bastion.http")
@@ -68,8 +67,8 @@ class RequestId:
     """Give every request an id (the client's ``X-Request-ID`` when well-formed), echo it, and
     bind it to every log line written while the request runs (``logs.bind_request``).
 
-    Generated ids are 16 random hex digits (64 bits from the OS's CSPRNG, about half a
-    microsecond): unique in practice and unpredictable, so one id tells nothing of another.
+    Generated ids are 16 random hex digits (``bastion.ids``: 64 bits from the OS's CSPRNG, read
+    a block at a time): unique in practice and unpredictable, so one id tells nothing of another.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -86,7 +85,7 @@ class RequestId:
                 if _REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
                 break
-        request_id = request_id or secrets.token_hex(8)
+        request_id = request_id or ids.hex_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
 

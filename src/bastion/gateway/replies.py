@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from bastion import logs
+from bastion import ids, logs
 from bastion.constants import reply_key
 
 log = logs.get("bastion.gateway.replies")
@@ -44,7 +43,7 @@ class ReplyRouter:
 
         Sync ids only name a reply in flight; access to any job is checked by tenant anyway.
         """
-        return "s" + secrets.token_hex(8)
+        return "s" + ids.hex_id()
 
     async def start(self) -> None:
         self._last_id = (await self._claim_stream()).decode()
