@@ -154,7 +154,7 @@ def run_loadgen(
     return result
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc), so none is left behind if ``pid`` hangs."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -189,7 +189,7 @@ def cpu_seconds(root: int) -> dict[int, tuple[str, float]]:
     """CPU time (user + system) of ``root`` and its descendants: pid -> (role, seconds)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
-    for pid in [root, *_descendants(root)]:
+    for pid in [root, *descendants(root)]:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             out[pid] = (_role(pid), (int(fields[11]) + int(fields[12])) / tick)
@@ -211,7 +211,7 @@ def stop_process(process: subprocess.Popen[bytes], signum: int, timeout_s: float
     """Send ``signum``, wait; kill the process and its descendants if it does not exit in time."""
     if process.poll() is not None:
         return process.returncode
-    family = _descendants(process.pid)
+    family = descendants(process.pid)
     process.send_signal(signum)
     try:
         return process.wait(timeout_s)

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import redis
+from bench_predict import descendants  # benchmarks/ is on sys.path (bench_edges.py)
 
 KEY_RE = re.compile(r"bst_[A-Za-z0-9_-]+")
 LOOPBACK = "127.0.0.1"
@@ -56,24 +57,6 @@ def free_port(host: str = LOOPBACK, span: int = 1) -> int:
         if ok:
             return port
     raise StackError("no free port range found")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _stat(pid: int) -> tuple[float, int] | None:
