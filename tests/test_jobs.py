@@ -6,6 +6,7 @@ import signal
 
 import httpx
 
+from bastion.timefmt import parse_iso
 from tests.support import Stack, wait_until
 
 ROW = [1.0] * 30
@@ -26,7 +27,8 @@ def test_job_lifecycle_and_result(stack: Stack) -> None:
         final = http.get(f"/v1/jobs/{job['id']}").json()
         expected = http.post("/v1/models/breast-cancer/predict", json={"inputs": [ROW, ROW]}).json()["outputs"]
     assert final["outputs"] == expected
-    assert final["finished_at"] >= final["created_at"]
+    assert final["version"] == job["version"]
+    assert parse_iso(final["created_at"]) <= parse_iso(final["started_at"]) <= parse_iso(final["finished_at"])
 
 
 def test_job_events_stream_until_the_result(stack: Stack) -> None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from bastion.constants import DEFAULT_TENANT_SCOPES
 from bastion.registry.limits import TenantLimits
+from bastion.timefmt import parse_iso
+
+
+def _utc(value: Any) -> Any:
+    """An ISO 8601 string as an aware UTC datetime (no zone: UTC); anything else for pydantic to judge."""
+    return parse_iso(value) if isinstance(value, str) else value
+
+
+UtcDatetime = Annotated[datetime, BeforeValidator(_utc)]
 
 
 class KeyCreate(BaseModel):
@@ -16,7 +26,10 @@ class KeyCreate(BaseModel):
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     name: str = Field(default="", max_length=128)
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_TENANT_SCOPES), min_length=1, max_length=16)
-    expires_at: AwareDatetime | None = Field(default=None, description="with a time zone, e.g. 2030-01-01T00:00:00Z")
+    expires_at: UtcDatetime | None = Field(
+        default=None,
+        description="ISO 8601 date or time; without a zone it is UTC, e.g. 2030-01-01T00:00:00Z or 2030-01-01",
+    )
     tier: str | None = Field(default=None, max_length=32, description="rate tier (settings: rate_tiers)")
     subject_trusted: bool = Field(
         default=False, description="the key may name the subject of a request (X-Bastion-Subject): trusted back ends"

@@ -34,6 +34,7 @@ from bastion.gateway.pipeline import redis_errors
 from bastion.gateway.state import GatewayState
 from bastion.responses import json_response
 from bastion.security import apikeys
+from bastion.timefmt import iso_utc
 
 router = APIRouter()
 
@@ -54,13 +55,16 @@ async def _load(state: GatewayState, tenant: str, job_id: str) -> dict[str, Any]
 
 
 def _document(job_id: str, fields: dict[str, bytes]) -> dict[str, Any]:
+    """The job as its tenant sees it: id, model, the version it was routed to (the one the 202
+    named), status, ``created_at``/``started_at``/``finished_at`` (ISO 8601 UTC; the hash keeps
+    epoch milliseconds), then its outputs or error."""
     status = fields.get("status", b"").decode()
     doc: dict[str, Any] = {"id": job_id, "model": fields.get("model", b"").decode(), "status": status}
     if fields.get("version"):
         doc["version"] = int(fields["version"])
     for name in ("created", "started", "finished"):
-        if name in fields:
-            doc[f"{name}_at"] = int(fields[name]) / 1000
+        if fields.get(name):
+            doc[f"{name}_at"] = iso_utc(int(fields[name]) / 1000)
     if status == STATUS_SUCCEEDED and fields.get("result"):
         doc["outputs"] = payloads.v1_outputs(codec.decode(fields["result"]))
     elif fields.get("error"):
@@ -70,7 +74,9 @@ def _document(job_id: str, fields: dict[str, bytes]) -> dict[str, Any]:
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], openapi_extra=declares(JOBS))
 async def get_job(job_id: str, request: Request) -> Response:
-    """The job's status, and its outputs once it has succeeded."""
+    """The job's status, the model version it was routed to, its times (``created_at``,
+    ``started_at``, ``finished_at``: ISO 8601 UTC, e.g. ``2026-12-02T06:27:56.123Z``) and its
+    outputs once it has succeeded (or its error)."""
     state: GatewayState = request.app.state.gateway
     key = await authenticate(request, state, *JOBS)
     return json_response(await _load(state, key.tenant, job_id))
@@ -78,9 +84,10 @@ async def get_job(job_id: str, request: Request) -> Response:
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], openapi_extra=declares(JOBS))
 async def job_events(job_id: str, request: Request) -> Response:
-    """Server-sent events: a ``status`` event on each change, then ``result`` when the job ends
-    (or ``revoked`` when the credential stops authenticating, ``timeout``, ``gone``). Refused with
-    429 when the key's open streams or the tenant's in-flight cap are at their limit."""
+    """Server-sent events: a ``status`` event on each change, then ``result`` when the job ends,
+    carrying the job as ``GET /v1/jobs/{id}`` shows it (or ``revoked`` when the credential stops
+    authenticating, ``timeout``, ``gone``). Refused with 429 when the key's open streams or the
+    tenant's in-flight cap are at their limit."""
     state: GatewayState = request.app.state.gateway
     key = await authenticate(request, state, *JOBS)
     token = apikeys.bearer(request.headers.get("authorization")) or ""

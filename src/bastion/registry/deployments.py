@@ -21,6 +21,7 @@ from bastion.errors import Conflict, InvalidInput, NotFound
 from bastion.registry.db import Sessions
 from bastion.registry.metadata import GatePolicy
 from bastion.registry.tables import Deployment, DeploymentEvent, Model, ModelVersion
+from bastion.timefmt import iso_utc
 
 ROLES = ("primary", "canary", "shadow")
 _RULE_KEYS = ("jurisdiction", "tenant", "without_consent")
@@ -261,4 +262,5 @@ def _view(row: Model, dep: Deployment | None) -> dict[str, Any]:
         "fallback_version": dep.fallback_version,
         "disabled": dep.disabled,
         "updated_by": dep.updated_by,
+        "updated_at": iso_utc(dep.updated_at),
     }

@@ -15,6 +15,7 @@ Promotion makes the version the 100 % primary route. Every step is appended to `
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ from bastion.registry.deployments import Deployments
 from bastion.registry.metadata import GatePolicy, parse, stored
 from bastion.registry.names import check_name
 from bastion.registry.tables import Deployment, Model, ModelVersion, VersionEvent
+from bastion.timefmt import iso_utc, parse_iso
 
 REGISTERED, STAGING, PRODUCTION, RETIRED = "registered", "staging", "production", "retired"
 STAGES = (REGISTERED, STAGING, PRODUCTION, RETIRED)
@@ -40,6 +42,19 @@ _NEXT = {
     PRODUCTION: {STAGING, RETIRED},
     RETIRED: set[str](),
 }
+
+
+def with_iso_times(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored document (a holdout's or an evaluation's record) with its ``*_at`` times in the
+    API's form: records written before every time was ``iso_utc``'s carry ``+00:00`` offsets."""
+    if not doc:
+        return doc
+    out = dict(doc)
+    for name, value in doc.items():
+        if name.endswith("_at") and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # not a time after all: shown as stored
+                out[name] = iso_utc(parse_iso(value))
+    return out
 
 
 def policy_of(model: Model | None) -> GatePolicy:
@@ -86,7 +101,7 @@ class Lifecycle:
             "classes": sorted({int(v) for v in found.labels.tolist()}),
             "groups": found.groups,
             "uploaded_by": by[:64],
-            "uploaded_at": datetime.now(UTC).isoformat(),
+            "uploaded_at": iso_utc(datetime.now(UTC)),
         }
         with self.sessions.begin() as s:
             row = _model(s, model)
@@ -111,7 +126,7 @@ class Lifecycle:
                 "job_id": job_id,
                 "holdout_sha256": row.holdout["sha256"],
                 "requested_by": by[:64],
-                "requested_at": datetime.now(UTC).isoformat(),
+                "requested_at": iso_utc(datetime.now(UTC)),
             }
             record(s, row, version, "evaluation_requested", by, job_id=job_id)
             return job_id, orjson.dumps(spec)
@@ -133,7 +148,7 @@ class Lifecycle:
                 v.evaluation = {**current, "status": "succeeded", "report": orjson.loads(result)}
             else:
                 v.evaluation = {**current, "status": "failed", "error": error[:500]}
-            v.evaluation["finished_at"] = datetime.now(UTC).isoformat()
+            v.evaluation["finished_at"] = iso_utc(datetime.now(UTC))
             record(s, row, version, "evaluated", "worker", job_id=job_id, status=v.evaluation["status"])
 
     # approval and stages -----------------------------------------------------------------
@@ -196,7 +211,7 @@ class Lifecycle:
             )
             return [
                 {"action": e.action, "version": e.version, "by": e.created_by, "detail": e.detail or {}}
-                | {"at": e.created_at.isoformat()}
+                | {"at": iso_utc(e.created_at)}
                 for e in events
             ]
 
@@ -206,6 +221,7 @@ class Lifecycle:
             "version": v.version,
             "stage": v.stage,
             "approved_by": v.approved_by,
+            "approved_at": iso_utc(v.approved_at),
             "gates": gates(row, v),
         }
 

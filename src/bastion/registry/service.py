@@ -22,7 +22,7 @@ from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound, PayloadTooLarge
 from bastion.registry import db, serving
 from bastion.registry.deployments import Deployments
-from bastion.registry.lifecycle import Lifecycle, policy_of, record
+from bastion.registry.lifecycle import Lifecycle, policy_of, record, with_iso_times
 from bastion.registry.limits import Budget, TenantLimits
 from bastion.registry.limits import resolve as resolve_limits
 from bastion.registry.metadata import (
@@ -38,6 +38,7 @@ from bastion.registry.tables import ApiKey, Deployment, DeploymentEvent, Model, 
 from bastion.registry.trail import Trail
 from bastion.security import apikeys, signing
 from bastion.signature import Signature, to_tensor
+from bastion.timefmt import iso_utc, to_millisecond
 
 _MAX_REFERENCE_ROWS = 10_000
 _EVENT_PAGE = 50
@@ -135,8 +136,10 @@ class Registry:
             raise InvalidInput(f"unknown or missing scopes {unknown}; allowed: {list(SCOPES)}")
         if tier is not None and tier not in self.tiers:
             raise InvalidInput(f"unknown rate tier {tier!r}; configured: {sorted(self.tiers)}")
-        if expires_at is not None and _aware(expires_at) <= datetime.now(UTC):
-            raise InvalidInput("expires_at is in the past")
+        if expires_at is not None:
+            expires_at = to_millisecond(expires_at)  # what the API shows is what holds
+            if expires_at <= datetime.now(UTC):
+                raise InvalidInput("expires_at is in the past")
         owner = self.ensure_tenant(tenant)
         new = apikeys.generate()
         row = ApiKey(
@@ -197,7 +200,7 @@ class Registry:
                 tier=old.tier,
                 subject_trusted=old.subject_trusted,
             )
-            ends = datetime.now(UTC) + timedelta(seconds=overlap_s)
+            ends = to_millisecond(datetime.now(UTC) + timedelta(seconds=overlap_s))
             old.expires_at = min(_aware(old.expires_at), ends) if old.expires_at else ends
             s.add(row)
             s.flush()
@@ -572,7 +575,7 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
         "description": model.description,
         "current_version": model.current_version,
         "policy": policy_of(model).model_dump(exclude_none=True),
-        "holdout": model.holdout,
+        "holdout": with_iso_times(model.holdout),
         "serving": serving.of(model).model_dump(exclude_none=True),
         "deployment": {
             "routes": dep.routes if dep else [],
@@ -602,9 +605,10 @@ def _key_view(key: ApiKey, tenant: str) -> dict[str, Any]:
         "scopes": key.scopes,
         "tier": key.tier,
         "subject_trusted": bool(key.subject_trusted),
-        "created_at": _aware(key.created_at).isoformat(),
-        "expires_at": _aware(key.expires_at).isoformat() if key.expires_at else None,
+        "created_at": iso_utc(key.created_at),
+        "expires_at": iso_utc(key.expires_at),
         "revoked": key.revoked_at is not None,
+        "revoked_at": iso_utc(key.revoked_at),
     }
 
 
@@ -620,9 +624,10 @@ def _version_view(model: Model, version: ModelVersion) -> dict[str, Any]:
         "verified": version.verified,
         "signed_by": version.signed_by,
         "approved_by": version.approved_by,
-        "evaluation": version.evaluation,
+        "approved_at": iso_utc(version.approved_at),
+        "evaluation": with_iso_times(version.evaluation),
         "created_by": version.created_by,
-        "created_at": _aware(version.created_at).isoformat(),
+        "created_at": iso_utc(version.created_at),
     }
 
 

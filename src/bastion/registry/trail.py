@@ -8,13 +8,13 @@ dropped before the row is written. Rows are only ever added; readers page by id.
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 from sqlalchemy import select
 
 from bastion.registry.db import Sessions
 from bastion.registry.tables import AdminChange
+from bastion.timefmt import iso_utc
 
 _SECRET_FIELDS = frozenset({"key", "secret", "plaintext", "token", "password", "digest"})
 MAX_PAGE = 1000
@@ -55,7 +55,7 @@ class Trail:
             return [
                 {
                     "id": r.id,
-                    "at": (r.at if r.at.tzinfo else r.at.replace(tzinfo=UTC)).isoformat(),
+                    "at": iso_utc(r.at),
                     "principal": r.principal_id,
                     "action": r.action,
                     "resource": {"kind": r.resource_kind, "name": r.resource_name},

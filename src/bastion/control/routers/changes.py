@@ -20,7 +20,8 @@ async def list_changes(
     after: int = Query(default=0, ge=0, le=2**62, description="only changes with a higher id (the last id seen)"),
     limit: int = Query(default=100, ge=1, le=MAX_PAGE),
 ) -> Response:
-    """Changes in id order: when, which principal, the action, the resource and a detail (never
-    a secret). Page with ``after`` = the last ``id`` received; ``next_after`` is null on the last page."""
+    """Changes in id order: when (``at``, ISO 8601 UTC), which principal, the action, the resource
+    and a detail (never a secret). Page with ``after`` = the last ``id`` received; ``next_after``
+    is null on the last page."""
     found = await run_in_threadpool(plane_of(request).registry.trail.listing, after, limit)
     return json_response({"changes": found, "next_after": found[-1]["id"] if len(found) == limit else None})

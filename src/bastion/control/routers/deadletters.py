@@ -19,20 +19,33 @@ from bastion.control.schemas import ReplayRequest
 from bastion.errors import Conflict
 from bastion.queue import deadletters
 from bastion.responses import json_response
+from bastion.timefmt import iso_utc
 
 router = APIRouter()
 _UNAVAILABLE = "dead letters are unavailable"
 
 
+def _shown(letter: dict[str, Any]) -> dict[str, Any]:
+    """A letter with its times in the API's form: ``created_at`` (when the job was submitted) and
+    ``dead_lettered_at`` (the letter's stream id is the millisecond it was written)."""
+    out = {k: v for k, v in letter.items() if k != "created_ms"}
+    created_ms = letter.get("created_ms")
+    out["created_at"] = iso_utc(created_ms / 1000) if created_ms else None
+    written_ms = str(letter["id"]).partition("-")[0]
+    out["dead_lettered_at"] = iso_utc(int(written_ms) / 1000) if written_ms.isdigit() else None
+    return out
+
+
 @router.get("/models/{name}/dead-letters", tags=["jobs"], **needs("deploy"))
 async def dead_letters(name: str, request: Request, count: int = Query(default=100, ge=1, le=10_000)) -> Response:
-    """The newest dead-lettered jobs of the model (ids, tenant, reason; never their inputs)."""
+    """The newest dead-lettered jobs of the model (ids, tenant, version, reason; never their inputs);
+    ``created_at`` and ``dead_lettered_at`` are ISO 8601 UTC."""
     plane = plane_of(request)
     await run_in_threadpool(plane.registry.get_model, name)
 
     def listing() -> list[dict[str, Any]]:
         with redis_errors(_UNAVAILABLE):
-            return deadletters.listing(plane.redis, name, count)
+            return [_shown(letter) for letter in deadletters.listing(plane.redis, name, count)]
 
     return json_response({"model": name, "dead_letters": await run_in_threadpool(listing)})
 

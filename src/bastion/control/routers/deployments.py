@@ -40,7 +40,8 @@ async def route_primary(plane: ControlPlane, caller: dict[str, Any], model: str,
 
 @router.get("/models/{name}/deployment", tags=["deployments"], **needs("models:read"))
 async def get_deployment(name: str, request: Request) -> Response:
-    """The model's routes, fallback version and kill-switch state."""
+    """The model's routes, fallback version and kill-switch state; who changed it last and when
+    (``updated_at``, ISO 8601 UTC)."""
     return json_response(await run_in_threadpool(plane_of(request).registry.deployments.get, name))
 
 

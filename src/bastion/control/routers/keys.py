@@ -21,6 +21,7 @@ from bastion.control.principals import may_grant, needs, principal
 from bastion.control.schemas import KeyCreate, KeyRotate
 from bastion.errors import Forbidden
 from bastion.responses import json_response
+from bastion.timefmt import iso_utc, parse_iso, to_millisecond
 
 router = APIRouter()
 
@@ -33,7 +34,9 @@ async def create_key(
 ) -> Response:
     """Create an API key. The key itself is in this response only; it is stored as a hash.
     Its scopes must be ones the caller holds (403 otherwise); ``subject_trusted`` lets the key
-    name the subject of a request (``X-Bastion-Subject``), for trusted back ends."""
+    name the subject of a request (``X-Bastion-Subject``), for trusted back ends. ``expires_at``
+    is ISO 8601 (without a zone: UTC), kept to the millisecond and answered in UTC
+    (``2030-01-01T00:00:00.000Z``)."""
     plane = plane_of(request)
     may_grant(admin, [s for s in body.scopes if s in SCOPES], f"creating a key for tenant {body.tenant!r}")
     bounded_by_caller(admin, body.expires_at)
@@ -49,7 +52,7 @@ async def create_key(
             "key": plaintext,
             "tier": row.tier,
             "subject_trusted": row.subject_trusted,
-            "expires_at": body.expires_at.isoformat() if body.expires_at else None,
+            "expires_at": iso_utc(row.expires_at),
         }
 
     view = await changes.run(
@@ -69,13 +72,15 @@ def bounded_by_caller(caller: dict[str, Any], expires_at: datetime | None) -> No
     own = caller.get("expires_at")
     if not own:
         return
-    limit = datetime.fromisoformat(own)
-    if expires_at is None or expires_at > limit:
-        raise Forbidden(f"the new key must expire no later than the caller's own key ({limit.isoformat()})")
+    limit = parse_iso(own)  # to the millisecond, as keys' expiry times are kept
+    if expires_at is None or to_millisecond(expires_at) > limit:
+        raise Forbidden(f"the new key must expire no later than the caller's own key ({iso_utc(limit)})")
 
 
 @router.get("/keys", tags=["keys"], **needs("keys"))
 async def list_keys(request: Request, tenant: str | None = Query(default=None, max_length=64)) -> Response:
+    """Every key (never a secret), oldest first; ``created_at``, ``expires_at`` and ``revoked_at``
+    are ISO 8601 UTC (``2026-12-02T06:27:56.123Z``), null when not set."""
     return json_response({"keys": await run_in_threadpool(plane_of(request).registry.list_keys, tenant)})
 
 
@@ -115,7 +120,7 @@ async def rotate_key(
         old = plane.registry.get_key(key_id)
         may_grant(admin, old["scopes"], f"rotating key {key_id!r}")
         expires = old.get("expires_at")
-        bounded_by_caller(admin, datetime.fromisoformat(expires) if expires else None)
+        bounded_by_caller(admin, parse_iso(expires) if expires else None)
         view, plaintext = plane.registry.rotate_key(key_id, body.overlap_s)
         return {**view, "secret": plaintext}
 

@@ -23,7 +23,9 @@ router = APIRouter()
 
 @router.get("/models/{name}/versions/{version}", tags=["lifecycle"], **needs("models:read"))
 async def get_version(name: str, version: int, request: Request) -> Response:
-    """One version: stage, metadata, verification, approval and its evaluation report."""
+    """One version: stage, metadata, verification, approval and its evaluation report; its times
+    (``created_at``, ``approved_at``, the evaluation's ``requested_at``/``finished_at``) are ISO
+    8601 UTC."""
     plane = plane_of(request)
     await run_in_threadpool(plane.collect_evaluation, name, version)
     return json_response(await run_in_threadpool(plane.registry.get_version, name, version))
@@ -104,7 +106,8 @@ async def version_gates(name: str, version: int, request: Request) -> Response:
 
 @router.get("/models/{name}/versions/{version}/history", tags=["lifecycle"], **needs("models:read"))
 async def version_history(name: str, version: int, request: Request) -> Response:
-    """Who registered, evaluated, approved and moved the version, in order."""
+    """Who registered, evaluated, approved and moved the version, in order; each event's ``at``
+    is ISO 8601 UTC."""
     events = await run_in_threadpool(plane_of(request).registry.lifecycle.history, name, version)
     return json_response({"model": name, "version": version, "events": events})
 
