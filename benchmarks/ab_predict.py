@@ -39,6 +39,11 @@ def run_side(tree: Path, args: argparse.Namespace, extra: list[str], out: Path) 
         str(args.duration),
         "--json",
         str(out),
+        # fixed counts: both sides run the same processes whatever their bastion up defaults are
+        "--gateways",
+        "2",
+        "--workers",
+        "1",
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}

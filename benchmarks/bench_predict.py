@@ -1,10 +1,11 @@
 """Benchmark Bastion's sync predict endpoint against two naive FastAPI baselines, in one run.
 
-    .venv/bin/python benchmarks/bench_predict.py [--duration 8] [--gateways 2] [--workers 1] [--json PATH]
+    .venv/bin/python benchmarks/bench_predict.py [--duration 8] [--gateways default] [--workers default] [--json PATH]
 
 1. starts ``bastion up`` in a temporary data directory on free ports, reads the first API key
    from its stdout and waits for the gateway's ``/readyz`` (``--gateways 1,2`` measures each
-   configuration in turn, in the same run);
+   configuration in turn, in the same run; ``default`` passes no flag, so ``bastion up`` sizes
+   itself to the machine; ``--gateways 1,default`` prints the default's throughput over one gateway's);
 2. warms it up, then runs ``loadgen.py`` (a subprocess pinned to one CPU) at each concurrency
    against ``POST /v1/models/breast-cancer/predict`` with the demo sample body;
 3. stops it (SIGINT, as Ctrl-C would) and measures ``baseline_server.py --mode def`` and
@@ -51,8 +52,7 @@ PREDICT_PATH = f"/v1/models/{MODEL}/predict"
 KEY_RE = re.compile(r"bst_[A-Za-z0-9_-]+")
 HOST = "127.0.0.1"
 # Chosen on the 2-core development machine: see README.md ("Choosing the defaults").
-DEFAULT_GATEWAYS = 2
-DEFAULT_WORKERS = 1
+DEFAULT = "default"  # no --gateways / --workers flag: bastion up's own sizing to the machine
 
 
 class BenchError(Exception):
@@ -227,7 +227,7 @@ def stop_process(process: subprocess.Popen[bytes], signum: int, timeout_s: float
 class BastionStack:
     """``bastion up`` in a temporary data directory; the API key from its first-run banner."""
 
-    def __init__(self, gateways: int, workers: int, extra: list[str], keep_dir: bool) -> None:
+    def __init__(self, gateways: int | None, workers: int | None, extra: list[str], keep_dir: bool) -> None:
         self.gateways = gateways
         self.workers = workers
         self.extra = extra
@@ -252,10 +252,8 @@ class BastionStack:
             str(self.port),
             "--control-port",
             str(self.control_port),
-            "--gateways",
-            str(self.gateways),
-            "--workers",
-            str(self.workers),
+            *([] if self.gateways is None else ["--gateways", str(self.gateways)]),
+            *([] if self.workers is None else ["--workers", str(self.workers)]),
             *self.extra,
         ]
 
@@ -272,7 +270,11 @@ class BastionStack:
 
     @property
     def name(self) -> str:
-        return f"bastion {self.gateways}g/{self.workers}w"
+        from bastion.settings import default_gateways, default_workers
+
+        gateways = f"{DEFAULT}={default_gateways()}" if self.gateways is None else self.gateways
+        workers = f"{DEFAULT}={default_workers()}" if self.workers is None else self.workers
+        return f"bastion {gateways}g/{workers}w"
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -381,10 +383,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def ratios(rows: list[dict[str, Any]], concurrency: int) -> dict[str, dict[str, float]]:
-    """For each Bastion configuration at ``concurrency``: its p99 and its req/s over each baseline's."""
+def ratios(rows: list[dict[str, Any]], concurrency: int) -> dict[str, dict[str, Any]]:
+    """For each Bastion configuration at ``concurrency``: its p99, its req/s over each baseline's and,
+    when a one-gateway configuration ran, over that one's."""
     at = {r["server"]: r for r in rows if r["concurrency"] == concurrency}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, mine in at.items():
         if not name.startswith("bastion"):
             continue
@@ -394,18 +397,34 @@ def ratios(rows: list[dict[str, Any]], concurrency: int) -> dict[str, dict[str, 
             if base and base["requests_per_s"] > 0:
                 entry[f"bastion_over_{mode}_rps"] = mine["requests_per_s"] / base["requests_per_s"]
         out[name] = entry
+    one = next((r for name, r in at.items() if name.startswith("bastion 1g/")), None)
+    if one and one["requests_per_s"] > 0:
+        for name, entry in out.items():
+            if at[name] is not one:
+                entry["bastion_over_1g_rps"] = at[name]["requests_per_s"] / one["requests_per_s"]
+                entry["over_1g_of"] = one["server"]
     return out
 
 
-def format_ratios(summary: dict[str, dict[str, float]], concurrency: int) -> str:
+def format_ratios(summary: dict[str, dict[str, Any]], concurrency: int) -> str:
     lines = [f"at concurrency {concurrency}:"]
     for name, entry in summary.items():
         lines.append(f"  {name}:")
         for mode in ("def", "async"):
             if f"bastion_over_{mode}_rps" in entry:
                 lines.append(f"    Bastion / {mode}-baseline req/s: {entry[f'bastion_over_{mode}_rps']:.2f}x")
+        if "bastion_over_1g_rps" in entry:
+            lines.append(f"    req/s over {entry['over_1g_of']}: {entry['bastion_over_1g_rps']:.2f}x")
         lines.append(f"    Bastion p99: {entry['bastion_p99_ms']:.2f} ms")
     return "\n".join(lines)
+
+
+def _count_list(text: str) -> list[int | None]:
+    """``1,2,default``: process counts; ``default`` (None) lets bastion up size itself."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected counts or {DEFAULT!r}, got {text!r}")
+    return [None if part == DEFAULT else _int_list(part)[0] for part in parts]
 
 
 def _int_list(text: str) -> list[int]:
@@ -426,15 +445,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16, 64], help="list (default 1,16,64)")
     parser.add_argument(
         "--gateways",
-        type=_int_list,
-        default=[DEFAULT_GATEWAYS],
-        help=f"bastion up --gateways; a list runs each (default {DEFAULT_GATEWAYS})",
+        type=_count_list,
+        default=[None],
+        help=f"bastion up --gateways; a list runs each; {DEFAULT}: no flag, bastion up sizes itself (default)",
     )
     parser.add_argument(
         "--workers",
-        type=_int_list,
-        default=[DEFAULT_WORKERS],
-        help=f"bastion up --workers; a list runs each (default {DEFAULT_WORKERS})",
+        type=_count_list,
+        default=[None],
+        help=f"bastion up --workers; a list runs each; {DEFAULT}: no flag, bastion up sizes itself (default)",
     )
     parser.add_argument("--servers", default="bastion,def,async", help="which to run (default bastion,def,async)")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured load per server first (default 2)")

@@ -120,6 +120,17 @@ def test_the_printed_curl_returns_a_prediction(up: Up) -> None:
     assert re.search(r"bst_[A-Za-z0-9]+_[A-Za-z0-9_-]+", up.out)
 
 
+def test_processes_are_sized_to_the_machine_and_the_banner_says_so(up: Up) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    gateways, workers = min(8, cpus), max(1, min(8, cpus // 4))
+    names = set(up.pids())
+    assert {f"gateway-{i}" for i in range(gateways)} <= names and f"gateway-{gateways}" not in names
+    assert {f"worker-{i}" for i in range(workers)} <= names and f"worker-{workers}" not in names
+    assert f"Processes for {cpus} CPUs: {gateways} gateway" in up.out
+    assert "one per CPU, 1 to 8" in up.out and "one per 4 CPUs, 1 to 8" in up.out
+    assert "models list" in up.out  # the next command to try
+
+
 def test_a_taken_gateway_port_is_reported_clearly(up: Up, tmp_path: Path) -> None:
     second = subprocess.run(
         [
@@ -288,3 +299,16 @@ def test_a_public_host_leaves_the_admin_api_and_metrics_on_the_control_host(tmp_
         assert instance.stop() == 0
         taken.close()
     assert "metrics_port_in_use" in errors and "--gateway-metrics-port" in errors and str(gateway_metrics) in errors
+
+
+def test_explicit_process_counts_win_over_the_machine_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: 16)
+    sized = settings_module.Settings()
+    assert (sized.gateways, sized.workers) == (8, 4) and not {"gateways", "workers"} & sized.model_fields_set
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: 1)
+    assert (settings_module.Settings().gateways, settings_module.Settings().workers) == (1, 1)
+    monkeypatch.setenv("BASTION_GATEWAYS", "3")
+    given = settings_module.Settings(workers=5)
+    assert (given.gateways, given.workers) == (3, 5) and {"gateways", "workers"} <= given.model_fields_set

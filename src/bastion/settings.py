@@ -6,6 +6,7 @@ Every field can be set by an environment variable ``BASTION_<FIELD>`` (upper cas
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 def _default_data_dir() -> Path:
     return Path.home() / ".bastion"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity masks
+        return max(1, os.cpu_count() or 1)
+
+
+# How bastion up sizes itself when --gateways / --workers are not given: the gateways parse,
+# check and queue every request, so one per CPU; a worker runs batches of up to max_batch rows
+# with one onnxruntime thread per session, so one per 4 CPUs is enough to keep up with them.
+MAX_AUTO_PROCESSES = 8
+GATEWAYS_RULE = f"one per CPU, 1 to {MAX_AUTO_PROCESSES}"
+WORKERS_RULE = f"one per 4 CPUs, 1 to {MAX_AUTO_PROCESSES}"
+
+
+def default_gateways() -> int:
+    return min(MAX_AUTO_PROCESSES, usable_cpus())
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_AUTO_PROCESSES, usable_cpus() // 4))
 
 
 class Settings(BaseSettings):
@@ -47,8 +72,20 @@ class Settings(BaseSettings):
     )
     gateway_port: int = Field(default=8000, ge=0, le=65535, description="public gateway port")
     control_port: int = Field(default=8001, ge=0, le=65535, description="admin API (control plane) port")
-    gateways: int = Field(default=1, ge=1, le=64, description="gateway processes sharing the gateway port")
-    workers: int = Field(default=1, ge=1, le=256, description="worker processes")
+    gateways: int = Field(
+        default_factory=default_gateways,
+        ge=1,
+        le=64,
+        description=f"gateway processes sharing the gateway port; unset: {GATEWAYS_RULE}",
+        json_schema_extra={"default_text": GATEWAYS_RULE},
+    )
+    workers: int = Field(
+        default_factory=default_workers,
+        ge=1,
+        le=256,
+        description=f"worker processes; unset: {WORKERS_RULE}",
+        json_schema_extra={"default_text": WORKERS_RULE},
+    )
     gateway_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9._-]{1,64}$",

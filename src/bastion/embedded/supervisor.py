@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from bastion.adminclient import AdminClient
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.errors import BastionError, Unavailable
 from bastion.procs import die_with_parent
-from bastion.settings import Settings
+from bastion.settings import GATEWAYS_RULE, WORKERS_RULE, Settings, usable_cpus
 
 log = logs.get("bastion.up")
 
@@ -109,6 +110,14 @@ def metrics_port(host: str, setting: str, base: int, i: int) -> int:
             )
             return 0
     return port
+
+
+def cli_name() -> str:
+    """How the reader runs the CLI: ``./bastion`` in a checkout, else ``bastion`` if on the PATH."""
+    wrapper = Path.cwd() / "bastion"
+    if wrapper.is_file() and os.access(wrapper, os.X_OK):
+        return "./bastion"
+    return "bastion" if shutil.which("bastion") else f"{sys.executable} -m bastion"
 
 
 def client_host(host: str) -> str:
@@ -234,7 +243,7 @@ class Supervisor:
             child.start()
         self._wait_ready(f"{self._gateway_url()}/readyz", "gateway")
         self._write_pids()
-        return f"{banner}\n{self._where()}"
+        return f"{banner}\n{self._where()}\n{self._sizing()}\n{self._next()}"
 
     def _write_pids(self) -> None:
         """Record the process ids in ``<data dir>/processes.json`` for operators and tests."""
@@ -264,6 +273,22 @@ class Supervisor:
             f"\nMetrics on {s.control_host}: {ports}" + (f" (off, port taken: {', '.join(off)})" if off else "") + "."
         )
 
+    def _sizing(self) -> str:
+        """How many processes run and why: sized to the machine unless the flags said otherwise."""
+        s, given = self.settings, self.settings.model_fields_set
+        gateways = "--gateways" if "gateways" in given else GATEWAYS_RULE
+        workers = "--workers" if "workers" in given else WORKERS_RULE
+        threads = s.ort_intra_threads or "onnxruntime decides"
+        return (
+            f"Processes for {usable_cpus()} CPUs: {s.gateways} gateway{'s' * (s.gateways != 1)} ({gateways}), "
+            f"{s.workers} worker{'s' * (s.workers != 1)} ({workers}); onnxruntime threads per model session: "
+            f"{threads} (--ort-intra-threads)."
+        )
+
+    def _next(self) -> str:
+        cli = cli_name()
+        return f"In another shell: {cli} models list, {cli} keys create --tenant demo, {cli} doctor."
+
     def _wait_ready(self, url: str, what: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -289,7 +314,7 @@ class Supervisor:
             if any(m["name"] == demo.MODEL_NAME for m in client.models()):
                 return (
                     "Bastion is running.\n"
-                    "API keys are shown only when created; make one with: bastion keys create --tenant demo\n"
+                    f"API keys are shown only when created; make one with: {cli_name()} keys create --tenant demo\n"
                 )
             client.register(demo.MODEL_NAME, demo.model_bytes(), description="demo breast-cancer classifier")
             key = client.create_key("demo", "first key")
