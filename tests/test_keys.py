@@ -76,7 +76,7 @@ def test_operators_mark_a_key_trusted_to_name_its_subject_and_it_reaches_the_sna
     assert keys[apikeys.digest(plain["key"])].subject_trusted is False
     assert KeyInfo("k", "t", frozenset(), None).subject_trusted is False  # positional constructions keep working
     cli = subprocess.run(
-        [sys.executable, "-m", "bastion", "keys", "create", "--tenant", "acme", "--subject-trusted"],
+        [sys.executable, "-m", "bastion", "keys", "create", "--tenant", "acme", "--subject-trusted", "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "BASTION_ADMIN_KEY": stack.admin_key, "BASTION_CONTROL_URL": stack.control_url},

@@ -116,7 +116,7 @@ def test_shadow_comparison_counts_agreeing_rows_and_absolute_differences() -> No
 def test_cli_policy_rules_parse_every_kind() -> None:
     import typer
 
-    from bastion.cli import _rule
+    from bastion.cli.deploy import rule as _rule
 
     assert _rule("EU=1,2") == {"jurisdiction": "EU", "allow": [1, 2]}
     assert _rule("tenant:acme=3") == {"tenant": "acme", "allow": [3]}

@@ -142,7 +142,9 @@ class AdminClient:
         scopes: list[str] | None = None,
         tier: str | None = None,
         subject_trusted: bool = False,
+        expires_at: str | None = None,
     ) -> dict[str, Any]:
+        """A new key (its secret is in ``key``, this once); ``expires_at`` is ISO 8601."""
         body: dict[str, Any] = {"tenant": tenant, "name": name}
         if scopes:
             body["scopes"] = scopes
@@ -150,6 +152,8 @@ class AdminClient:
             body["tier"] = tier
         if subject_trusted:
             body["subject_trusted"] = True
+        if expires_at:
+            body["expires_at"] = expires_at
         result: dict[str, Any] = self._call("POST", "/admin/v1/keys", json=body)
         return result
 
@@ -200,6 +204,10 @@ class AdminClient:
     ) -> dict[str, Any]:
         body = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents, "limits": limits}
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
+        return result
+
+    def tenants(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/admin/v1/tenants")["tenants"]
         return result
 
     def dead_letters(self, model: str, count: int = 100) -> list[dict[str, Any]]:

@@ -248,7 +248,8 @@ class Settings(BaseSettings):
     max_job_s: float = Field(
         default=600.0,
         gt=0,
-        description="a batch still running after this long ends its worker (jobs redelivered, counted), seconds",
+        description="a model call still running after this long is stopped and its jobs redelivered (counted); one "
+        "that ignores the stop for 10 s more ends its worker, which bastion up restarts; seconds",
     )
     worker_prefork: bool = Field(
         default=True,

@@ -1,0 +1,45 @@
+"""The ``bastion`` command: parse, build settings, call ``run()``.
+
+Process commands (``up``, ``gateway``, ``worker``, ``control``; ``bastion.cli.process``) take one
+option per setting, each also readable from ``BASTION_<NAME>``. Admin commands (``models``,
+``keys``, ``deploy``, ``tenants``, ``jobs``) talk to the control plane's API and print tables, or
+the API's JSON with ``--json``; ``doctor`` checks a running installation. Help is click's plain
+format, which never truncates an option's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from bastion.cli import deploy, doctor, jobs, keys, models, process, tenants
+from bastion.cli.options import plain_metavars
+
+app = typer.Typer(
+    help="Bastion: serve ML models to untrusted clients, safely and at scale.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+process.register(app)
+app.add_typer(models.app, name="models")
+app.add_typer(keys.app, name="keys")
+app.add_typer(deploy.app, name="deploy")
+app.add_typer(tenants.app, name="tenants")
+app.add_typer(jobs.app, name="jobs")
+app.command("doctor", short_help="Check a running installation and say what is wrong.")(doctor.command)
+
+
+def command() -> Any:
+    """The click command of ``app``, every option's value named as click names it (``INTEGER``...)."""
+    found = typer.main.get_command(app)
+    plain_metavars(found)
+    return found
+
+
+def main() -> None:
+    command()(prog_name="bastion")
+
+
+__all__ = ["app", "command", "main"]

@@ -1,0 +1,60 @@
+"""``bastion tenants ...``: tenants' jurisdiction, consent flags and signing key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bastion.cli import output
+from bastion.cli.admin import AdminKey, ControlUrl, DataDir, Json, call, connect, show, typer_group
+
+app = typer_group("Tenant attributes (jurisdiction, consent flags, signing key).")
+
+
+def _fields(tenant: Mapping[str, Any]) -> dict[str, Any]:
+    """The tenant's fields, its signing key shown as whether it has one (the key itself is long)."""
+    return {k: (bool(v) if k == "signing_key" else v) for k, v in tenant.items()}
+
+
+def show_tenants(tenants: list[dict[str, Any]]) -> None:
+    output.show_table(
+        ["tenant", "jurisdiction", "consents", "limits", "signing key"],
+        [
+            [t.get("name"), t.get("jurisdiction"), t.get("consents"), t.get("limits"), bool(t.get("signing_key"))]
+            for t in tenants
+        ],
+        empty="No tenants.",
+        whole=("tenant",),
+    )
+
+
+@app.command("set")
+def tenants_set(
+    name: str,
+    jurisdiction: Annotated[str | None, typer.Option(help="e.g. EU; matched by deployment policy rules")] = None,
+    signing_key: Annotated[
+        Path | None, typer.Option(help="file with the tenant's Ed25519 public key (PEM or base64)")
+    ] = None,
+    consent: Annotated[list[str] | None, typer.Option(help="consent flag the tenant holds (repeatable)")] = None,
+    as_json: Json = False,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create or update tenant NAME."""
+    client = connect(control_url, admin_key, data_dir)
+    key = signing_key.read_text() if signing_key else None
+    result = call(lambda: client.set_tenant(name, jurisdiction, key, consent))
+    show(result, as_json, lambda t: output.show_record(_fields(t)))
+
+
+@app.command("list")
+def tenants_list(
+    as_json: Json = False, control_url: ControlUrl = None, admin_key: AdminKey = None, data_dir: DataDir = None
+) -> None:
+    """List tenants and their attributes."""
+    client = connect(control_url, admin_key, data_dir)
+    show(call(client.tenants), as_json, show_tenants)
