@@ -127,6 +127,23 @@ def test_tenants_list_and_set_print_tables(cli: Run, quiet_stack: Stack) -> None
     assert _header(listed) == ["tenant", "jurisdiction", "consents", "limits", "signing", "key"]
     assert _row(listed, "eu-tenant")[:3] == ["eu-tenant", "EU", "profiling"]
     assert json.loads(cli("tenants", "list", "--json").stdout) == quiet_stack.admin.tenants()
+    limited = json.loads(
+        cli(
+            "tenants",
+            "set",
+            "eu-tenant",
+            "--jurisdiction",
+            "EU",
+            "--units-per-s",
+            "50",
+            "--max-concurrency",
+            "4",
+            "--json",
+        ).stdout
+    )
+    assert limited["limits"] == {"units_per_s": 50.0, "max_concurrency": 4}
+    untouched = json.loads(cli("tenants", "set", "eu-tenant", "--jurisdiction", "EU", "--json").stdout)
+    assert untouched["limits"] == limited["limits"], "no limit flag: the limits stay as they are"
 
 
 def test_dead_letters_are_a_table_of_id_job_reason_and_time(cli: Run, quiet_stack: Stack) -> None:

@@ -39,15 +39,23 @@ def tenants_set(
         Path | None, typer.Option(help="file with the tenant's Ed25519 public key (PEM or base64)")
     ] = None,
     consent: Annotated[list[str] | None, typer.Option(help="consent flag the tenant holds (repeatable)")] = None,
+    units_per_s: Annotated[
+        float | None, typer.Option(help="limits: compute units per second per model (0: no rate limit)")
+    ] = None,
+    burst: Annotated[float | None, typer.Option(help="limits: bucket size in compute units; unset: unlimited")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="limits: jobs in flight at once; 0: no cap")] = None,
     as_json: Json = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Create or update tenant NAME."""
+    """Create or update tenant NAME. The limits are set together: one left out goes back to its
+    default (no limit); with none of them given the tenant's limits stay as they are."""
     client = connect(control_url, admin_key, data_dir)
     key = signing_key.read_text() if signing_key else None
-    result = call(lambda: client.set_tenant(name, jurisdiction, key, consent))
+    given = {"units_per_s": units_per_s, "burst": burst, "max_concurrency": max_concurrency}
+    limits = {k: v for k, v in given.items() if v is not None} or None
+    result = call(lambda: client.set_tenant(name, jurisdiction, key, consent, limits))
     show(result, as_json, lambda t: output.show_record(_fields(t)))
 
 
