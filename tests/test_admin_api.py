@@ -96,6 +96,8 @@ def test_key_expiry_without_a_time_zone_is_utc(stack: Stack) -> None:
         naive = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "2030-01-01T00:00:00"})
         aware = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "2030-01-01T01:00:00+01:00"})
         vague = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": "in a while"})
+        numeric = http.post("/admin/v1/keys", json={"tenant": "acme", "expires_at": 1893456000})
+    assert numeric.status_code == 400 and "ISO 8601" in numeric.text, numeric.text
     assert naive.status_code == aware.status_code == 201, (naive.text, aware.text)
     assert naive.json()["expires_at"] == aware.json()["expires_at"] == "2030-01-01T00:00:00.000Z"
     assert vague.status_code == 400, vague.text

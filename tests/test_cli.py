@@ -142,8 +142,12 @@ def test_tenants_list_and_set_print_tables(cli: Run, quiet_stack: Stack) -> None
         ).stdout
     )
     assert limited["limits"] == {"units_per_s": 50.0, "max_concurrency": 4}
-    untouched = json.loads(cli("tenants", "set", "eu-tenant", "--jurisdiction", "EU", "--json").stdout)
-    assert untouched["limits"] == limited["limits"], "no limit flag: the limits stay as they are"
+    untouched = json.loads(cli("tenants", "set", "eu-tenant", "--burst", "80", "--json").stdout)
+    assert untouched["jurisdiction"] == "EU", "no --jurisdiction: the tenant's jurisdiction stays"
+    assert untouched["consents"] == ["profiling"], "no --consent: the consent flags stay"
+    assert untouched["limits"] == {"burst": 80.0, "units_per_s": 0.0, "max_concurrency": 0}
+    kept = json.loads(cli("tenants", "set", "eu-tenant", "--consent", "analytics", "--json").stdout)
+    assert kept["jurisdiction"] == "EU" and kept["limits"] == untouched["limits"], "no limit flag: limits stay"
 
 
 def test_dead_letters_are_a_table_of_id_job_reason_and_time(cli: Run, quiet_stack: Stack) -> None:
@@ -192,7 +196,7 @@ def test_keys_create_takes_an_iso_time_naive_meaning_utc(cli: Run, quiet_stack: 
     assert parse_iso(listed["expires_at"]) == datetime(2031, 6, 1, 12, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("when", ["tomorrow", "2020-01-01", "0d", "12x", "-3h"])
+@pytest.mark.parametrize("when", ["tomorrow", "2020-01-01", "0d", "12x", "-3h", "3000000d", "99999999999d", "٣d"])
 def test_a_bad_or_past_expiry_is_refused_before_anything_is_created(cli: Run, quiet_stack: Stack, when: str) -> None:
     done = cli("keys", "create", "--tenant", "refused", "--expires", when, "-q", ok=False)
     assert done.returncode == 2 and done.stdout == ""
@@ -250,7 +254,9 @@ def test_up_help_names_every_setting_whole_with_its_type_env_var_and_default() -
     assert "default: ~/.bastion]" in flat
     assert "BASTION_GATEWAYS; default: one per CPU, 1 to 8;" in flat
     assert "BASTION_DURABILITY; default: everysec]" in flat
-    assert "BASTION_ADMIN_KEY]" in flat  # a secret's default is never shown
+    assert "BASTION_ADMIN_KEY; default: unset]" in flat  # a secret's value is never shown
+    assert "BASTION_REDIS_URL; default: unset]" in flat
+    assert flat.count("; default: ") == len(Settings.model_fields), "every setting shows its default"
 
 
 def test_every_commands_help_names_its_option_types_as_click_does() -> None:

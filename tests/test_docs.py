@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -255,8 +256,12 @@ def run_page(page: Path, install: Installation) -> str:
     script = []
     for index, block in enumerate(blocks):
         if block.mode == "background":
+            assert not script, (
+                f"{page.name} line {block.line}: the background block must come before the blocks it serves"
+            )
             install.start(block)
         elif block.mode == "run":
+            assert not block.code.rstrip().endswith("\\"), f"{page.name} line {block.line}: a block ends in '\\'"
             script += [
                 f"printf '\\n@@block {index} start@@\\n'",
                 install.substitute(block.code),
@@ -344,6 +349,7 @@ def test_serve_your_own_model_runs_as_written(tmp_path: Path) -> None:
         output = run_page(DOCS / "serve-your-own-model.md", install)
     finally:
         install.stop()
+        shutil.rmtree(ROOT / "build" / "examples", ignore_errors=True)  # what the page's scripts wrote
     for model in ("iris", "churn", "my-model"):
         assert f'"model":"{model}","version":1,"outputs"' in output, model
     assert "feature 'sepal_length' must be within" in output

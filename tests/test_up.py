@@ -131,6 +131,28 @@ def test_processes_are_sized_to_the_machine_and_the_banner_says_so(up: Up) -> No
     assert "models list" in up.out  # the next command to try
 
 
+def test_the_cli_finds_the_running_instance_from_its_data_directory_alone(up: Up) -> None:
+    """Started on other ports than the defaults: admin commands and doctor need only the data dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env |= {"BASTION_DATA_DIR": str(up.data_dir), "COLUMNS": "200"}
+    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
+    assert endpoints["gateway_url"] == f"http://127.0.0.1:{up.gateway_port}"
+    assert "admin" not in json.dumps(endpoints).lower(), "no key in the file"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bastion", *args], capture_output=True, text=True, env=env)
+
+    listed = cli("models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["breast-cancer"]
+    doctor = cli("doctor", "--json")
+    findings = json.loads(doctor.stdout)
+    assert doctor.returncode == 0, findings
+    assert {f["check"] for f in findings if f["status"] == "FAIL"} == set()
+    gateway = next(f for f in findings if f["check"] == "gateway")
+    assert gateway["status"] == "ok" and str(up.gateway_port) in gateway["detail"], gateway
+
+
 def test_a_taken_gateway_port_is_reported_clearly(up: Up, tmp_path: Path) -> None:
     second = subprocess.run(
         [
@@ -312,3 +334,20 @@ def test_explicit_process_counts_win_over_the_machine_sizing(monkeypatch: pytest
     monkeypatch.setenv("BASTION_GATEWAYS", "3")
     given = settings_module.Settings(workers=5)
     assert (given.gateways, given.workers) == (3, 5) and {"gateways", "workers"} <= given.model_fields_set
+
+
+def test_a_cgroup_cpu_quota_bounds_the_machine_sizing(tmp_path: Path) -> None:
+    from bastion.settings import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(tmp_path) is None, "no cgroup files: no quota"
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None, "v2 'max': no quota"
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 2, "1.5 CPUs of quota round up to 2"
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 4, "cgroup v1"
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(tmp_path) is None, "v1 -1: no quota"

@@ -202,7 +202,8 @@ class AdminClient:
         consents: list[str] | None = None,
         limits: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents, "limits": limits}
+        given = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents, "limits": limits}
+        body = {k: v for k, v in given.items() if v is not None}  # a field left out keeps its value
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
 

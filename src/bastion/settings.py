@@ -6,6 +6,7 @@ Every field can be set by an environment variable ``BASTION_<FIELD>`` (upper cas
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -19,11 +20,30 @@ def _default_data_dir() -> Path:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    """CPUs this process may use: its affinity mask (taskset, cpusets), further bounded by a cgroup
+    CPU quota (``docker --cpus``, Kubernetes CPU limits), rounded up."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - platforms without affinity masks
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPU quota of this process's cgroup in whole CPUs (rounded up), or None without one."""
+    try:
+        text = (root / "cpu.max").read_text().split()  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = (float(text[0]) if text[0] != "max" else -1.0), float(text[1])
+    except (OSError, IndexError, ValueError):
+        try:  # cgroup v1
+            quota = float((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = float((root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
 
 
 # How bastion up sizes itself when --gateways / --workers are not given: the gateways parse,

@@ -39,12 +39,13 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print only the new s
 
 
 def control_url_of(control_url: str | None, data_dir: Path | None) -> str:
-    from bastion.embedded.supervisor import client_host
+    """The URL given, else the running instance's (``<data dir>/endpoints.json``) unless
+    ``BASTION_CONTROL_HOST``/``_PORT`` say otherwise, else the default host and port."""
+    from bastion.embedded import endpoints
 
     if control_url:
         return control_url.rstrip("/")
-    settings = build_settings({"data_dir": data_dir})
-    return f"http://{client_host(settings.control_host)}:{settings.control_port}"
+    return endpoints.control_url(build_settings({"data_dir": data_dir}))
 
 
 def admin_key_of(admin_key: str | None, data_dir: Path | None) -> str | None:

@@ -97,14 +97,17 @@ class Doctor:
     """The checks against one installation (settings as bastion up had them, where it listens)."""
 
     def __init__(self, settings: Settings, control_url: str, admin_key: str | None, timeout_s: float = 3.0) -> None:
-        from bastion.embedded.supervisor import client_host
+        from bastion.embedded import endpoints
 
         self.settings = settings
         self.control_url = control_url.rstrip("/")
         self.admin_key = admin_key
         self.timeout_s = timeout_s
-        self.gateway_url = f"http://{client_host(settings.host)}:{settings.gateway_port}"
-        self.metrics_host = client_host(settings.control_host)
+        self.gateway_url = endpoints.gateway_url(settings)
+        self.metrics_host = endpoints.client_host(settings.control_host)
+        given = {"gateway_metrics_port", "worker_metrics_port", "control_host"} & settings.model_fields_set
+        running = None if given else endpoints.Endpoints.read(settings.data_dir)
+        self.known_metrics = running.metrics if running is not None else {}
         self.logs = settings.data_dir / "logs"
         self.findings: list[Finding] = []
 
@@ -357,8 +360,10 @@ class Doctor:
         self._add("models", "warn" if problems else "ok", detail)
 
     def _metrics_port(self, name: str, setting: str) -> int:
-        from bastion.embedded.supervisor import DEFAULT_METRICS_PORTS
+        from bastion.embedded.endpoints import DEFAULT_METRICS_PORTS
 
+        if name in self.known_metrics:  # as the running bastion up recorded it
+            return self.known_metrics[name]
         index = int(name.rpartition("-")[2] or 0)
         base = int(getattr(self.settings, setting)) or DEFAULT_METRICS_PORTS[setting]
         return base + index
@@ -451,20 +456,16 @@ def doctor(
     """Check a running installation (processes, Redis, control plane, SQL, gateway, models, workers,
     metrics) and say what is wrong. Give it the options bastion up runs with (ports, hosts, data
     directory). Exit status 1 when a check fails."""
+    from bastion.embedded import endpoints
+
     settings = build_settings({**options, "data_dir": data_dir})
-    url = control_url.rstrip("/") if control_url else _control_url(settings)
+    url = control_url.rstrip("/") if control_url else endpoints.control_url(settings)
     findings = Doctor(settings, url, admin_key_of(admin_key, data_dir)).run()
     if as_json:
         output.print_json([asdict(f) for f in findings])
     else:
         show_findings(findings)
     raise typer.Exit(1 if any(f.status == "FAIL" for f in findings) else 0)
-
-
-def _control_url(settings: Settings) -> str:
-    from bastion.embedded.supervisor import client_host
-
-    return f"http://{client_host(settings.control_host)}:{settings.control_port}"
 
 
 command: Callable[..., Any] = settings_options(DOCTOR_FIELDS)(doctor)

@@ -18,7 +18,7 @@ from bastion.cli.admin import AdminKey, ControlUrl, DataDir, Json, Quiet, call, 
 
 app = typer_group("Create, list, rotate and revoke API keys.")
 
-_DURATION = re.compile(r"\s*(\d+)\s*([dhms])\s*")
+_DURATION = re.compile(r"\s*([0-9]{1,9})\s*([dhms])\s*")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
 
@@ -30,16 +30,16 @@ def expiry(text: str, now: datetime | None = None) -> datetime:
 
     now = now or datetime.now(UTC)
     found = _DURATION.fullmatch(text)
-    if found:
-        when = now + timedelta(**{_UNITS[found.group(2)]: int(found.group(1))})
-    else:
-        try:
+    try:
+        if found:
+            when = now + timedelta(**{_UNITS[found.group(2)]: int(found.group(1))})
+        else:
             when = parse_iso(text)
-        except (ValueError, IndexError) as exc:
-            raise typer.BadParameter(
-                f"{text[:64]!r} is neither an ISO 8601 time (2030-01-01, 2030-01-01T12:00:00Z; no zone: UTC) "
-                "nor a duration (90d, 12h, 30m, 45s)"
-            ) from exc
+    except (ValueError, OverflowError) as exc:
+        raise typer.BadParameter(
+            f"{text[:64]!r} is neither an ISO 8601 time (2030-01-01, 2030-01-01T12:00:00Z; no zone: UTC) "
+            "nor a duration (90d, 12h, 30m, 45s) that ends before the year 10000"
+        ) from exc
     if when <= now:
         raise typer.BadParameter(f"{text[:64]!r} is not in the future (now is {now.isoformat(timespec='seconds')})")
     return when

@@ -122,7 +122,12 @@ def register(
     metadata: Annotated[
         Path | None, typer.Option(help="JSON file: model_card, owner, lineage, postprocessing, signature, …")
     ] = None,
-    signature: Annotated[Path | None, typer.Option(help="file with the base64 Ed25519 signature of the sha256")] = None,
+    signature: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, readable=True, help="file with the base64 Ed25519 signature of the sha256"
+        ),
+    ] = None,
     signer: Annotated[str | None, typer.Option(help="tenant whose public key verifies the signature")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the new version number")] = False,
     as_json: Json = False,

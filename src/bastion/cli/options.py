@@ -85,7 +85,7 @@ def _shown(value: Any) -> str:
 
 def default_text(name: str, field: FieldInfo) -> str | None:
     """What ``--help`` shows as the field's default: its ``default_text`` when it has one, else the
-    default (or the factory's value), None when unset; never a secret's value."""
+    default (or the factory's value), or "unset"; never a secret's value."""
     extra = field.json_schema_extra
     if isinstance(extra, dict) and isinstance(extra.get("default_text"), str):
         return str(extra["default_text"])
@@ -94,7 +94,7 @@ def default_text(name: str, field: FieldInfo) -> str | None:
     else:
         value = field.default
     if value is None or value is PydanticUndefined or isinstance(value, SecretStr):
-        return None
+        return "unset"  # the description says what unset means; a secret's value is never shown
     if isinstance(value, bool):
         return "true" if value else "false"  # as the env var is written
     return _shown(value)

@@ -36,7 +36,10 @@ def tenants_set(
     name: str,
     jurisdiction: Annotated[str | None, typer.Option(help="e.g. EU; matched by deployment policy rules")] = None,
     signing_key: Annotated[
-        Path | None, typer.Option(help="file with the tenant's Ed25519 public key (PEM or base64)")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, readable=True, help="file with the tenant's Ed25519 public key (PEM or base64)"
+        ),
     ] = None,
     consent: Annotated[list[str] | None, typer.Option(help="consent flag the tenant holds (repeatable)")] = None,
     units_per_s: Annotated[

@@ -13,8 +13,13 @@ from bastion.timefmt import parse_iso
 
 
 def _utc(value: Any) -> Any:
-    """An ISO 8601 string as an aware UTC datetime (no zone: UTC); anything else for pydantic to judge."""
-    return parse_iso(value) if isinstance(value, str) else value
+    """An ISO 8601 string as an aware UTC datetime (no zone: UTC). A number is refused: epoch
+    seconds and milliseconds look alike, and the API speaks ISO 8601 only."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected an ISO 8601 time as a string, e.g. 2030-01-01T00:00:00Z")
+    return parse_iso(value)
 
 
 UtcDatetime = Annotated[datetime, BeforeValidator(_utc)]
@@ -28,7 +33,8 @@ class KeyCreate(BaseModel):
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_TENANT_SCOPES), min_length=1, max_length=16)
     expires_at: UtcDatetime | None = Field(
         default=None,
-        description="ISO 8601 date or time; without a zone it is UTC, e.g. 2030-01-01T00:00:00Z or 2030-01-01",
+        description="ISO 8601 date or time; without a zone it is UTC, and a date alone is its 00:00 UTC, e.g. "
+        "2030-01-01T00:00:00Z or 2030-01-01",
     )
     tier: str | None = Field(default=None, max_length=32, description="rate tier (settings: rate_tiers)")
     subject_trusted: bool = Field(

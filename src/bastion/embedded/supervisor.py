@@ -31,6 +31,8 @@ import httpx
 
 from bastion import demo, logs
 from bastion.adminclient import AdminClient
+from bastion.embedded.endpoints import DEFAULT_METRICS_PORTS, Endpoints, client_host
+from bastion.embedded.endpoints import FILE_NAME as ENDPOINTS_FILE
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.errors import BastionError, Unavailable
 from bastion.procs import die_with_parent
@@ -46,9 +48,6 @@ class PortInUse(BastionError):
 class AlreadyRunning(BastionError):
     title = "Already running"
 
-
-# Metrics ports when the setting is 0: bastion up always gives gateways and workers a private one.
-DEFAULT_METRICS_PORTS = {"gateway_metrics_port": 9101, "worker_metrics_port": 9201}
 
 # Settings a role must not receive: gateways and workers hold no SQL credentials or admin key.
 _WITHHELD = {
@@ -118,11 +117,6 @@ def cli_name() -> str:
     if wrapper.is_file() and os.access(wrapper, os.X_OK):
         return "./bastion"
     return "bastion" if shutil.which("bastion") else f"{sys.executable} -m bastion"
-
-
-def client_host(host: str) -> str:
-    """How a client on this machine reaches a server bound on ``host``."""
-    return "127.0.0.1" if host in {"0.0.0.0", ""} else (f"[{host}]" if ":" in host else host)  # noqa: S104
 
 
 @dataclass
@@ -254,6 +248,7 @@ class Supervisor:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(pids, indent=2))
         os.replace(tmp, target)  # readers never see a half-written file
+        Endpoints(self._gateway_url(), self._control_url(), dict(self.metrics)).write(self.settings.data_dir)
         self.wrote_pids = True
 
     def _gateway_url(self) -> str:
@@ -276,8 +271,8 @@ class Supervisor:
     def _sizing(self) -> str:
         """How many processes run and why: sized to the machine unless the flags said otherwise."""
         s, given = self.settings, self.settings.model_fields_set
-        gateways = "--gateways" if "gateways" in given else GATEWAYS_RULE
-        workers = "--workers" if "workers" in given else WORKERS_RULE
+        gateways = "as set" if "gateways" in given else GATEWAYS_RULE  # by --gateways or BASTION_GATEWAYS
+        workers = "as set" if "workers" in given else WORKERS_RULE
         threads = s.ort_intra_threads or "onnxruntime decides"
         return (
             f"Processes for {usable_cpus()} CPUs: {s.gateways} gateway{'s' * (s.gateways != 1)} ({gateways}), "
@@ -383,6 +378,7 @@ class Supervisor:
             self.redis.stop()
         if self.wrote_pids:  # a refused second start must not remove the running instance's file
             (self.settings.data_dir / "processes.json").unlink(missing_ok=True)
+            (self.settings.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
 
 
 def run(settings: Settings) -> int:
