@@ -355,3 +355,65 @@ def test_serve_your_own_model_runs_as_written(tmp_path: Path) -> None:
     assert "feature 'sepal_length' must be within" in output
     assert '"model_name":"churn","model_version":"1"' in output
     assert "registered iris version 2" in output
+
+
+# every bastion command line in README.md and docs/ names real commands and options ------------
+_INVOCATION = re.compile(r"(?:^|[\s(;&|`])(?:\./)?bastion\s+([a-z][^\n|;&)`#]*)")
+
+
+def _command_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``bastion ...`` / ``./bastion ...`` invocations in the page's bash blocks and inline code."""
+    for block in bash_blocks(text):
+        joined = block.code.replace("\\\n", " ")
+        for offset, line in enumerate(joined.splitlines()):
+            for found in _INVOCATION.finditer(line):
+                yield block.line + offset, found.group(1)
+    for number, line in enumerate(text.splitlines(), 1):
+        for span in re.findall(r"`([^`\n]*bastion [^`\n]*)`", line):
+            for found in _INVOCATION.finditer(span):
+                yield number, found.group(1)
+
+
+def _check_invocation(root: Any, words: list[str]) -> str | None:
+    """None if ``bastion WORDS`` names a command and only its options, else what is wrong."""
+    command, path = root, ["bastion"]
+    while getattr(command, "commands", None) is not None and words and not words[0].startswith("-"):
+        name = words.pop(0)
+        if name.isupper():
+            return None  # a placeholder: "bastion COMMAND --help"
+        sub = command.commands.get(name)
+        if sub is None:
+            return f"{' '.join(path)} has no command {name!r}"
+        command, path = sub, [*path, name]
+    if getattr(command, "commands", None) is not None:
+        return None  # a group named on its own, as prose does
+    options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} | {"--help"}
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("-") and flag not in options and re.fullmatch(r"--?[a-z][a-z0-9-]*", flag):
+            return f"{' '.join(path)} has no option {flag}"
+    return None
+
+
+def test_every_bastion_command_in_the_readme_and_docs_names_real_commands_and_options() -> None:
+    import shlex
+
+    from bastion.cli import command
+
+    root = command()
+    assert _check_invocation(root, ["keys", "create", "--expiry", "1d"]) == "bastion keys create has no option --expiry"
+    assert _check_invocation(root, ["keys", "mint"]) == "bastion keys has no command 'mint'"
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    checked, problems = 0, []
+    for page in pages:
+        for line, text in _command_lines(page.read_text()):
+            try:
+                words = shlex.split(text, comments=True)
+            except ValueError:
+                words = text.split()
+            problem = _check_invocation(root, words)
+            checked += 1
+            if problem:
+                problems.append(f"{page.relative_to(ROOT)}:{line}: bastion {text.strip()}: {problem}")
+    assert checked > 50, f"only {checked} invocations found: is the pattern still right?"
+    assert not problems, "\n".join(problems)

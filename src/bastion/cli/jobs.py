@@ -31,7 +31,7 @@ def show_dead_letters(letters: list[dict[str, Any]]) -> None:
 @app.command("dead-letters")
 def dead_letters(
     name: str,
-    count: Annotated[int, typer.Option(min=1, max=10_000, help="the newest this many")] = 100,
+    count: Annotated[int, typer.Option(min=1, max=10_000, metavar="INTEGER", help="the newest this many")] = 100,
     as_json: Json = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
