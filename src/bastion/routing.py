@@ -86,6 +86,38 @@ def choose(
     return Routed(route.version, route.role, "", rule, allowed)
 
 
+def choose_version(
+    model: str,
+    routes: ModelRoutes | None,
+    version: int,
+    tenant: str = "",
+    jurisdiction: str | None = None,
+    consents: frozenset[str] = frozenset(),
+) -> Routed:
+    """A version the caller named (OIP ``/versions/{v}``, gRPC ``model_version``): only one that
+    takes traffic (a primary or canary route, or the fallback; never a shadow or an undeployed
+    version: those are NotFound, whether or not they exist) and that policy lets this caller reach
+    (else Forbidden, as ``choose`` says). The kill switch holds: only the fallback answers then."""
+    if routes is None:
+        raise NotFound(f"no model {model!r} is being served", model=model)
+    live = {r.version.version: r for r in routes.routes if r.role != "shadow"}
+    fallback = routes.fallback
+    if version not in live and (fallback is None or fallback.version != version):
+        raise NotFound(f"model {model!r} has no version {version} taking traffic", model=model)
+    allowed, stopped_by = _allowed(routes, tenant, jurisdiction, consents)
+    rule = "; ".join(stopped_by)
+    if allowed is not None and version not in allowed:
+        raise Forbidden(
+            f"policy ({rule}) allows this caller only version(s) {sorted(allowed)} of model {model!r}", model=model
+        )
+    if fallback is not None and fallback.version == version and (routes.disabled or version not in live):
+        return Routed(fallback, "fallback", "disabled" if routes.disabled else "", rule, allowed)
+    if routes.disabled:
+        raise Unavailable(f"model {model!r} is disabled by its operators", retry_after=30, model=model)
+    named = live[version]
+    return Routed(named.version, named.role, "", rule, allowed)
+
+
 def alternatives(routes: ModelRoutes, failing: int, allowed: frozenset[int] | None) -> list[VersionInfo]:
     """Where a call goes when version ``failing`` cannot take it: the fallback, then the primary
     (a failing canary's calls go back to the primary; never while the kill switch is on), each

@@ -92,6 +92,28 @@ class Settings(BaseSettings):
     )
     gateway_port: int = Field(default=8000, ge=0, le=65535, description="public gateway port")
     control_port: int = Field(default=8001, ge=0, le=65535, description="admin API (control plane) port")
+    grpc_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Open Inference Protocol v2 over gRPC (inference.GRPCInferenceService) on this port of --host, "
+        "served by every gateway process (SO_REUSEPORT); 0: off",
+    )
+    grpc_max_message_bytes: int = Field(
+        default=4 << 20, ge=1024, description="largest gRPC message received or sent, bytes: RESOURCE_EXHAUSTED beyond"
+    )
+    grpc_max_concurrent_streams: int = Field(
+        default=100, ge=1, description="concurrent gRPC streams (calls) one connection may open"
+    )
+    grpc_keepalive_min_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="least time between a client's keepalive pings, seconds; a client that pings more often is "
+        "disconnected (GOAWAY too_many_pings)",
+    )
+    grpc_max_connection_idle_s: float = Field(
+        default=300.0, gt=0, description="a gRPC connection with no call for this long is closed, seconds"
+    )
     gateways: int = Field(
         default_factory=default_gateways,
         ge=1,

@@ -163,6 +163,44 @@ def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] 
     return arr
 
 
+def from_raw(spec: TensorSpec, datatype: str, shape: list[int], raw: bytes, max_rows: int) -> np.ndarray:
+    """Turn a raw little-endian tensor (the OIP binary extension, gRPC ``raw_input_contents``)
+    into an array that matches ``spec``, with the same checks as JSON data: the datatype must be
+    the model's own (no conversion), the byte count must fill ``shape`` exactly, the shape must fit,
+    floats must be finite, declared feature ranges hold. Raise ``InvalidInput``."""
+    expected = NUMPY_TO_V2.get(spec.dtype)
+    if datatype != expected:
+        raise InvalidInput(f"input {spec.name!r} must have datatype {expected}, got {str(datatype)[:20]!r}")
+    if len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 31 for d in shape):
+        raise InvalidInput(f"input {spec.name!r}: the shape must be at most 8 non-negative integers")
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    count = math.prod(shape)  # Python ints: no overflow
+    if count * dtype.itemsize != len(raw):
+        raise InvalidInput(
+            f"input {spec.name!r}: {len(raw)} bytes do not fill shape {shape} of {datatype} "
+            f"({count * dtype.itemsize} bytes)"
+        )
+    _check_shape(spec, tuple(shape), max_rows)
+    arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape).astype(spec.dtype, copy=False)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInput(f"input {spec.name!r} holds a value that is not a finite {spec.dtype}")
+    if arr.dtype.kind == "b" and raw and max(raw) > 1:
+        raise InvalidInput(f"input {spec.name!r} holds a BOOL byte that is neither 0 nor 1")
+    if spec.features:
+        _check_features(spec, arr)
+    return arr
+
+
+def to_raw(arr: np.ndarray) -> tuple[str, list[int], bytes]:
+    """An output array as the OIP binary extension and gRPC ``raw_output_contents`` carry it:
+    its datatype, its shape and its little-endian bytes."""
+    datatype = NUMPY_TO_V2.get(arr.dtype.name)
+    if datatype is None:
+        raise InvalidInput(f"an output of type {arr.dtype.name} has no Open Inference Protocol datatype")
+    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return datatype, list(arr.shape), little.tobytes()
+
+
 def _check_features(spec: TensorSpec, arr: np.ndarray) -> None:
     """Ranges and categories the uploader declared, per column of a rank-2 input."""
     if arr.ndim != 2 or arr.shape[1] != len(spec.features):

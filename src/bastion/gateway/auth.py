@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 
 from starlette.requests import Request
 
@@ -32,8 +33,21 @@ def declares(scopes: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 async def authenticate(request: Request, state: GatewayState, *scopes: str) -> KeyInfo:
-    """The caller if its credential is live and holds one of ``scopes``; else raise 401 / 403."""
-    token = apikeys.bearer(request.headers.get("authorization"))
+    """The HTTP caller if its credential is live and holds one of ``scopes``; else raise 401 / 403."""
+
+    def on_key(key_id: str) -> None:
+        request.state.key_id = key_id  # failures from here on also count against the key
+
+    return await authenticate_header(request.headers.get("authorization"), state, scopes, on_key)
+
+
+async def authenticate_header(
+    authorization: str | None, state: GatewayState, scopes: tuple[str, ...], on_key: Callable[[str], None]
+) -> KeyInfo:
+    """The caller of an ``Authorization`` header (or gRPC ``authorization`` metadata) if its
+    credential is live and holds one of ``scopes``; else raise 401 / 403. ``on_key`` hears the
+    key's id once it is known, so that failures from then on count against the key."""
+    token = apikeys.bearer(authorization)
     if token is None:
         raise Unauthenticated("an API key or token is required: send 'Authorization: Bearer <key>'")
     oidc.check_length(token)
@@ -43,7 +57,7 @@ async def authenticate(request: Request, state: GatewayState, *scopes: str) -> K
             raise Unauthenticated("the API key is unknown, revoked or expired")
     else:
         info = caller_of(await oidc.verify(token, state.jwks), state.snapshots.current, state)
-    request.state.key_id = info.id  # failures from here on also count against the key
+    on_key(info.id)
     if state.abuse is not None and (left := state.abuse.banned_for("k:" + info.id)):
         raise RateLimited(f"this key is blocked for {int(left) + 1} s after repeated failed requests", int(left) + 1)
     if scopes and info.scopes.isdisjoint(scopes):

@@ -31,6 +31,7 @@ class Call:
         "job_id",
         "model",
         "permit",
+        "pinned",
         "principal",
         "reason",
         "request_id",
@@ -56,6 +57,7 @@ class Call:
         self.rule = ""
         self.allowed: frozenset[int] | None = None  # versions policy lets this caller reach (None: any)
         self.permit: Permit | None = None
+        self.pinned = False  # the caller named the version (OIP /versions/{v}, gRPC model_version)
         self.idem: Idempotency | None = None
         self.admission: Admission | None = None
         self.job_id = ""

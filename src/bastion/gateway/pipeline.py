@@ -20,7 +20,7 @@ import numpy as np
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from starlette.requests import Request
 
-from bastion import codec, jsonbody, logs, metrics, routing
+from bastion import codec, logs, metrics, routing
 from bastion.constants import (
     LANE_BATCH,
     LANE_SHADOW,
@@ -33,9 +33,10 @@ from bastion.constants import (
 )
 from bastion.errors import BastionError, DeadlineExceeded, InvalidInput, JobFailed, NotFound, Unavailable
 from bastion.gateway import idempotency, response_cache
-from bastion.gateway.auth import authenticate
+from bastion.gateway.auth import authenticate_header
 from bastion.gateway.breakers import Outcome, Permit
 from bastion.gateway.context import Call
+from bastion.gateway.inbound import Inbound
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
 from bastion.queue.calls import Storage
@@ -57,15 +58,19 @@ def state_of(request: Request) -> GatewayState:
 
 
 # steps ------------------------------------------------------------------------------------
-def route(state: GatewayState, call: Call, name: str) -> None:
+def route(state: GatewayState, call: Call, name: str, version: int | None = None) -> None:
     """Which version answers this caller for model ``name`` now, and why (policy, weights, kill
-    switch); the breaker may still divert it (``take_permit``)."""
+    switch), or the ``version`` the caller named if it may reach it; the breaker may still divert
+    a call it did not name the version of (``take_permit``)."""
     if len(name) > MAX_NAME:
         raise NotFound("no such model")
     key = call.key
-    routed = routing.choose(
-        name, state.snapshots.current.models.get(name), call.subject, key.tenant, key.jurisdiction, key.consents
-    )
+    routes = state.snapshots.current.models.get(name)
+    if version is None:
+        routed = routing.choose(name, routes, call.subject, key.tenant, key.jurisdiction, key.consents)
+    else:
+        routed = routing.choose_version(name, routes, version, key.tenant, key.jurisdiction, key.consents)
+        call.pinned = True
     call.model = name
     call.version, call.role, call.reason = routed.version, routed.role, routed.reason
     call.rule, call.allowed = routed.rule, routed.allowed
@@ -85,6 +90,8 @@ def take_permit(state: GatewayState, call: Call) -> None:
         call.permit = permit
         return
     routes = state.snapshots.current.models.get(call.model)  # the snapshot may have moved on meanwhile
+    if call.pinned:  # the caller named this version: no other may answer in its place
+        routes = None
     for alternative in routing.alternatives(routes, version.version, call.allowed) if routes else ():
         other = breakers.get(alternative.model, alternative.version).allow(now)
         if other is not None:
@@ -101,37 +108,23 @@ def take_permit(state: GatewayState, call: Call) -> None:
     )
 
 
-async def begin(request: Request, scopes: tuple[str, ...]) -> tuple[GatewayState, Call, Any, dict[str, str]]:
-    """Authenticate, route, then read and parse the body, then take the breaker's permit: the
-    steps every prediction front door shares. Returns the state, the call, the parsed body and
-    the request headers the pipeline reads."""
-    state = state_of(request)
-    scope = request.scope
-    headers = _headers(scope)
-    call = Call(scope.get("state", {}).get("request_id", ""), traceparent=headers.get("traceparent", ""))
-    call.principal = await authenticate(request, state, *scopes)
+async def begin(inbound: Inbound, scopes: tuple[str, ...]) -> tuple[GatewayState, Call, Any]:
+    """Authenticate, route, then read and decode the body, then take the breaker's permit: the
+    steps every prediction front door shares. Returns the state, the call and the decoded body."""
+    state = inbound.state
+    headers = inbound.headers
+    call = Call(inbound.request_id, traceparent=headers.get("traceparent", ""))
+    call.principal = await authenticate_header(headers.get("authorization"), state, scopes, inbound.on_key)
     call.choose_subject(headers.get("x-bastion-subject"))
     routed_by = state.snapshots.current
-    route(state, call, request.path_params["name"])
-    body = await request.body()
+    route(state, call, inbound.model, inbound.version)
+    body = await inbound.read()
     if state.snapshots.current is not routed_by:  # a change (a rule, the kill switch) came meanwhile
-        route(state, call, request.path_params["name"])
-    doc = jsonbody.parse_json(body, headers.get("content-type"))
-    call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, scope["path"], body)
+        route(state, call, inbound.model, inbound.version)
+    doc = inbound.decode(body, headers)
+    call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, inbound.path, body)
     take_permit(state, call)
-    return state, call, doc, headers
-
-
-_READ = frozenset({b"content-type", b"idempotency-key", b"traceparent", b"x-bastion-subject", b"x-bastion-timeout-ms"})
-
-
-def _headers(scope: Any) -> dict[str, str]:
-    """The request headers the pipeline reads, in one pass over the raw list (the first of each)."""
-    found: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        if name in _READ:
-            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-    return found
+    return state, call, doc
 
 
 @contextlib.contextmanager
@@ -328,14 +321,17 @@ async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str
 
 
 async def predict(
-    request: Request, scopes: tuple[str, ...], parse: Any
+    inbound: Inbound, scopes: tuple[str, ...], parse: Any, wait_s: float | None = None
 ) -> tuple[Call, dict[str, Any], tuple[Any, ...]]:
     """A sync prediction through the whole pipeline. ``parse(doc, signature, max_rows)`` is the
     front door's translation of its body: it returns ``(tensors, *extra)``; the answer is the
-    call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs)."""
-    state, call, doc, headers = await begin(request, scopes)
+    call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs). ``wait_s``
+    (a gRPC deadline) bounds the wait like ``X-Bastion-Timeout-Ms`` does."""
+    state, call, doc = await begin(inbound, scopes)
     with breaker_call(state, call):
-        wait = timeout_s(state, headers.get("x-bastion-timeout-ms"), call.model)
+        wait = timeout_s(state, inbound.headers.get("x-bastion-timeout-ms"), call.model)
+        if wait_s is not None:
+            wait = min(wait, wait_s)
         tensors, *extra = parse(doc, call.chosen.signature, state.settings.max_rows)
         call.rows = rows_of(tensors)
         outputs = await run_sync(state, call, tensors, wait)
@@ -346,12 +342,12 @@ async def predict(
 
 
 # async ------------------------------------------------------------------------------------
-async def submit(request: Request, scopes: tuple[str, ...], parse: Any) -> tuple[Call, str]:
+async def submit(inbound: Inbound, scopes: tuple[str, ...], parse: Any) -> tuple[Call, str]:
     """Admit and queue an async job on the batch lane (within the tenant's stored-result count
     and bytes, else 429); with a reused Idempotency-Key, the first job's id. Its breaker learns
     only when its permit is a half-open probe: then the job's outcome is watched, so async-only
     traffic can close a breaker too."""
-    state, call, doc, _ = await begin(request, scopes)
+    state, call, doc = await begin(inbound, scopes)
     permit, call.permit = call.permit, None
     try:
         tensors, *_ = parse(doc, call.chosen.signature, state.settings.max_rows)

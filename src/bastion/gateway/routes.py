@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.gateway import payloads, pipeline
+from bastion.gateway import inbound, payloads, pipeline
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
 from bastion.gateway.context import Call
 from bastion.responses import json_response
@@ -70,7 +70,7 @@ _V2_BODY: dict[str, Any] = {
 
 async def predict(request: Request) -> Response:
     """Run the model on the given rows and return its outputs (synchronous)."""
-    call, outputs, _ = await pipeline.predict(request, PREDICT, _v1)
+    call, outputs, _ = await pipeline.predict(inbound.from_http(request), PREDICT, _v1)
     body = {
         "id": call.job_id,
         "model": call.chosen.model,
@@ -82,7 +82,7 @@ async def predict(request: Request) -> Response:
 
 async def submit_job(request: Request) -> Response:
     """Queue the rows as an asynchronous job; answer 202 with the job's id and links."""
-    call, job_id = await pipeline.submit(request, JOBS, _v1)
+    call, job_id = await pipeline.submit(inbound.from_http(request), JOBS, _v1)
     location = f"/v1/jobs/{job_id}"
     return json_response(
         {
@@ -99,7 +99,9 @@ async def submit_job(request: Request) -> Response:
 
 async def infer(request: Request) -> Response:
     """Open Inference Protocol v2 inference."""
-    call, outputs, (wanted, request_id) = await pipeline.predict(request, PREDICT, payloads.v2_inputs)
+    call, outputs, (wanted, request_id) = await pipeline.predict(
+        inbound.from_http(request), PREDICT, payloads.v2_inputs
+    )
     body: dict[str, Any] = {
         "model_name": call.chosen.model,
         "model_version": str(call.chosen.version),
