@@ -579,7 +579,7 @@ def _errors_section() -> str:
     rows.sort(key=lambda r: r[0])
     return (
         "## Errors\n\n"
-        "Every error, on either port and every route (`/v1`, `/v2`, `/admin/v1`), is an RFC 9457 problem: "
+        "Every error on Bastion's own routes (`/v1`, `/admin/v1`, on either port) is an RFC 9457 problem: "
         "`Content-Type: application/problem+json` and a body such as\n\n"
         "```json\n"
         '{"type": "https://bastion.dev/problems/not-found", "title": "Not found", "status": 404,\n'
@@ -589,7 +589,11 @@ def _errors_section() -> str:
         "whose parameters or body do not match what the route takes is a 400 `invalid-input` problem with an "
         "`errors` list. A 429 carries `Retry-After` and the `RateLimit` headers; a 503 from backpressure "
         "carries `Retry-After`. A failure Bastion did not foresee is a bare 500 without internal detail.\n\n"
-        + table(["Status", "Title", "Type (after https://bastion.dev/problems/)"], rows)
+        "Under `/v2` (the Open Inference Protocol) an error has the same status code and headers, and the "
+        'protocol\'s own body, `{"error": "<the detail>"}` as `Content-Type: application/json`: what '
+        "`tritonclient` and KServe's clients read. Only the HTTP edge's refusals (a request head too large, "
+        "431; a head or body too slow, 408; a connection over the caps, 503), made apart from any route, stay "
+        "problems.\n\n" + table(["Status", "Title", "Type (after https://bastion.dev/problems/)"], rows)
     )
 
 

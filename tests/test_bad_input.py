@@ -1,4 +1,5 @@
-"""Hostile and malformed input gets a 4xx problem+json saying what was wrong: no 5xx, no hang."""
+"""Hostile and malformed input gets a 4xx saying what was wrong - problem+json on our routes, the Open
+Inference Protocol's ``{"error": ...}`` under ``/v2`` (tests/test_oip_http.py has the rest): no 5xx, no hang."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ INFER = "/v2/models/breast-cancer/infer"
 
 
 def _problem(r: httpx.Response, status: int, says: str) -> dict[str, Any]:
+    """A problem (RFC 9457), or under /v2 an OIP error, with ``status`` and saying ``says``."""
     assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/problem+json"
+    assert "Traceback" not in r.text
     body: dict[str, Any] = r.json()
+    if r.request.url.path.startswith("/v2/"):
+        assert r.headers["content-type"] == "application/json"
+        assert set(body) == {"error"}
+        assert says.lower() in body["error"].lower(), body["error"]
+        return body
+    assert r.headers["content-type"] == "application/problem+json"
     assert body["status"] == status
     assert says.lower() in body["detail"].lower(), body["detail"]
-    assert "Traceback" not in r.text
     return body
 
 

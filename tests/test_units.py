@@ -65,8 +65,18 @@ def test_gateway_openapi_documents_every_public_route(tmp_path: Path) -> None:
 
     schema = create_app(Settings(data_dir=tmp_path, docs_enabled=True)).openapi()
     paths = schema["paths"]
-    for path in ("/v1/models/{name}/predict", "/v1/models/{name}/jobs", "/v2/models/{name}/infer", "/v1/jobs/{job_id}"):
+    for path in (
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/jobs",
+        "/v1/jobs/{job_id}",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+        "/v2/models/{name}/versions/{version}",
+        "/v2/models/{name}/versions/{version}/ready",
+    ):
         assert path in paths, path
+    oip_error = paths["/v2/models/{name}/versions/{version}/infer"]["post"]["responses"]["400"]
+    assert "error" in oip_error["content"]["application/json"]["schema"]["required"]
     assert paths["/v1/models/{name}/predict"]["post"]["security"] == [{"apiKey": []}]
     assert "apiKey" in schema["components"]["securitySchemes"]
 

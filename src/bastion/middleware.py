@@ -35,7 +35,8 @@ class BodySizeLimit:
                 except ValueError:
                     declared = -1
                 if declared < 0 or declared > self.max_bytes:
-                    response = problems.problem(
+                    response = problems.respond(  # the shape of the path's protocol (OIP under /v2)
+                        scope["path"],
                         413 if declared > 0 else 400,
                         "Payload too large" if declared > 0 else "Invalid input",
                         f"the body is {declared} bytes; the limit is {self.max_bytes}"
@@ -184,7 +185,9 @@ class RequestMetrics:
             if status:
                 raise
             status = 500
-            response = problems.problem(500, "Internal error", "an unexpected error occurred; it has been logged")
+            response = problems.respond(
+                scope.get("path"), 500, "Internal error", "an unexpected error occurred; it has been logged"
+            )
             await response(scope, receive, send)
         finally:
             route = getattr(scope.get("endpoint"), "__name__", "unmatched")

@@ -1,7 +1,10 @@
 """The one place where errors become HTTP: RFC 9457 ``application/problem+json`` responses.
 
-Handlers raise ``BastionError`` subclasses; this module maps each to a status code and a body
-that says what was wrong. Unexpected exceptions become a bare 500 with no internal detail.
+Handlers raise ``BastionError`` subclasses; this module maps each to a status code, headers and a
+body that says what was wrong. Unexpected exceptions become a bare 500 with no internal detail.
+Under ``/v2`` (the Open Inference Protocol) the body is the protocol's ``{"error": ...}`` instead
+(``bastion.oiperrors``): same status, same headers; ``respond`` and ``from_error`` pick the shape
+by path, so every error answered for a path takes the shape of that path's protocol.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion import errors, metrics
+from bastion import errors, metrics, oiperrors
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -53,8 +56,18 @@ def problem(status: int, title: str, detail: str, headers: dict[str, str] | None
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers)
 
 
-def from_error(exc: errors.BastionError, instance: str | None = None) -> Response:
-    status = status_of(exc)
+def respond(
+    path: str | None, status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    """An error answer for a request to ``path``: the OIP ``{"error": detail}`` under ``/v2``, else
+    a problem (``path`` None: a problem). ``extra`` members are a problem's only."""
+    if path is not None and oiperrors.covers(path):
+        return oiperrors.error(status, detail, headers)
+    return problem(status, title, detail, headers, instance=path, **extra)
+
+
+def headers_of(exc: errors.BastionError) -> dict[str, str]:
+    """The response headers an error carries, whatever the body's shape."""
     headers: dict[str, str] = {}
     if isinstance(exc, errors.Overloaded | errors.Unavailable | errors.RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
@@ -62,8 +75,13 @@ def from_error(exc: errors.BastionError, instance: str | None = None) -> Respons
         headers.update(exc.headers)
     if isinstance(exc, errors.Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
+    return headers
+
+
+def from_error(exc: errors.BastionError, instance: str | None = None) -> Response:
+    """``exc`` answered for a request to ``instance`` (its path; None: unknown, a problem)."""
     public = {k: v for k, v in exc.extra.items() if k in {"job_id", "model", "errors", "gates"}}
-    return problem(status, exc.title, exc.detail, headers, instance=instance, **public)
+    return respond(instance, status_of(exc), exc.title, exc.detail, headers_of(exc), **public)
 
 
 async def _bastion_handler(request: Request, exc: errors.BastionError) -> Response:
@@ -77,7 +95,7 @@ async def _http_handler(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else title
     if exc.status_code == 404:
         detail = f"no route {request.method} {request.url.path}"
-    return problem(exc.status_code, title, detail, dict(exc.headers or {}), instance=request.url.path)
+    return respond(request.url.path, exc.status_code, title, detail, dict(exc.headers or {}))
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> Response:
@@ -86,7 +104,7 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
         loc = ".".join(str(p) for p in err.get("loc", ()))
         found.append({"location": loc, "message": str(err.get("msg", ""))[:200]})
     summary = "; ".join(f"{e['location']}: {e['message']}" for e in found[:3])
-    return problem(400, "Invalid input", f"the request is invalid: {summary}", errors=found, instance=request.url.path)
+    return respond(request.url.path, 400, "Invalid input", f"the request is invalid: {summary}", errors=found)
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

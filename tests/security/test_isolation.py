@@ -160,3 +160,19 @@ def test_model_metadata_lists_only_versions_the_caller_can_reach(shadowed: tuple
     assert meta.status_code == 200 and meta.json()["versions"] == ["1"]
     with httpx.Client(base_url=stack.gateway) as anonymous:
         assert anonymous.get(f"/v2/models/{MODEL}").status_code == 401
+
+
+def test_a_shadow_version_cannot_be_named_on_any_v2_version_route(shadowed: tuple[Stack, int]) -> None:
+    """``/v2/models/{name}/versions/{v}`` (metadata, ready, infer) reaches only versions that take
+    traffic: the shadow answers exactly as a version that does not exist, for every tenant."""
+    stack, v2 = shadowed
+    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": ROW}]}
+    for tenant in ("acme", "globex"):
+        with stack.client(tenant) as http:
+            assert http.get(f"/v2/models/{MODEL}/versions/1").status_code == 200
+            for method, suffix in (("GET", ""), ("GET", "/ready"), ("POST", "/infer")):
+                shadow = http.request(method, f"/v2/models/{MODEL}/versions/{v2}{suffix}", json=body)
+                missing = http.request(method, f"/v2/models/{MODEL}/versions/77{suffix}", json=body)
+                assert shadow.status_code == missing.status_code == 404, shadow.text
+                assert shadow.json() == {"error": f"model {MODEL!r} has no version {v2} taking traffic"}
+                assert shadow.text.replace(str(v2), "N") == missing.text.replace("77", "N")

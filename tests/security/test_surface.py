@@ -54,6 +54,7 @@ def test_every_route_refuses_every_scope_it_should(stack: Stack) -> None:
     tenant_all = stack.admin.create_key("acme", "all-but-admin", scopes=[s for s in SCOPES if s != "admin"])["key"]
     time.sleep(0.5)
     checked = 0
+    covered: set[tuple[str, str]] = set()
     for server, doc in _documents(stack).items():
         base = stack.gateway if server == "gateway" else stack.control_url
         model = "breast-cancer" if server == "gateway" else "matrix-nobody"  # control: no side effects
@@ -73,14 +74,27 @@ def test_every_route_refuses_every_scope_it_should(stack: Stack) -> None:
                     assert r.status_code == 401, where  # admin keys never reach a gateway
                 else:
                     assert r.status_code == 403, where
-                    assert r.headers["content-type"] == "application/problem+json", where
+                    if path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
+                        assert r.headers["content-type"] == "application/json", where
+                        assert set(r.json()) == {"error"}, where
+                    else:
+                        assert r.headers["content-type"] == "application/problem+json", where
                 checked += 1
+                covered.add((method, path))
             if server == "control":  # tenants' keys never reach the admin API, whatever their scopes
                 with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tenant_all}"}) as http:
                     r = _call(http, method, path, model)
                 assert r.status_code == 403 and "'operators' tenant" in r.json()["detail"], (path, r.text)
     print(f"route x scope matrix: {checked} pairs checked")
     assert checked > 250
+    assert {  # every Open Inference Protocol route that takes credentials is in the matrix
+        ("get", "/v2/models/{name}"),
+        ("get", "/v2/models/{name}/ready"),
+        ("get", "/v2/models/{name}/versions/{version}"),
+        ("get", "/v2/models/{name}/versions/{version}/ready"),
+        ("post", "/v2/models/{name}/infer"),
+        ("post", "/v2/models/{name}/versions/{version}/infer"),
+    } <= covered
 
 
 def test_every_object_route_is_visible_only_inside_its_tenant(stack: Stack) -> None:

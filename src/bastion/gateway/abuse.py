@@ -171,7 +171,8 @@ class AbuseMiddleware:
         address = "a:" + guard.address(scope)
         left = guard.banned_for(address)
         if left:
-            response = problems.problem(
+            response = problems.respond(
+                scope["path"],
                 429,
                 "Too many requests",
                 f"this client is blocked for {int(left) + 1} s after repeated failed requests",
