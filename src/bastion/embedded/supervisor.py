@@ -57,13 +57,9 @@ _WITHHELD = {
 }
 
 
-def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.socket]:
-    """Bind ``count`` listening sockets on one port (SO_REUSEPORT when more than one).
-
-    The port is first probed without SO_REUSEPORT, so a port that anything else holds is
-    reported instead of silently shared. With one socket per gateway process, the kernel
-    spreads new connections evenly across the processes.
-    """
+def probe_port(host: str, port: int, flag: str) -> None:
+    """Raise ``PortInUse`` (naming ``flag``) when anything holds ``port`` on ``host``: bound without
+    SO_REUSEPORT, so a port another program holds is reported instead of silently shared."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -75,6 +71,16 @@ def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.so
                     f"or BASTION_{flag.removeprefix('--').replace('-', '_').upper()}"
                 ) from exc
             raise
+
+
+def bind_port(host: str, port: int, flag: str, count: int = 1) -> list[socket.socket]:
+    """Bind ``count`` listening sockets on one port (SO_REUSEPORT when more than one).
+
+    The port is first probed (``probe_port``). With one socket per gateway process, the kernel
+    spreads new connections evenly across the processes.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe_port(host, port, flag)
     sockets = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -206,6 +212,8 @@ class Supervisor:
         gateway_socks = bind_port(s.host, s.gateway_port, "--gateway-port", s.gateways)
         (control_sock,) = bind_port(s.control_host, s.control_port, "--control-port")
         self.sockets = [*gateway_socks, control_sock]
+        if s.grpc_port:  # each gateway binds it itself (SO_REUSEPORT); nothing else may hold it
+            probe_port(s.host, s.grpc_port, "--grpc-port")
         redis_url = s.redis_url
         if not redis_url:
             self.redis = EmbeddedRedis(s.data_dir / "redis", fsync=s.durability, maxmemory_mb=s.redis_maxmemory_mb)
@@ -263,8 +271,11 @@ class Supervisor:
         on = {name: port for name, port in self.metrics.items() if port}
         off = sorted(set(self.metrics) - set(on))
         ports = ", ".join(f"{name} {port}" for name, port in on.items()) or "none"
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        grpc = f", gRPC {host}:{s.grpc_port}" if s.grpc_port else ""
         return (
-            f"Gateway (public): http://{s.host}:{s.gateway_port}. Admin API: http://{s.control_host}:{s.control_port}."
+            f"Gateway (public): http://{s.host}:{s.gateway_port}{grpc}. "
+            f"Admin API: http://{s.control_host}:{s.control_port}."
             f"\nMetrics on {s.control_host}: {ports}" + (f" (off, port taken: {', '.join(off)})" if off else "") + "."
         )
 

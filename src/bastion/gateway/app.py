@@ -21,6 +21,7 @@ from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
 from bastion.gateway.breakers import Breakers, Policy
+from bastion.gateway.grpc import server as grpc_server
 from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
@@ -91,11 +92,14 @@ def create_app(settings: Settings) -> FastAPI:
         await state.jobwatch.start()
         if state.abuse is not None:
             await state.abuse.start()
+        rpc = await grpc_server.start(state) if settings.grpc_port else None  # same state, same loop
         log.info("gateway_started", gateway_id=gateway_id)
         try:
             yield
         finally:
             state.draining = True
+            if rpc is not None:  # calls in flight finish while the replies are still read
+                await grpc_server.stop(rpc)
             if state.background:  # let queued shadow copies reach Redis
                 await asyncio.wait(state.background, timeout=5)
             await state.jobwatch.stop()
