@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import pstats
+import resource
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,74 @@ def check_same_answer(target: Target, grpc_port: int, key: str) -> dict[str, Any
     ):
         raise BenchError(f"HTTP and gRPC disagree: {http_out} vs {grpc_out}")
     return grpc_out
+
+
+def h2load_run(
+    url: str, body: Path, headers: dict[str, str], concurrency: int, args: Any, http1: bool
+) -> dict[str, Any]:
+    """One ``h2load`` run (nghttp2's C load generator, the same client for both protocols): its
+    per-request log gives p50/p99 and the completed count over the measured window."""
+    log_file = body.with_suffix(f".{concurrency}.{'h1' if http1 else 'h2'}.log")
+    argv = ["h2load", "-D", f"{args.duration:g}", "--warm-up-time", f"{args.run_warmup_s:g}", "-c", str(concurrency)]
+    argv += ["-m", "1", "-t", "1", "--log-file", str(log_file), "-d", str(body), *(["--h1"] if http1 else [])]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    pin = ["taskset", "-c", str(args.loadgen_cpu)] if shutil.which("taskset") else []
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.monotonic()
+    try:
+        done = subprocess.run([*pin, *argv, url], capture_output=True, timeout=args.duration + 60, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError("h2load ran past its limit") from exc
+    lines = (
+        [line.split("\t") for line in log_file.read_text().splitlines() if line.strip()] if log_file.exists() else []
+    )
+    if done.returncode != 0 or not lines:
+        raise BenchError(f"h2load failed ({done.returncode}): {(done.stdout + done.stderr)[-1000:].decode()}")
+    ok = sorted(int(d) / 1000 for _, status, d in lines if status == "200")
+    if not ok:
+        raise BenchError(f"h2load: none of {len(lines)} answers was a 200")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_s = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
+    return {
+        "concurrency": concurrency,
+        "errors": 0,
+        "non_200": len(lines) - len(ok),  # shown in the table's errors column
+        "client_cpu_share": client_s / max(time.monotonic() - began, 1e-9),
+        "completed": len(ok),
+        "requests_per_s": len(ok) / args.duration,
+        "p50_ms": ok[len(ok) // 2],
+        "p99_ms": ok[min(len(ok) - 1, int(len(ok) * 0.99))],
+    }
+
+
+def h2load_rows(target: Target, grpc_port: int, key: str, workdir: Path, args: Any) -> list[dict[str, Any]]:
+    """HTTP /v2 infer (HTTP/1.1) and gRPC ModelInfer (HTTP/2) driven by the same C client, so
+    neither side's figures carry a Python client's cost. gRPC answers come back as HTTP 200 with
+    the status in a trailer h2load does not read: ``check_same_answer`` has shown, with the same
+    request bytes and key, that they succeed."""
+    grpc_body, http_body = workdir / "grpc.bin", workdir / "v2.json"
+    message = infer_request()
+    grpc_body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)  # gRPC length-prefixed frame
+    auth = {"authorization": f"Bearer {key}"}
+    runs = [
+        (HTTP_NAME, f"http://{HOST}:{target.port}{V2_INFER}", http_body, {"content-type": "application/json"}, True),
+        (
+            GRPC_NAME,
+            f"http://{HOST}:{grpc_port}{INFER}",
+            grpc_body,
+            {"content-type": "application/grpc", "te": "trailers"},
+            False,
+        ),
+    ]
+    rows = []
+    for concurrency in args.concurrency:
+        for name, url, body, headers, http1 in runs:
+            before, started = cpu_seconds(target.pid), time.monotonic()
+            result = h2load_run(url, body, {**headers, **auth}, concurrency, args, http1)
+            rows.append(measured(result, f"{name} (h2load)", before, target.pid, started))
+            time.sleep(0.5)
+    return rows
 
 
 def measured(result: dict[str, Any], name: str, before: Any, pid: int, started: float) -> dict[str, Any]:
@@ -253,6 +322,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--run-warmup-s", type=float, default=1.0, help="unmeasured start of each run (default 1)")
     parser.add_argument("--loadgen-cpu", type=int, default=0, help="CPU the load generators are pinned to (default 0)")
     parser.add_argument("--profile-s", type=float, default=6.0, help="profiled gRPC run, seconds; 0: none (default 6)")
+    parser.add_argument(
+        "--h2load",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also drive both protocols with h2load, one C client for both, when it is installed (default on)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--keep-data", action="store_true", help="keep bastion's data directory (logs)")
     args, extra = parser.parse_known_args(argv)
@@ -271,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = redis.start()
     grpc_port = free_port()
     rows: list[dict[str, Any]] = []
+    c_rows: list[dict[str, Any]] = []
     profile: dict[str, Any] | None = None
     try:
         up_args = ["--grpc-port", str(grpc_port), "--redis-url", redis_url, *extra]
@@ -294,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     rows.append(measured(result, protocol, before, target.pid, started))
                     time.sleep(0.5)
+            if args.h2load and shutil.which("h2load"):
+                c_rows = h2load_rows(target, grpc_port, key, workdir, args)
+            elif args.h2load:
+                print("h2load is not installed (scripts/bench-deps.sh installs it): no C-client runs", file=sys.stderr)
             if args.profile_s > 0:
                 top = max(args.concurrency)
                 print(f"profiling one more gateway ({args.profile_s:g} s of gRPC at c={top})", file=sys.stderr)
@@ -317,6 +397,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  gRPC req/s / HTTP req/s: {rps_ratio:.2f}")
     print(f"  server CPU per request, gRPC: {cpu_per_request(grpc_high)}")
     print(f"  server CPU per request, HTTP: {cpu_per_request(http_high)}")
+    if c_rows:
+        print()
+        print("the same two with one C client (h2load, pinned like the load generators):")
+        print(format_table(c_rows))
+        c_at = {(r["server"], r["concurrency"]): r for r in c_rows}
+        h_low, g_low = c_at[(f"{HTTP_NAME} (h2load)", low)], c_at[(f"{GRPC_NAME} (h2load)", low)]
+        h_high, g_high = c_at[(f"{HTTP_NAME} (h2load)", high)], c_at[(f"{GRPC_NAME} (h2load)", high)]
+        c_ratio = g_low["p50_ms"] / h_low["p50_ms"] if h_low["p50_ms"] else float("nan")
+        verdict = "no worse" if c_ratio <= 1.0 else "WORSE"
+        print(f"  h2load, concurrency {low}: gRPC p50 / HTTP p50: {c_ratio:.2f} ({verdict})")
+        if h_high["requests_per_s"]:
+            rps = g_high["requests_per_s"] / h_high["requests_per_s"]
+            print(f"  h2load, concurrency {high}: gRPC req/s / HTTP req/s: {rps:.2f}")
     if profile is not None:
         print()
         print(format_profile(profile))
@@ -332,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "extra": extra},
             "answer": answer,
             "rows": rows,
+            "h2load_rows": c_rows,
             "grpc_p50_over_http_at_lowest": p50_ratio,
             "grpc_rps_over_http_at_highest": rps_ratio,
             "profile": profile,

@@ -407,7 +407,29 @@ def test_deadline_exceeded_when_no_worker_answers_in_time(served: Served) -> Non
     finally:
         os.killpg(worker, signal.SIGCONT)
     assert ours.status() == "StatusCode.DEADLINE_EXCEEDED" and "no result within 0.3 s" in ours.message()
-    assert theirs.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # the client's deadline is the server's too: it answers (and abandons the job) just before it
+    assert theirs.status() == "StatusCode.DEADLINE_EXCEEDED" and "the job was abandoned" in theirs.message()
+
+
+def test_a_call_without_a_credential_is_refused_before_its_message_is_sent(served: Served) -> None:
+    """An anonymous caller cannot hold calls open by never sending its message."""
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        release.wait(20)
+        yield b""
+
+    with grpc.insecure_channel(served.target) as channel:
+        call = channel.stream_unary(INFER, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        began = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as refused_at_once:
+                call(never(), timeout=10)
+        finally:
+            release.set()
+    assert refused_at_once.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused_at_once.value
+    assert "authorization" in (refused_at_once.value.details() or "")
+    assert time.monotonic() - began < 5, "refused on its headers, not after a message or a timeout"
 
 
 def test_a_message_over_the_limit_is_resource_exhausted(served: Served) -> None:

@@ -97,25 +97,38 @@ def choose_version(
     """A version the caller named (OIP ``/versions/{v}``, gRPC ``model_version``): only one that
     takes traffic (a primary or canary route, or the fallback; never a shadow or an undeployed
     version: those are NotFound, whether or not they exist) and that policy lets this caller reach
-    (else Forbidden, as ``choose`` says). The kill switch holds: only the fallback answers then."""
+    (else the same NotFound: naming versions reveals nothing of other tenants' versions, whether
+    or not a route with a weight names them). The kill switch holds: only the fallback answers then."""
     if routes is None:
         raise NotFound(f"no model {model!r} is being served", model=model)
-    live = {r.version.version: r for r in routes.routes if r.role != "shadow"}
+    live = live_routes(routes)
     fallback = routes.fallback
-    if version not in live and (fallback is None or fallback.version != version):
-        raise NotFound(f"model {model!r} has no version {version} taking traffic", model=model)
     allowed, stopped_by = _allowed(routes, tenant, jurisdiction, consents)
     rule = "; ".join(stopped_by)
-    if allowed is not None and version not in allowed:
-        raise Forbidden(
-            f"policy ({rule}) allows this caller only version(s) {sorted(allowed)} of model {model!r}", model=model
-        )
+    if (version not in live and (fallback is None or fallback.version != version)) or (
+        allowed is not None and version not in allowed
+    ):  # one answer for "none", "not deployed" and "not for you": no oracle of other tenants' versions
+        raise NotFound(f"model {model!r} has no version {version} taking traffic", model=model)
     if fallback is not None and fallback.version == version and (routes.disabled or version not in live):
         return Routed(fallback, "fallback", "disabled" if routes.disabled else "", rule, allowed)
     if routes.disabled:
         raise Unavailable(f"model {model!r} is disabled by its operators", retry_after=30, model=model)
     named = live[version]
     return Routed(named.version, named.role, "", rule, allowed)
+
+
+def live_routes(routes: ModelRoutes) -> dict[int, Route]:
+    """The routes that take traffic, by version: primaries and canaries with a weight (never a
+    shadow, never a route at weight 0)."""
+    return {r.version.version: r for r in routes.routes if r.role != "shadow" and r.weight > 0}
+
+
+def reachable_versions(routes: ModelRoutes, allowed: frozenset[int] | None) -> list[int]:
+    """The versions a caller may name: those taking traffic and the fallback, within its policy."""
+    found = set(live_routes(routes))
+    if routes.fallback is not None:
+        found.add(routes.fallback.version)
+    return sorted(v for v in found if allowed is None or v in allowed)
 
 
 def alternatives(routes: ModelRoutes, failing: int, allowed: frozenset[int] | None) -> list[VersionInfo]:

@@ -100,7 +100,10 @@ class Settings(BaseSettings):
         "served by every gateway process (SO_REUSEPORT); 0: off",
     )
     grpc_max_message_bytes: int = Field(
-        default=4 << 20, ge=1024, description="largest gRPC message received or sent, bytes: RESOURCE_EXHAUSTED beyond"
+        default=1 << 20,
+        ge=1024,
+        description="largest gRPC message received or sent, bytes (as max_body_bytes for HTTP): RESOURCE_EXHAUSTED "
+        "beyond",
     )
     grpc_max_concurrent_streams: int = Field(
         default=100, ge=1, description="concurrent gRPC streams (calls) one connection may open"

@@ -122,7 +122,7 @@ class Signature:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
-        raise InvalidInput(f"unknown input {name!r}; the model takes {[s.name for s in self.inputs]}")
+        raise InvalidInput(f"unknown input {name[:64]!r}; the model takes {[s.name for s in self.inputs]}")
 
 
 def to_tensor(spec: TensorSpec, data: Any, max_rows: int, flat_shape: list[int] | None = None) -> np.ndarray:

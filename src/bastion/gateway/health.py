@@ -41,7 +41,7 @@ router = health.router(ready, metrics_served=_public_metrics)
 @router.get("/v2", tags=["open inference protocol"])
 async def server_metadata() -> Response:
     """Open Inference Protocol server metadata."""
-    return json_response({"name": "bastion", "version": __version__, "extensions": []})
+    return json_response({"name": "bastion", "version": __version__, "extensions": ["binary_tensor_data"]})
 
 
 @router.get("/v2/health/live", tags=["open inference protocol"])

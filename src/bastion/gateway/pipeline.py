@@ -239,6 +239,7 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     input is returned before admission (``admission.cached``): it costs no compute, so it takes
     nothing from the budgets."""
     version = call.chosen
+    waited_until = time.monotonic() + wait_s  # the enqueue's own time comes out of the wait
     own_id = state.replies.new_id()
     call.job_id = own_id
     serving = serving_of(state, version.model)
@@ -271,10 +272,12 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
         if admission.replayed_job is not None and call.idem is not None:
             call.job_id = admission.replayed_job
             async with redis_errors():
-                reply = await idempotency.replay(state.redis, call.idem, call.job_id, wait_s)
+                reply = await idempotency.replay(
+                    state.redis, call.idem, call.job_id, max(0.001, waited_until - time.monotonic())
+                )
         else:
             try:
-                reply = await _await_reply(future, wait_s, own_id)
+                reply = await _await_reply(future, max(0.001, waited_until - time.monotonic()), own_id, wait_s)
             except DeadlineExceeded:
                 await _abandon(state, env, admission.counted)
                 raise
@@ -300,8 +303,9 @@ async def _abandon(state: GatewayState, env: Any, counted: bool) -> None:
         )
 
 
-async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str) -> Reply:
-    """Await the reply; a timer that cancels the future is cheaper than ``asyncio.wait_for``."""
+async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str, whole_s: float) -> Reply:
+    """Await the reply for what is left (``wait_s``) of the caller's wait (``whole_s``, which the
+    error names); a timer that cancels the future is cheaper than ``asyncio.wait_for``."""
     expired = False
 
     def expire() -> None:
@@ -314,24 +318,28 @@ async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str
         return await future
     except asyncio.CancelledError as exc:
         if expired:
-            raise DeadlineExceeded(f"no result within {wait_s:.3g} s; the job was abandoned", job_id=job_id) from exc
+            raise DeadlineExceeded(f"no result within {whole_s:.3g} s; the job was abandoned", job_id=job_id) from exc
         raise
     finally:
         timer.cancel()
 
 
 async def predict(
-    inbound: Inbound, scopes: tuple[str, ...], parse: Any, wait_s: float | None = None
+    inbound: Inbound, scopes: tuple[str, ...], parse: Any, deadline: float | None = None
 ) -> tuple[Call, dict[str, Any], tuple[Any, ...]]:
     """A sync prediction through the whole pipeline. ``parse(doc, signature, max_rows)`` is the
     front door's translation of its body: it returns ``(tensors, *extra)``; the answer is the
-    call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs). ``wait_s``
-    (a gRPC deadline) bounds the wait like ``X-Bastion-Timeout-Ms`` does."""
+    call, the outputs and ``extra`` (e.g. the OIP request id and requested outputs).
+    ``deadline`` (``time.monotonic()`` at which a gRPC caller stops waiting) bounds the wait like
+    ``X-Bastion-Timeout-Ms`` does, counted from now, after authentication and parsing."""
     state, call, doc = await begin(inbound, scopes)
     with breaker_call(state, call):
         wait = timeout_s(state, inbound.headers.get("x-bastion-timeout-ms"), call.model)
-        if wait_s is not None:
-            wait = min(wait, wait_s)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the call's deadline passed before it was queued")
+            wait = min(wait, left)
         tensors, *extra = parse(doc, call.chosen.signature, state.settings.max_rows)
         call.rows = rows_of(tensors)
         outputs = await run_sync(state, call, tensors, wait)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bastion import routing
 from bastion.errors import InvalidInput
 from bastion.gateway import inbound, oip, payloads, pipeline
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
@@ -159,10 +160,7 @@ async def _metadata(request: Request, name: str, version: str | None = None) -> 
     call = await _routed(request, name, version)
     state = pipeline.state_of(request)
     routes = state.snapshots.current.models[name]
-    live = {r.version.version for r in routes.routes if r.role != "shadow"}
-    if routes.fallback is not None:
-        live.add(routes.fallback.version)
-    versions = sorted(v for v in live if call.permits(v))  # never a version this caller cannot reach
+    versions = routing.reachable_versions(routes, call.allowed)  # never a version this caller cannot reach
     signature = call.chosen.signature
     return json_response(
         {

@@ -57,11 +57,11 @@ def inputs(
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(items)} inputs: one per input")
     tensors: dict[str, np.ndarray] = {}
     for index, item in enumerate(items):
-        name = item.name
+        spec = signature.input(item.name)  # first: a name the model does not have is refused, cut short
+        name = spec.name
         if name in tensors:
             raise InvalidInput(f"input {name!r} is given twice")
         _refuse_parameters(item.parameters, f"input {name!r}")
-        spec = signature.input(name)
         shape = _shape(name, item.shape)
         if raw:
             if item.HasField("contents"):

@@ -59,6 +59,37 @@ def options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})  # as /v2/health: no credential
+_ANONYMOUS = "an API key or token is required: send 'authorization: Bearer <key>' metadata"
+
+
+async def _refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _ANONYMOUS)
+
+
+_GUARDED = frozenset(
+    m.name for m in pb.DESCRIPTOR.services_by_name[SERVICE.rpartition(".")[2]].methods if m.name not in PUBLIC_METHODS
+)
+
+
+# A handler that reads no message: the call ends before its request is even sent. For a unary
+# method too, since a request-streaming handler is free not to read.
+_REFUSED = grpc.stream_unary_rpc_method_handler(_refuse)
+
+
+class RefuseAnonymous(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A call of a method that needs a credential and carries no ``authorization`` metadata is
+    refused on its headers, before its message is read: a peer without a key cannot hold calls
+    open (and their slots of ``maximum_concurrent_rpcs``) by never sending the message."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        service, _, method = details.method.lstrip("/").partition("/")
+        if service == SERVICE and method in _GUARDED:  # (a method not served stays UNIMPLEMENTED)
+            if not any(key == "authorization" for key, _ in details.invocation_metadata or ()):
+                return _REFUSED
+        return await continuation(details)
+
+
 def methods(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
     """Every method of the service's descriptor, served by the method of ``service`` of that name:
     requests handed over as bytes (the service decodes them), responses serialised."""
@@ -89,7 +120,9 @@ async def start(state: GatewayState) -> list[grpc.aio.Server]:
     try:
         for _ in range(ACCEPTORS):
             server = grpc.aio.server(
-                options=options(settings), maximum_concurrent_rpcs=max(1, settings.max_connections // ACCEPTORS)
+                interceptors=[RefuseAnonymous()],
+                options=options(settings),
+                maximum_concurrent_rpcs=max(1, settings.max_connections // ACCEPTORS),
             )
             server.add_registered_method_handlers(SERVICE, methods(service))
             try:

@@ -34,8 +34,8 @@ from urllib.parse import unquote
 import grpc
 from google.protobuf.message import DecodeError
 
-from bastion import __version__, ids, logs, metrics
-from bastion.errors import DeadlineExceeded, InvalidInput, NotFound, RateLimited
+from bastion import __version__, ids, logs, metrics, routing
+from bastion.errors import InvalidInput, NotFound, RateLimited
 from bastion.gateway import pipeline
 from bastion.gateway.abuse import AbuseGuard
 from bastion.gateway.auth import PREDICT, READ_MODELS, authenticate_header
@@ -55,7 +55,7 @@ SERVICE = "inference.GRPCInferenceService"
 INFER_PATH = f"/{SERVICE}/ModelInfer/"  # + model: what an idempotency key's request is fingerprinted with
 STREAM_WINDOW = 16  # requests of one stream in flight at once
 PLATFORM = "onnxruntime_onnx"
-DEADLINE_MARGIN_S = 0.01  # the pipeline gives up this long before the call's deadline: its job is abandoned
+DEADLINE_MARGIN_S = 0.05  # the pipeline gives up this long before the call's deadline: its job is abandoned
 _HEADERS = READ_HEADERS - {"content-type", "inference-header-content-length"}  # HTTP's only
 
 Message = TypeVar("Message")
@@ -264,13 +264,10 @@ class InferenceService:
             routes = self.state.snapshots.current.models.get(request.name)
             if routes is None:  # gone since it was routed
                 raise NotFound(f"no model {request.name!r} is being served", model=request.name)
-            live = {r.version.version for r in routes.routes if r.role != "shadow"}
-            if routes.fallback is not None:
-                live.add(routes.fallback.version)
             signature = call.chosen.signature
             return pb.ModelMetadataResponse(
                 name=request.name,
-                versions=[str(v) for v in sorted(live) if call.permits(v)],  # never one this caller cannot reach
+                versions=[str(v) for v in routing.reachable_versions(routes, call.allowed)],  # only its own
                 platform=PLATFORM,
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in v2_tensor_metadata(signature, "inputs")],
                 outputs=[
@@ -291,11 +288,10 @@ class InferenceService:
     ) -> tuple[Call, pb.ModelInferResponse]:
         model = request.model_name
         version = await self._version(caller, request.model_version, PREDICT)
-        wait = context.time_remaining()
-        if wait is not None:  # answered by the pipeline just before gRPC would cancel the call
-            wait -= DEADLINE_MARGIN_S
-            if wait <= 0:
-                raise DeadlineExceeded("the call's deadline passed before it was queued")
+        remaining = context.time_remaining()
+        deadline = None  # answered by the pipeline just before gRPC would cancel the call
+        if remaining is not None:
+            deadline = time.monotonic() + remaining - DEADLINE_MARGIN_S
 
         async def read() -> bytes:
             return raw
@@ -311,7 +307,7 @@ class InferenceService:
             on_key=caller.on_key,
             version=version,
         )
-        call, outputs, (wanted, raw_out) = await pipeline.predict(inbound, PREDICT, convert.inputs, wait_s=wait)
+        call, outputs, (wanted, raw_out) = await pipeline.predict(inbound, PREDICT, convert.inputs, deadline=deadline)
         chosen = call.chosen
         return call, convert.response(request, chosen.model, chosen.version, call.job_id, outputs, wanted, raw_out)
 
@@ -386,8 +382,10 @@ class InferenceService:
                 headers = caller.headers
                 key = headers.get("idempotency-key")
                 if key is not None:
-                    if not request.id:
-                        raise InvalidInput("with an idempotency-key on a stream, every request of it needs an id")
+                    if not 0 < len(request.id) <= 128:
+                        raise InvalidInput(
+                            "with an idempotency-key on a stream, each request needs an id of 1 to 128 characters"
+                        )
                     headers = {**headers, "idempotency-key": f"{key}/{request.id}"}
                 _, answer = await self._infer(caller, request, raw, context, headers)
                 code = grpc.StatusCode.OK
