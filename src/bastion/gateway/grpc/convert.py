@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.errors import InvalidInput
+from bastion.errors import InvalidInput, JobFailed
 from bastion.gateway.grpc import inference_pb2 as pb
 from bastion.signature import NUMPY_TO_V2, V2_TO_NUMPY, Signature, TensorSpec, from_raw, to_raw
 
@@ -146,6 +146,9 @@ def response(
 ) -> pb.ModelInferResponse:
     """The outputs (those ``wanted``, else all) as the response to ``request``."""
     names = wanted if wanted is not None else list(outputs)
+    missing = [name for name in names if name not in outputs]
+    if missing:  # the worker's answer lacks an output the model declares: the job failed, as on HTTP
+        raise JobFailed(f"the model returned no output {missing[0][:64]!r}")
     found = [(name, to_raw(outputs[name])) for name in names]
     raw = raw or any(datatype not in CONTENTS for _, (datatype, _, _) in found)
     answer = pb.ModelInferResponse(model_name=model, model_version=str(version), id=request.id or answer_id)

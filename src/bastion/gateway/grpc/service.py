@@ -156,7 +156,7 @@ class InferenceService:
         status = status_of(exc)
         if not status.expected:
             metrics.ERRORS.labels("grpc", "unexpected").inc()
-            log.error("unexpected_error", method=method, error_type=type(exc).__name__)
+            log.error("unexpected_error", method=method, error_type=type(exc).__name__, exc_info=exc)
         guard = self.state.abuse
         if status.strike and guard is not None:
             delay = await guard.strike(caller.clients)
