@@ -22,10 +22,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         tmp_path_factory.mktemp("long"),
         workers=2,
         visibility_timeout_s=VISIBILITY_S,
-        worker_metrics_port=free_port(),
+        worker_metrics_port=_two_free_ports(),
         request_timeout_s=60,
     ) as s:
         yield s
+
+
+def _two_free_ports() -> int:
+    """A port that is free with the next one too: worker i takes metrics port base + i."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no two consecutive free ports")
 
 
 def _runs(stack: Stack) -> float:
