@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from loadgen import LoadResult, _percentile, _uvloop_installed
+from loadgen import LoadResult, _uvloop_installed, summarize
 from tritonclient.grpc import service_pb2
 
 HOST = "127.0.0.1"
@@ -89,27 +89,8 @@ async def run_load(
     await asyncio.wait(tasks, timeout=timeout_s + 5)
     for channel in channels:
         await channel.close()
-    ms = sorted(v * 1000 for v in latencies)
-    completed, ok = len(ms), statuses.get("OK", 0)
-    return LoadResult(
-        concurrency=concurrency,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        completed=completed,
-        requests_per_s=completed / duration_s,
-        ok_per_s=ok / duration_s,
-        p50_ms=_percentile(ms, 50),
-        p90_ms=_percentile(ms, 90),
-        p99_ms=_percentile(ms, 99),
-        max_ms=ms[-1] if ms else 0.0,
-        mean_ms=sum(ms) / completed if completed else 0.0,
-        non_200=completed - ok,
-        errors=sum(errors.values()),
-        statuses=dict(sorted(statuses.items())),
-        error_kinds=dict(errors),
-        client_cpu_s=cpu_s,
-        client_cpu_share=cpu_s / duration_s,
-        uvloop=_uvloop_installed(),
+    return summarize(
+        concurrency, duration_s, warmup_s, latencies, statuses.get("OK", 0), dict(statuses), dict(errors), cpu_s
     )
 
 

@@ -280,6 +280,41 @@ async def _connection_loop(run: _Run, port: int) -> None:
         await lost
 
 
+def summarize(
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    latencies_s: list[float],
+    ok: int,
+    statuses: dict[str, int],
+    errors: dict[str, int],
+    cpu_s: float,
+) -> LoadResult:
+    """One run's result from its measured latencies (seconds), successes, statuses and errors."""
+    ms = sorted(v * 1000 for v in latencies_s)
+    completed = len(ms)
+    return LoadResult(
+        concurrency=concurrency,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        completed=completed,
+        requests_per_s=completed / duration_s,
+        ok_per_s=ok / duration_s,
+        p50_ms=_percentile(ms, 50),
+        p90_ms=_percentile(ms, 90),
+        p99_ms=_percentile(ms, 99),
+        max_ms=ms[-1] if ms else 0.0,
+        mean_ms=sum(ms) / completed if completed else 0.0,
+        non_200=completed - ok,
+        errors=sum(errors.values()),
+        statuses=dict(sorted(statuses.items())),
+        error_kinds=errors,
+        client_cpu_s=cpu_s,
+        client_cpu_share=cpu_s / duration_s,
+        uvloop=_uvloop_installed(),
+    )
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (0 when empty)."""
     if not sorted_values:
@@ -322,29 +357,16 @@ async def run_load(
 
 
 def _summarise(run: _Run, warmup_s: float, duration_s: float, cpu_s: float) -> LoadResult:
-    latencies = sorted(run.latencies)
-    ms = [v * 1000 for v in latencies]
-    completed = len(latencies)
-    ok = run.statuses.get(200, 0)
-    return LoadResult(
-        concurrency=run.concurrency,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        completed=completed,
-        requests_per_s=completed / duration_s,
-        ok_per_s=ok / duration_s,
-        p50_ms=_percentile(ms, 50),
-        p90_ms=_percentile(ms, 90),
-        p99_ms=_percentile(ms, 99),
-        max_ms=ms[-1] if ms else 0.0,
-        mean_ms=sum(ms) / completed if completed else 0.0,
-        non_200=completed - ok,
-        errors=sum(run.errors.values()),
-        statuses={str(k): v for k, v in sorted(run.statuses.items())},
-        error_kinds=dict(run.errors),
-        client_cpu_s=cpu_s,
-        client_cpu_share=cpu_s / duration_s,
-        uvloop=_uvloop_installed(),
+    statuses = {str(k): v for k, v in run.statuses.items()}
+    return summarize(
+        run.concurrency,
+        duration_s,
+        warmup_s,
+        run.latencies,
+        run.statuses.get(200, 0),
+        statuses,
+        dict(run.errors),
+        cpu_s,
     )
 
 
