@@ -87,6 +87,9 @@ STREAMS_PREFIX = "streams:"
 STORED_PREFIX = "stored:"
 STORED_BYTES_PREFIX = "storedb:"
 
+AUDIT_STREAM = "audit"  # decision-log events on their way to the control plane (no MAXLEN: never dropped)
+AUDIT_GROUP = "audit-log"  # the control plane's consumer group on it
+AUDIT_CHECKPOINT_KEY = "audit:checkpoint"  # the latest signed checkpoint, published for anyone to read
 CONSUMER_GROUP = "workers"
 OPERATORS_TENANT = "operators"  # the only tenant whose keys may use the admin API
 EVALUATION_TENANT = "_control"  # owner of evaluation jobs; '_' is not allowed in tenant names

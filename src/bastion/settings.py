@@ -365,6 +365,45 @@ class Settings(BaseSettings):
     )
     docs_enabled: bool = Field(default=False, description="serve /docs and /openapi.json")
 
+    # the decision log (bastion.audit)
+    decision_log: bool = Field(
+        default=True,
+        description="record every decision (answered prediction, finished job, cache hit) in the decision log",
+    )
+    audit_max_backlog: int = Field(
+        default=200_000,
+        ge=1,
+        description="decision-log events waiting for the control plane beyond which gateways answer 503 to new work "
+        "(evidence is never dropped)",
+    )
+    audit_signing_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs the decision log's checkpoints; unset: "
+        "<data_dir>/audit-signing.pem, created in development, required in production",
+    )
+    audit_kek: SecretStr | None = Field(
+        default=None,
+        description="key-encryption key of the decision log's data keys and tenant secrets: 32 bytes, base64; "
+        "takes precedence over audit_kek_file",
+    )
+    audit_kek_file: Path | None = Field(
+        default=None,
+        description="file holding the key-encryption key (32 bytes, base64); unset: <data_dir>/audit.kek, created "
+        "in development, required in production",
+    )
+    audit_checkpoint_s: float = Field(
+        default=1.0, gt=0, description="the decision log signs a checkpoint at least this often when it grew, seconds"
+    )
+    audit_checkpoint_events: int = Field(
+        default=10_000, ge=1, description="... or as soon as this many events were appended since the last one"
+    )
+    audit_batch: int = Field(
+        default=1000, ge=1, le=10_000, description="decision-log events the control plane appends in one transaction"
+    )
+    audit_retention_sweep_s: float = Field(
+        default=60.0, gt=0, description="how often payloads past their tenant's retention are destroyed, seconds"
+    )
+
     @model_validator(mode="after")
     def _oidc_complete(self) -> Settings:
         if self.oidc_issuer and not self.oidc_audience:
@@ -393,6 +432,14 @@ class Settings(BaseSettings):
     @property
     def admin_key_file(self) -> Path:
         return self.data_dir / "admin.key"
+
+    @property
+    def resolved_audit_signing_key_file(self) -> Path:
+        return self.audit_signing_key_file or self.data_dir / "audit-signing.pem"
+
+    @property
+    def resolved_audit_kek_file(self) -> Path:
+        return self.audit_kek_file or self.data_dir / "audit.kek"
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

@@ -66,6 +66,7 @@ class KeyInfo:
     consents: frozenset[str] = frozenset()
     limits: Limits = NO_LIMITS
     subject_trusted: bool = False  # operators let this key name its subject (X-Bastion-Subject)
+    retain_payloads: bool = False  # the decision log keeps the tenant's inputs and outputs (encrypted)
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -78,6 +79,7 @@ class TenantInfo:
     jurisdiction: str | None
     consents: frozenset[str]
     limits: Limits
+    retain_payloads: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,7 @@ class Snapshot:
                 frozenset(k.get("consents") or ()),
                 Limits.from_dict(k.get("limits")),
                 bool(k.get("subject_trusted", False)),
+                bool(k.get("retain_payloads", False)),
             )
             for digest, k in data["keys"].items()
         }
@@ -221,7 +224,10 @@ class Snapshot:
             )
         tenants = {
             name: TenantInfo(
-                t.get("jurisdiction"), frozenset(t.get("consents") or ()), Limits.from_dict(t.get("limits"))
+                t.get("jurisdiction"),
+                frozenset(t.get("consents") or ()),
+                Limits.from_dict(t.get("limits")),
+                bool(t.get("retain_payloads", False)),
             )
             for name, t in (data.get("tenants") or {}).items()
         }

@@ -21,6 +21,7 @@ from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
 from bastion.gateway.breakers import Breakers, Policy
+from bastion.gateway.evidence import Backlog
 from bastion.gateway.grpc import server as grpc_server
 from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
@@ -85,11 +86,14 @@ def create_app(settings: Settings) -> FastAPI:
             jwks=_jwks(settings),
             abuse=AbuseGuard(client, settings),
             breakers=Breakers(Policy.from_settings(settings)),
+            backlog=Backlog(client, settings.audit_max_backlog, enabled=settings.decision_log),
         )
         app.state.gateway = state
         await state.snapshots.start()
         await state.replies.start()
         await state.jobwatch.start()
+        if state.backlog is not None:
+            await state.backlog.start()
         if state.abuse is not None:
             await state.abuse.start()
         rpc = await grpc_server.start(state) if settings.grpc_port else None  # same state, same loop
@@ -103,6 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
             if state.background:  # let queued shadow copies reach Redis
                 await asyncio.wait(state.background, timeout=5)
             await state.jobwatch.stop()
+            if state.backlog is not None:
+                await state.backlog.stop()
             await state.replies.stop()
             if state.abuse is not None:
                 await state.abuse.stop()

@@ -89,4 +89,5 @@ def caller_of(claims: dict[str, object], snapshot: Snapshot, state: GatewayState
         jurisdiction=attributes.jurisdiction,
         consents=attributes.consents,
         limits=attributes.limits if attributes.limits else Limits(),
+        retain_payloads=attributes.retain_payloads,
     )

@@ -120,6 +120,9 @@ class Call:
             idempotency=self.idem.redis_key if self.idem is not None and reply_to else "",
             key_id=self.key.id,
             rows=self.rows,
+            jurisdiction=self.key.jurisdiction or "",
+            consents=tuple(sorted(self.key.consents)),
+            retain=self.key.retain_payloads,
             blob=blob,
         )
 

@@ -39,6 +39,7 @@ from bastion.gateway.context import Call
 from bastion.gateway.inbound import Inbound
 from bastion.gateway.replies import Reply
 from bastion.gateway.state import GatewayState
+from bastion.queue import calls, decisions
 from bastion.queue.calls import Storage
 from bastion.queue.envelope import ROLE_FALLBACK, ROLE_SHADOW
 from bastion.queue.producer import UNLIMITED, Admission, ratelimit_fields, refill_seconds
@@ -116,6 +117,8 @@ async def begin(inbound: Inbound, scopes: tuple[str, ...]) -> tuple[GatewayState
     call = Call(inbound.request_id, traceparent=headers.get("traceparent", ""))
     call.principal = await authenticate_header(headers.get("authorization"), state, scopes, inbound.on_key)
     call.choose_subject(headers.get("x-bastion-subject"))
+    if state.backlog is not None:
+        state.backlog.check()  # no decision that could not be recorded
     routed_by = state.snapshots.current
     route(state, call, inbound.model, inbound.version)
     body = await inbound.read()
@@ -247,8 +250,13 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     cached_at = None
     if serving.cache_ttl_s and call.idem is None:
         cached_at = response_cache.key_for(call.key.tenant, version, blob)
+        env = call.envelope(LANE_SYNC, own_id, blob)
+        now_ms = int(time.time() * 1000)
+        decision = b""
+        if state.settings.decision_log:
+            decision = decisions.event(env, version.sha256, now_ms, cache=True, latency_ms=0.0)
         async with redis_errors():
-            hit = await state.redis.get(cached_at)
+            hit = await calls.CACHED.acall(state.redis, *calls.cached(cached_at, env, decision))
         if hit is not None:
             metrics.CACHE.labels(version.model, "hit").inc()
             call.admission = Admission(0.0, None, None, cached=True)
@@ -279,8 +287,10 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
             try:
                 reply = await _await_reply(future, max(0.001, waited_until - time.monotonic()), own_id, wait_s)
             except DeadlineExceeded:
-                await _abandon(state, env, admission.counted)
-                raise
+                late = await _abandon(state, env, admission.counted)
+                if late is None:
+                    raise
+                reply = late
     finally:
         state.replies.forget(own_id)
         metrics.INFLIGHT_SYNC.dec()
@@ -294,13 +304,23 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=call.job_id)
 
 
-async def _abandon(state: GatewayState, env: Any, counted: bool) -> None:
+async def _abandon(state: GatewayState, env: Any, counted: bool) -> Reply | None:
     """Store 'expired' as the job's outcome (and drop its Idempotency-Key record, so a retry runs
-    again), so a late worker result is never shown for it."""
-    with contextlib.suppress(RedisError, OSError):  # the 504 stands; a late result then stays unseen
-        await state.producer.abandon(
+    again), so a late worker result is never shown for it. When a worker stored the outcome
+    first (its reply crossed the deadline), that outcome is the answer: the decision it logged
+    is the one the caller gets. None: abandoned (or Redis away), the 504 stands."""
+    try:
+        stored = await state.producer.abandon(
             env, "the caller's deadline passed before a result arrived", state.settings.sync_result_ttl_s, counted
         )
+        if stored:
+            return None
+        status, blob, error = await state.redis.hmget(job_key(env.job_id), "status", "result", "error")
+    except (RedisError, OSError):  # the 504 stands; a late result then stays unseen
+        return None
+    if status is None:
+        return None
+    return Reply(status.decode(), blob or b"", (error or b"").decode())
 
 
 async def _await_reply(future: asyncio.Future[Reply], wait_s: float, job_id: str, whole_s: float) -> Reply:

@@ -8,6 +8,7 @@ from typing import Any
 
 from bastion.gateway.abuse import AbuseGuard
 from bastion.gateway.breakers import Breakers, Policy
+from bastion.gateway.evidence import Backlog
 from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
@@ -28,6 +29,7 @@ class GatewayState:
     jwks: JwksCache | None = None  # set when an OIDC issuer is configured
     abuse: AbuseGuard | None = None
     breakers: Breakers = field(default_factory=lambda: Breakers(Policy()))
+    backlog: Backlog | None = None  # the decision log's backlog (None: not watched)
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
 

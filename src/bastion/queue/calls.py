@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.constants import (
+    AUDIT_STREAM,
     CONSUMER_GROUP,
     EVALUATION_TENANT,
     IDEMPOTENCY_PREFIX,
@@ -42,6 +43,7 @@ SETTLE = Lua("settle")
 START = Lua("start")
 PRUNE = Lua("prune")
 REPLAY = Lua("replay")
+CACHED = Lua("cached")
 
 NO_KEY = "-"  # a key id for calls without one (its bucket key is never given a budget)
 NO_RECORD = f"{IDEMPOTENCY_PREFIX}-"  # the record slot of a call without an Idempotency-Key (never written)
@@ -169,12 +171,15 @@ def complete(
     dead_reason: str = "",
     letters: DeadLetters = DeadLetters(),
     max_stored_bytes: int = 0,
+    decision: bytes = b"",
 ) -> Call:
     """Store the outcome, reply, acknowledge. A shadow copy's record keeps no outputs, lives
     ``SHADOW_RECORD_TTL_S`` and is never copied to the dead-letter stream (it answers nobody).
     A tenant's async job (``in_ledger``) records its result's size in the tenant's ledger and
     announces its outcome on ``jobs:events``; a result that would take the tenant's stored bytes
-    past ``max_stored_bytes`` (0: no bound) is not kept: the job fails with the reason."""
+    past ``max_stored_bytes`` (0: no bound) is not kept: the job fails with the reason.
+    ``decision`` (the job's decision-log event, ``bastion.queue.decisions``; b"": none) is
+    appended to the audit stream if this call stores a success, with the inputs when kept."""
     shadow = job.role == "shadow"
     if shadow:
         dead_reason = ""
@@ -188,6 +193,7 @@ def complete(
         inflight_key(job.tenant) if job.counted else "",
         job.idempotency,
         *(stored_keys(job.tenant) if ledger else ("", "")),
+        AUDIT_STREAM if decision and not shadow else "",
     ]
     extra: list[Any] = []
     if dead_reason:
@@ -211,9 +217,18 @@ def complete(
         letters.max_count,
         letters.max_age_s * 1000,
         max_stored_bytes if ledger else 0,
+        decision if not shadow else b"",
+        job.blob if decision and job.retain and not shadow else b"",
         *extra,
     ]
     return keys, args
+
+
+def cached(entry: str, job: Envelope, decision: bytes) -> Call:
+    """Read a response-cache entry for ``job``; a hit logs ``decision`` (b"": the log is off)."""
+    if not decision:
+        return [entry, ""], [b"", b""]
+    return [entry, AUDIT_STREAM], [decision, job.blob if job.retain else b""]
 
 
 def letter_fields(job: Job, max_input_bytes: int) -> list[Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,11 @@ from bastion.constants import (
     LANE_SYNC,
     LANES,
     STATUS_DEAD,
+    STATUS_SUCCEEDED,
     queue_key,
     shadow_key,
 )
-from bastion.queue import calls
+from bastion.queue import calls, decisions
 from bastion.queue.calls import DeadLetters
 from bastion.queue.envelope import Job
 from bastion.queue.scripts import run_pipeline
@@ -71,7 +73,10 @@ class Consumer:
         result_cost_per_kib: float = 0.0,
         dead_letters: DeadLetters = DeadLetters(),  # noqa: B008 - frozen dataclass
         max_stored_result_bytes: int = 0,
+        artifact_of: Callable[[str, int], str] | None = None,
     ) -> None:
+        """``artifact_of(model, version)``, the version's artifact sha256, turns the decision
+        log on: each answered decision's event is written with its outcome (None: off)."""
         self.client = client
         self.name = name
         self._result_ttl_s = result_ttl_s
@@ -81,6 +86,7 @@ class Consumer:
         self._result_cost_per_kib = result_cost_per_kib
         self._dead_letters = dead_letters
         self._max_stored_bytes = max_stored_result_bytes
+        self._artifact_of = artifact_of
 
     def ensure_groups(self, models: list[str]) -> None:
         for model in models:
@@ -226,6 +232,9 @@ class Consumer:
         for o in outcomes:
             job = o.job
             ttl = self._result_ttl_s if job.is_async else self._sync_ttl(job, now_ms)
+            decision = b""
+            if self._artifact_of is not None and o.status == STATUS_SUCCEEDED and decisions.is_decision(job):
+                decision = decisions.event(job, self._artifact_of(job.model, job.version), now_ms)
             keys, args = calls.complete(
                 job,
                 o.status,
@@ -237,6 +246,7 @@ class Consumer:
                 dead_reason=o.dead_reason,
                 letters=self._dead_letters,
                 max_stored_bytes=self._max_stored_bytes,
+                decision=decision,
             )
             calls.COMPLETE.queue(pipe, keys, args)
         results = run_pipeline(self.client, pipe, [calls.COMPLETE], raise_errors=False)

@@ -27,6 +27,9 @@ idem       the Idempotency-Key record of a sync job ('' none): the worker's comp
            outcome there, so a retry gets it even when the gateway that waited has died
 key        API key id (or token id) that asked for the job
 rows       input rows
+jur        the caller's tenant's jurisdiction ('' none), for the decision log
+cons       the tenant's consent flags when it asked, for the decision log
+ret        true when the tenant's decision log keeps inputs and outputs (encrypted)
 =========  ====================================================================================
 
 Fields that enqueue.lua adds to the entry: ``c``, the compute units reserved for the job
@@ -71,6 +74,9 @@ class Envelope:
     idempotency: str = ""
     key_id: str = ""
     rows: int = 0
+    jurisdiction: str = ""
+    consents: tuple[str, ...] = ()
+    retain: bool = False
     blob: bytes = b""
     compare: bytes = b""
     evaluation: bytes = b""
@@ -95,6 +101,12 @@ class Envelope:
             "key": self.key_id,
             "rows": self.rows,
         }
+        if self.jurisdiction:
+            meta["jur"] = self.jurisdiction
+        if self.consents:
+            meta["cons"] = self.consents
+        if self.retain:
+            meta["ret"] = True
         found: list[str | bytes] = ["v", VERSION, "m", orjson.dumps(meta), "x", self.blob]
         if self.compare:
             found += ["p", self.compare]
@@ -151,6 +163,9 @@ class Job(Envelope):
             idempotency=_str(get("idem")),
             key_id=_str(get("key")),
             rows=_int(get("rows")),
+            jurisdiction=_str(get("jur")),
+            consents=_strs(get("cons")),
+            retain=get("ret") is True,
             blob=fields.get(b"x", b""),
             compare=fields.get(b"p", b""),
             evaluation=fields.get(b"e", b""),
@@ -195,6 +210,10 @@ class Job(Envelope):
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 def _float(value: bytes | None) -> float:

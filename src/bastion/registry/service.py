@@ -42,6 +42,8 @@ from bastion.timefmt import iso_utc, to_millisecond
 
 _MAX_REFERENCE_ROWS = 10_000
 _EVENT_PAGE = 50
+MAX_RETENTION_S = 10 * 365 * 86400  # ten years
+
 ROUTED_GRACE_S = 3600.0  # a version routed away stays in the snapshot this long: its queued jobs still run
 
 Check = Callable[[bytes, int], Signature]  # artifact bytes, size limit -> signature (or InvalidArtifact)
@@ -92,10 +94,14 @@ class Registry:
         signing_key: str | None = None,
         consents: list[str] | None = None,
         limits: dict[str, Any] | None = None,
+        retain_payloads_s: int | None = None,
     ) -> dict[str, Any]:
         """Set a tenant's attributes (created if new): the jurisdiction and consent flags drive
-        policy rules, the Ed25519 public key verifies the artifacts this tenant signs. Unset
-        ``signing_key`` and ``consents`` keep their values."""
+        policy rules, the Ed25519 public key verifies the artifacts this tenant signs, the
+        retention says how long the decision log keeps its inputs and outputs (encrypted; 0: not
+        kept). Unset ``signing_key``, ``consents``, ``limits`` and ``retain_payloads_s`` keep their values."""
+        if retain_payloads_s is not None and not 0 <= retain_payloads_s <= MAX_RETENTION_S:
+            raise InvalidInput(f"the payload retention must be between 0 and {MAX_RETENTION_S} seconds")
         if jurisdiction is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", jurisdiction):
             raise InvalidInput("jurisdiction must be 1 to 16 letters, digits, '-' or '_'")
         if consents is not None and not all(re.fullmatch(r"[a-z0-9_.-]{1,32}", c) for c in consents):
@@ -114,6 +120,8 @@ class Registry:
                 tenant.consents = sorted(set(consents))
             if budget is not None:
                 tenant.limits = budget.model_dump(exclude_none=True)
+            if retain_payloads_s is not None:
+                tenant.retain_payloads_s = retain_payloads_s or None
             return _tenant_view(tenant)
 
     def list_tenants(self) -> list[dict[str, Any]]:
@@ -444,6 +452,7 @@ class Registry:
                     "tenant": owner.name if owner else "",
                     "jurisdiction": owner.jurisdiction if owner else None,
                     "consents": (owner.consents or []) if owner else [],
+                    "retain_payloads": bool(owner.retain_payloads_s) if owner else False,
                     "limits": resolve_limits(owner.limits if owner else None, self.tiers.get(key.tier or "")),
                     "scopes": key.scopes,
                     "expires_at": _aware(key.expires_at).timestamp() if key.expires_at else None,
@@ -475,6 +484,7 @@ class Registry:
             t.name: {
                 "jurisdiction": t.jurisdiction,
                 "consents": t.consents or [],
+                "retain_payloads": bool(t.retain_payloads_s),
                 "limits": resolve_limits(t.limits, default_tier),
             }
             for t in tenants.values()
@@ -593,6 +603,7 @@ def _tenant_view(tenant: Tenant) -> dict[str, Any]:
         "jurisdiction": tenant.jurisdiction,
         "consents": tenant.consents or [],
         "limits": tenant.limits or {},
+        "retain_payloads_s": tenant.retain_payloads_s or 0,
         "signing_key": tenant.signing_key,
     }
 

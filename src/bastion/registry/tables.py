@@ -26,6 +26,8 @@ class Tenant(Base):
     signing_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     consents: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     limits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # how long the decision log keeps this tenant's inputs and outputs (encrypted), seconds; None: not kept
+    retain_payloads_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

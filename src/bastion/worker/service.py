@@ -65,6 +65,7 @@ class Worker:
                 settings.max_dead_letters, settings.dead_letter_max_age_s, settings.dead_letter_max_input_bytes
             ),
             max_stored_result_bytes=settings.max_stored_result_bytes,
+            artifact_of=self._artifact_of if settings.decision_log else None,
         )
         self.snapshot = Snapshot.empty()
         self.models: list[str] = []
@@ -144,6 +145,11 @@ class Worker:
             if left <= 0:
                 break
             time.sleep(min(left, 0.0005))
+
+    def _artifact_of(self, model: str, version: int) -> str:
+        """The sha256 of the artifact that answers for (model, version), for the decision log."""
+        info = self.snapshot.versions.get((model, version))
+        return info.sha256 if info is not None else ""
 
     def refresh(self, force: bool = False) -> bool:
         self._next_refresh = time.monotonic() + self.settings.snapshot_refresh_s

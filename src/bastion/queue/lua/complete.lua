@@ -13,17 +13,24 @@
 -- result that would take the tenant's stored bytes past ARGV[18] (> 0) is not kept: the job is
 -- stored as failed, with the reason, so no tenant holds more result bytes than its bound
 -- (admission checks the bytes already held; this checks the result that would be added).
+-- A decision (ARGV[19] given: the decision-log event, bastion.queue.decisions) whose outcome
+-- this call stores as succeeded is appended to the audit stream KEYS[9] in the same step, with
+-- the outputs answered and, when the tenant keeps payloads, the inputs (ARGV[20]): so there is
+-- no decision without its event and never two (a repeat after a redelivery stores nothing).
+-- The audit stream is never trimmed here: the control plane deletes what it has logged.
 --
 -- KEYS[1] job state hash   KEYS[2] queue stream   KEYS[3] reply stream (or any key when none)
 -- KEYS[4] dead-letter stream  KEYS[5] tenant in-flight set ('' when the job holds no slot)  KEYS[6] idempotency record ('' none)
 -- KEYS[7] stored-result ledger stored:{tenant}  KEYS[8] its bytes storedb:{tenant} ('' '' when none)
+-- KEYS[9] audit stream ('' when the job is no decision or the decision log is off)
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result blob to keep  ARGV[5] error text
 -- ARGV[6] state TTL seconds  ARGV[7] job id  ARGV[8] '1' to reply  ARGV[9] reply stream cap
 -- ARGV[10] tenant  ARGV[11] model  ARGV[12] finished (ms)  ARGV[13] dead-letter reason or ''
 -- ARGV[14] the result blob to reply with (ARGV[4] may be '' when the state must not hold outputs)
 -- ARGV[15] job events channel ('' : not announced)  ARGV[16] dead letters kept
 -- ARGV[17] oldest dead letter kept (ms of age)  ARGV[18] the tenant's stored-result bytes bound (0: none)
--- ARGV[19..] dead letter field/value pairs (dead-letter only)
+-- ARGV[19] the decision-log event ('' none)  ARGV[20] the inputs to log with it ('' not kept)
+-- ARGV[21..] dead letter field/value pairs (dead-letter only)
 -- Returns {the status stored (the earlier one when the job had already finished), 1 when this
 -- call stored it else 0, 1 when this call settles the job's cost else 0}.
 local status, result, err = ARGV[3], ARGV[14], ARGV[5]
@@ -48,6 +55,13 @@ if stored then
   if ARGV[15] ~= '' then
     redis.call('PUBLISH', ARGV[15], ARGV[7])
   end
+  if KEYS[9] ~= '' and ARGV[19] ~= '' and status == 'succeeded' then
+    if ARGV[20] ~= '' then
+      redis.call('XADD', KEYS[9], '*', 'e', ARGV[19], 'o', result, 'i', ARGV[20])
+    else
+      redis.call('XADD', KEYS[9], '*', 'e', ARGV[19], 'o', result)
+    end
+  end
 else
   redis.call('HINCRBY', KEYS[1], 'repeats', 1)  -- ran again after a redelivery; its outcome is dropped
   local kept = redis.call('HMGET', KEYS[1], 'status', 'result', 'error')
@@ -63,7 +77,7 @@ if ARGV[13] ~= '' then
   local max_age = tonumber(ARGV[17])
   local t = redis.call('TIME')
   local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age
-  redis.call('XADD', KEYS[4], 'MAXLEN', '=', tonumber(ARGV[16]), '*', 'reason', ARGV[13], unpack(ARGV, 19))
+  redis.call('XADD', KEYS[4], 'MAXLEN', '=', tonumber(ARGV[16]), '*', 'reason', ARGV[13], unpack(ARGV, 21))
   redis.call('XTRIM', KEYS[4], 'MINID', '=', string.format('%d', math.max(oldest, 0)))
   redis.call('PEXPIRE', KEYS[4], max_age)
 end
