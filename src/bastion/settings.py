@@ -346,6 +346,11 @@ class Settings(BaseSettings):
     oidc_algorithms: str = Field(default="RS256,ES256,EdDSA", description="JWT algorithms accepted (never none/HS*)")
     oidc_tenant_claim: str = Field(default="tenant", description="JWT claim naming the caller's tenant")
     oidc_scopes_claim: str = Field(default="scope", description="JWT claim with the scopes (space-separated or a list)")
+    oidc_subject_claim: str | None = Field(
+        default=None,
+        description="JWT claim naming the data subject a token acts for (e.g. sub): the decision log records its "
+        "keyed pseudonym, never the value; unset: a token's decisions name no subject",
+    )
     oidc_jwks_cache_s: float = Field(default=300.0, gt=0, description="how long fetched signing keys are trusted")
     trusted_proxies: str = Field(
         default="", description="comma-separated addresses/CIDRs whose X-Forwarded-For names the client"

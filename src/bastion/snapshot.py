@@ -67,6 +67,7 @@ class KeyInfo:
     limits: Limits = NO_LIMITS
     subject_trusted: bool = False  # operators let this key name its subject (X-Bastion-Subject)
     retain_payloads: bool = False  # the decision log keeps the tenant's inputs and outputs (encrypted)
+    data_subject: str = ""  # a token's subject claim (oidc_subject_claim): in memory only, never queued
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at

@@ -90,4 +90,11 @@ def caller_of(claims: dict[str, object], snapshot: Snapshot, state: GatewayState
         consents=attributes.consents,
         limits=attributes.limits if attributes.limits else Limits(),
         retain_payloads=attributes.retain_payloads,
+        data_subject=_claim(claims, settings.oidc_subject_claim),
     )
+
+
+def _claim(claims: dict[str, object], name: str | None) -> str:
+    """The configured subject claim's value when it is a usable string (1 to 256 characters)."""
+    value = claims.get(name) if name else None
+    return value if isinstance(value, str) and 0 < len(value) <= 256 else ""

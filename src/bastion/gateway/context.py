@@ -86,6 +86,15 @@ class Call:
         else:
             self.subject = f"{key.tenant}\x00key:{key.id}"
 
+    def data_subject(self) -> str:
+        """The digest of the data subject the decision is about: a trusted key's named subject,
+        or a token's subject claim (``oidc_subject_claim``); '' when none is named (the key id,
+        already in the envelope, identifies the caller)."""
+        if self.subject_named:
+            return pseudonym(self.subject)
+        named = self.key.data_subject
+        return pseudonym(f"{self.key.tenant}\x00{named}") if named else ""
+
     def permits(self, version: int) -> bool:
         """Whether policy lets this caller's data reach ``version`` (shadow copies included)."""
         return self.allowed is None or version in self.allowed
@@ -115,7 +124,7 @@ class Call:
             reply_to=reply_to,
             request_id=self.request_id,
             traceparent=self.traceparent,
-            subject=pseudonym(self.subject) if self.subject_named else "",  # else: the key id, already there
+            subject=self.data_subject(),
             rule=self.rule,
             idempotency=self.idem.redis_key if self.idem is not None and reply_to else "",
             key_id=self.key.id,
