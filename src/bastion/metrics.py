@@ -55,6 +55,20 @@ REDIS_MEMORY_HIGH = Gauge(
     "bastion_redis_memory_high", "1 while Redis uses redis_memory_alert x maxmemory or more, else 0"
 )
 
+# control plane: the decision log (bastion.audit)
+AUDIT_EVENTS = Counter("bastion_audit_events_total", "Events appended to the decision log", ["kind"])
+AUDIT_LAG = Gauge(
+    "bastion_audit_lag_seconds", "Age of the oldest decision-log event not yet appended (0: none waiting)"
+)
+AUDIT_BACKLOG = Gauge("bastion_audit_backlog", "Decision-log events waiting on the audit stream")
+AUDIT_CHECKPOINTS = Counter("bastion_audit_checkpoints_total", "Decision-log checkpoints signed")
+AUDIT_VERIFY_FAILURES = Counter(
+    "bastion_audit_verification_failures_total", "Verifications of the decision log that found a mismatch"
+)
+AUDIT_KEYS_DESTROYED = Counter(
+    "bastion_audit_keys_destroyed_total", "Payload data keys destroyed, by erasure or retention", ["reason"]
+)
+
 
 def serve(port: int, host: str) -> bool:
     """Export this process's metrics on ``host:port`` (a thread); False when the port is taken

@@ -3,8 +3,9 @@
 
 Routes live in ``bastion.control.routers``; who may call them in ``bastion.control.principals``,
 settled before any body is read by ``bastion.control.gate``; every state change goes through the
-unit of work in ``bastion.control.changes``. Two loops run beside the API: the snapshot
-reconcile and the Redis memory watch (``bastion.control.memory``).
+unit of work in ``bastion.control.changes``. Loops run beside the API: the snapshot
+reconcile, the Redis memory watch (``bastion.control.memory``) and the decision log's three
+(``bastion.audit.service``: the audit stream consumer, checkpoint signing, payload retention).
 """
 
 from __future__ import annotations
@@ -28,12 +29,23 @@ from bastion.control.bootstrap import ensure_admin_key
 from bastion.control.gate import AdminGate
 from bastion.control.plane import ControlPlane, plane_of
 from bastion.control.principals import principal
-from bastion.control.routers import changes, deadletters, deployments, keys, lifecycle, models, snapshot, tenants
+from bastion.control.routers import (
+    audit,
+    changes,
+    deadletters,
+    deployments,
+    keys,
+    lifecycle,
+    models,
+    snapshot,
+    subjects,
+    tenants,
+)
 from bastion.settings import Settings
 
 log = logs.get("bastion.control")
 PREFIX = "/admin/v1"
-ROUTERS = (models, lifecycle, deployments, deadletters, tenants, keys, snapshot, changes)
+ROUTERS = (models, lifecycle, deployments, deadletters, tenants, keys, snapshot, changes, audit, subjects)
 UPLOADS = (models.register_version,)  # routes whose body is an artifact: max_upload_bytes, not the JSON limit
 
 
@@ -60,10 +72,14 @@ def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI
         app.state.control = control
         await run_in_threadpool(ensure_admin_key, control.registry, settings.admin_key_file)
         await run_in_threadpool(control.publish)
+        await run_in_threadpool(control.audit.start)
         app.state.memory = memory.MemoryWatch(control.redis, settings.redis_memory_alert)
         loops = [
             asyncio.create_task(_reconcile(control, settings.snapshot_refresh_s)),
             asyncio.create_task(memory.watch(app.state.memory, settings.snapshot_refresh_s)),
+            asyncio.create_task(control.audit.consume()),
+            asyncio.create_task(control.audit.checkpoints()),
+            asyncio.create_task(control.audit.sweep()),
         ]
         log.info("control_started")
         yield

@@ -1,4 +1,5 @@
-"""The control plane's services, wired once per process: registry (SQL), Redis, artifact store.
+"""The control plane's services, wired once per process: registry (SQL), Redis, artifact store,
+and the decision log (``audit``: ``bastion.audit.service.AuditService``, on the same database).
 
 Handlers reach it through ``plane_of(request)``. Every Redis call the admin API makes goes
 through ``redis_errors``: an unreachable Redis is a 503 problem saying what is unavailable, in
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from bastion import logs, snapshot
 from bastion.artifacts.sandbox import SandboxedCheck
 from bastion.artifacts.store import ArtifactStore
+from bastion.audit.service import AuditService
 from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.errors import Overloaded, Unavailable
 from bastion.queue.producer import enqueue_evaluation
@@ -46,6 +48,7 @@ class ControlPlane:
         self.settings = settings
         engine = db.engine_for(settings.resolved_database_url)
         db.migrate(engine)
+        self.engine = engine
         self.registry = Registry(
             db.session_factory(engine),
             ArtifactStore(settings.resolved_artifact_dir),
@@ -58,6 +61,7 @@ class ControlPlane:
             routed_grace_s=max(ROUTED_GRACE_S, float(settings.result_ttl_s)),
         )
         self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
+        self.audit = AuditService(settings, self.registry.sessions, engine, self.redis)
 
     # snapshot ----------------------------------------------------------------------------
     def publish(self, preload: dict[str, list[int]] | None = None) -> int:

@@ -81,6 +81,9 @@ class EmbeddedRedis:
             "protected-mode yes",
             f"maxmemory {self.maxmemory_mb}mb",
             "maxmemory-policy noeviction",  # queue data is never evicted: a full Redis refuses writes
+            # One entry per stream node: XDEL then frees a deleted entry's bytes at once, so an
+            # erased subject's inputs never linger in a half-deleted node of the RDB/AOF base.
+            "stream-node-max-entries 1",
         ]
         if len(str(sock)) < _MAX_SOCKET_PATH:
             lines += ["port 0", f"unixsocket {sock}", "unixsocketperm 700"]
