@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,7 @@ class AdminClient:
         self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; a problem answered is ``AdminError`` with its detail (``timeout``: seconds)."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -201,8 +203,16 @@ class AdminClient:
         signing_key: str | None = None,
         consents: list[str] | None = None,
         limits: dict[str, Any] | None = None,
+        retain_payloads_s: int | None = None,
     ) -> dict[str, Any]:
-        given = {"jurisdiction": jurisdiction, "signing_key": signing_key, "consents": consents, "limits": limits}
+        """Create or update a tenant; ``retain_payloads_s`` 0: its payloads are not kept."""
+        given = {
+            "jurisdiction": jurisdiction,
+            "signing_key": signing_key,
+            "consents": consents,
+            "limits": limits,
+            "retain_payloads_s": retain_payloads_s,
+        }
         body = {k: v for k, v in given.items() if v is not None}  # a field left out keeps its value
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/tenants/{name}", json=body)
         return result
@@ -228,4 +238,68 @@ class AdminClient:
 
     def shadow(self, model: str, reset: bool = False) -> dict[str, Any]:
         result: dict[str, Any] = self._call("DELETE" if reset else "GET", f"/admin/v1/models/{model}/shadow")
+        return result
+
+    # the decision log ----------------------------------------------------------------------
+    def audit_event(self, event_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """One event with its payload (decrypted when kept and not erased)."""
+        params = {"tenant": tenant} if tenant else {}
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/audit/events/{quote(event_id, safe='')}", params=params)
+        return result
+
+    def audit_search(self, **filters: Any) -> dict[str, Any]:
+        """One page of events (``events``, ``next_after``); filters as ``POST /admin/v1/audit/search`` takes them
+        (None: not given)."""
+        body = {k: v for k, v in filters.items() if v is not None}
+        result: dict[str, Any] = self._call("POST", "/admin/v1/audit/search", json=body)
+        return result
+
+    def audit_verify(self, start: int = 0, end: int | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+        """The verification report of positions [start, end) (end None: to the end of the log)."""
+        body: dict[str, Any] = {"from": start} | ({"to": end} if end is not None else {})
+        result: dict[str, Any] = self._call("POST", "/admin/v1/audit/verify", json=body, timeout=timeout_s)
+        return result
+
+    def audit_checkpoint(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/admin/v1/audit/checkpoint")
+        return result
+
+    def audit_checkpoints(self, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of signed checkpoints of a size above ``after`` (``checkpoints``, ``next_after``)."""
+        params = {"after": after, "limit": limit}
+        result: dict[str, Any] = self._call("GET", "/admin/v1/audit/checkpoints", params=params)
+        return result
+
+    def audit_proof(self, event_id: str, size: int | None = None) -> dict[str, Any]:
+        params = {"size": size} if size is not None else {}
+        path = f"/admin/v1/audit/events/{quote(event_id, safe='')}/proof"
+        result: dict[str, Any] = self._call("GET", path, params=params)
+        return result
+
+    def audit_consistency(self, first: int, second: int) -> dict[str, Any]:
+        params = {"first": first, "second": second}
+        result: dict[str, Any] = self._call("GET", "/admin/v1/audit/consistency", params=params)
+        return result
+
+    def audit_leaves(self, start: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """One page of raw leaves from ``start`` (``leaves``, ``frontier`` at start, ``next_start``)."""
+        params = {"start": start, "limit": limit}
+        result: dict[str, Any] = self._call("GET", "/admin/v1/audit/leaves", params=params)
+        return result
+
+    def audit_keys(self) -> dict[str, Any]:
+        """The checkpoint signing keys (``keys``: key_id, public_key hex, pem; ``current``)."""
+        result: dict[str, Any] = self._call("GET", "/admin/v1/audit/keys")
+        return result
+
+    def erase_subject(self, tenant: str, subject: str, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Erase a data subject (it waits for Redis to rewrite its files: allow minutes)."""
+        path = f"/admin/v1/tenants/{quote(tenant, safe='')}/subjects/erase"
+        result: dict[str, Any] = self._call("POST", path, json={"subject": subject}, timeout=timeout_s)
+        return result
+
+    def export_subject(self, tenant: str, subject: str, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Every decision about a data subject, decrypted where kept."""
+        path = f"/admin/v1/tenants/{quote(tenant, safe='')}/subjects/export"
+        result: dict[str, Any] = self._call("POST", path, json={"subject": subject}, timeout=timeout_s)
         return result

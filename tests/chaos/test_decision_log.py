@@ -162,5 +162,5 @@ def test_the_log_holds_each_decision_exactly_once_through_worker_and_control_pla
         f"missing {len(set(answered) - set(decisions))}, extra {len(set(decisions) - set(answered))}"
     )
     assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
-    assert hit_events["leaf"]["cache"] is True
-    assert fallback_event["leaf"]["role"] == "fallback"
+    assert hit_events["event"]["cache"] is True
+    assert fallback_event["event"]["role"] == "fallback"

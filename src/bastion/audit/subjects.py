@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -116,7 +116,7 @@ class Subjects:
         ]
 
     # erasure -----------------------------------------------------------------------------
-    def erase(self, tenant: str, subject: str, by: str) -> dict[str, Any]:
+    def erase(self, tenant: str, subject: str, by: str, request: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Erase ``subject`` of ``tenant`` on behalf of principal ``by`` (never inside a unit of
         work: it commits its own change, then works on Redis). What was done."""
         _check_subject(subject)
@@ -135,7 +135,7 @@ class Subjects:
             if state == "kept" and found is not None and found[0] is not None:
                 leaf = d["leaf"]
                 cache_keys.add(response_cache_key(tenant, leaf["model"], leaf["version"], _cache_digest(found[0])))
-        destroyed, event_id = self._shred(tenant, pseudonym, by, len(decisions))
+        destroyed, event_id = self._shred(tenant, pseudonym, by, len(decisions), request or {})
         crypto.scrub(self.engine)
         metrics.AUDIT_KEYS_DESTROYED.labels("erasure").inc(destroyed)
         report: dict[str, Any] = {
@@ -158,7 +158,9 @@ class Subjects:
         log.info("subject_erased", tenant=tenant, subject_pseudonym=pseudonym, decisions=len(decisions), by=by)
         return report
 
-    def _shred(self, tenant: str, pseudonym: str, by: str, decisions: int) -> tuple[int, str]:
+    def _shred(
+        self, tenant: str, pseudonym: str, by: str, decisions: int, request: Mapping[str, Any]
+    ) -> tuple[int, str]:
         """Destroy the data keys and record the erasure, logged in the same transaction."""
         try:
             with self.log.sessions.begin() as s:
@@ -177,6 +179,7 @@ class Subjects:
                     resource_kind="subject",
                     resource_name=pseudonym,
                     detail={
+                        **request,
                         "tenant": tenant,
                         "subject": pseudonym,
                         "keys_destroyed": destroyed,

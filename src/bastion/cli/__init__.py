@@ -2,9 +2,9 @@
 
 Process commands (``up``, ``gateway``, ``worker``, ``control``; ``bastion.cli.process``) take one
 option per setting, each also readable from ``BASTION_<NAME>``. Admin commands (``models``,
-``keys``, ``deploy``, ``tenants``, ``jobs``) talk to the control plane's API and print tables, or
-the API's JSON with ``--json``; ``doctor`` checks a running installation. Help is click's plain
-format, which never truncates an option's name.
+``keys``, ``deploy``, ``tenants``, ``jobs``, ``audit``, ``subjects``) talk to the control plane's
+API and print tables, or the API's JSON with ``--json``; ``doctor`` checks a running
+installation. Help is click's plain format, which never truncates an option's name.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from bastion.cli import deploy, doctor, jobs, keys, models, process, tenants
+from bastion.cli import audit, deploy, doctor, jobs, keys, models, process, subjects, tenants
 from bastion.cli.options import plain_metavars
 
 app = typer.Typer(
@@ -28,6 +28,8 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(deploy.app, name="deploy")
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(audit.app, name="audit")
+app.add_typer(subjects.app, name="subjects")
 app.command("doctor", short_help="Check a running installation and say what is wrong.")(doctor.command)
 
 

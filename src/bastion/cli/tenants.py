@@ -1,7 +1,8 @@
-"""``bastion tenants ...``: tenants' jurisdiction, consent flags and signing key."""
+"""``bastion tenants ...``: tenants' jurisdiction, consent flags, limits, signing key and payload retention."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,22 @@ import typer
 from bastion.cli import output
 from bastion.cli.admin import AdminKey, ControlUrl, DataDir, Json, call, connect, show, typer_group
 
-app = typer_group("Tenant attributes (jurisdiction, consent flags, signing key).")
+app = typer_group("Tenant attributes (jurisdiction, consent flags, limits, signing key, payload retention).")
+
+_DURATION = re.compile(r"\s*([0-9]{1,9})\s*([dhs])\s*")
+_SECONDS = {"d": 86_400, "h": 3600, "s": 1}
+
+
+def retention(text: str | None) -> int | None:
+    """``--retain-payloads`` in seconds: ``none`` (or 0) is 0, not kept; ``30d``, ``12h``, ``3600s``."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "0"):
+        return 0
+    found = _DURATION.fullmatch(text)
+    if found is None:
+        raise typer.BadParameter(f"{text[:64]!r} is neither 'none' nor a duration such as 30d, 12h or 3600s")
+    return int(found.group(1)) * _SECONDS[found.group(2)]
 
 
 def _fields(tenant: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,18 +63,28 @@ def tenants_set(
     ] = None,
     burst: Annotated[float | None, typer.Option(help="limits: bucket size in compute units; unset: unlimited")] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="limits: jobs in flight at once; 0: no cap")] = None,
+    retain_payloads: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION|none",
+            help="how long the decision log keeps the tenant's inputs and outputs, encrypted per subject (30d, 12h, "
+            "3600s), or none; needs the audit scope; default for a new tenant: none",
+        ),
+    ] = None,
     as_json: Json = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create or update tenant NAME. The limits are set together: one left out goes back to its
-    default (no limit); with none of them given the tenant's limits stay as they are."""
+    default (no limit); with none of them given the tenant's limits stay as they are. Other
+    options left out keep their values."""
+    retain = retention(retain_payloads)
     client = connect(control_url, admin_key, data_dir)
     key = signing_key.read_text() if signing_key else None
     given = {"units_per_s": units_per_s, "burst": burst, "max_concurrency": max_concurrency}
     limits = {k: v for k, v in given.items() if v is not None} or None
-    result = call(lambda: client.set_tenant(name, jurisdiction, key, consent, limits))
+    result = call(lambda: client.set_tenant(name, jurisdiction, key, consent, limits, retain))
     show(result, as_json, lambda t: output.show_record(_fields(t)))
 
 

@@ -18,14 +18,20 @@ request of the control plane:
    every other ``/admin/`` route takes at most ``max_admin_body_bytes`` (1 MiB by default). A
    larger ``Content-Length`` is refused (413) before anything is read; a chunked body is read up
    to the limit (so at most that much is buffered) before the route sees it, and refused past it.
-3. Outside ``/admin/`` (health, readiness, metrics: none takes a body) any body, declared or
+3. It digests the body as it streams through (``AdminCall``): every byte the route receives
+   goes through SHA-256 once, on its way, so an artifact upload is hashed without being held
+   twice. The unit of work (``bastion.control.changes``) reads the call's route template and
+   that digest (``current_call``) and records both with the change, for the decision log.
+4. Outside ``/admin/`` (health, readiness, metrics: none takes a body) any body, declared or
    chunked, is refused with 413 and ``Connection: close`` before routing, and never read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -41,6 +47,66 @@ NO_BODY = "this route takes no request body (only /admin/ routes do)"
 log = logs.get("bastion.control.gate")
 
 UploadRoute = tuple[re.Pattern[str], frozenset[str]]  # a route's path pattern and its methods
+
+
+class AdminCall:
+    """The admin request being served, as the unit of work records it: the method and route
+    template (``route``, known once the request was routed) and the SHA-256 of the body as
+    received (``body_sha256``, known once the whole body went through ``receive``; ``drain``
+    reads what the route left unread)."""
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._digest = hashlib.sha256()
+        self._complete = False
+        self._disconnected = False
+
+    def feed(self, chunk: bytes, *, last: bool) -> None:
+        self._digest.update(chunk)
+        self._complete = self._complete or last
+
+    async def receive(self) -> Message:
+        """The route's ``receive``: each body chunk is digested on its way through."""
+        message = await self._receive()
+        if message["type"] == "http.request" and not self._complete:
+            self.feed(message.get("body", b""), last=not message.get("more_body", False))
+        elif message["type"] == "http.disconnect":
+            self._disconnected = True
+        return message
+
+    async def drain(self) -> None:
+        """Read (and digest) whatever of the body the route did not read; the gate bounds it."""
+        while not self._complete and not self._disconnected:
+            await self.receive()
+
+    @property
+    def route(self) -> str | None:
+        """``METHOD /admin/v1/template/{param}``: the route matched, never the values in its path."""
+        route = self.scope.get("route")
+        template, pattern = getattr(route, "path", None), getattr(route, "path_regex", None)
+        if not isinstance(template, str) or pattern is None:
+            return None
+        # The route's own path may be relative to the router it was included from (prefix
+        # ``/admin/v1``): the prefix is the part of the request's path before what it matches.
+        path = str(self.scope["path"])
+        for cut, char in enumerate(path):
+            if char == "/" and pattern.match(path[cut:]):
+                return f"{self.scope['method']} {path[:cut]}{template}"
+        return f"{self.scope['method']} {template}"
+
+    @property
+    def body_sha256(self) -> str | None:
+        """The body's SHA-256 (hex; of b"" when it has none), or None when not all of it was received."""
+        return self._digest.hexdigest() if self._complete else None
+
+
+_CALL: ContextVar[AdminCall | None] = ContextVar("bastion_admin_call", default=None)
+
+
+def current_call() -> AdminCall | None:
+    """The admin request this code runs for (inside ``AdminGate``), or None outside one."""
+    return _CALL.get()
 
 
 def _header(scope: Scope, wanted: bytes) -> str | None:
@@ -77,20 +143,25 @@ class AdminGate:
             return
         if not await self._authenticated(scope, receive, send, has_body=has_body):
             return
-        if not has_body or self._is_upload(scope):  # an upload: the app-wide max_upload_bytes bounds it
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_json_bytes
-        if declared is not None and declared > limit:
-            await _refuse(_too_large(limit, declared), scope, receive, send, close=True)
-            return
-        if chunked:
-            body = await _read_at_most(limit, receive)
-            if body is None:
-                await _refuse(_too_large(limit, None), scope, receive, send, close=True)
+        call = AdminCall(scope, receive)
+        if not has_body:
+            call.feed(b"", last=True)
+        elif not self._is_upload(scope):  # an upload: the app-wide max_upload_bytes bounds it
+            limit = self.max_json_bytes
+            if declared is not None and declared > limit:
+                await _refuse(_too_large(limit, declared), scope, receive, send, close=True)
                 return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send)
+            if chunked:
+                body = await _read_at_most(limit, receive)
+                if body is None:
+                    await _refuse(_too_large(limit, None), scope, receive, send, close=True)
+                    return
+                call = AdminCall(scope, _replay(body, receive))
+        token = _CALL.set(call)
+        try:
+            await self.app(scope, call.receive, send)
+        finally:
+            _CALL.reset(token)
 
     async def _authenticated(self, scope: Scope, receive: Receive, send: Send, *, has_body: bool) -> bool:
         """Leave the caller in ``scope["state"]``; or answer why not (and return False)."""

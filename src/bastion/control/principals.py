@@ -3,7 +3,9 @@
 A principal is the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key of the operators' tenant,
 resolved from the ``Authorization`` header alone (``resolve``) before any body is read
 (``bastion.control.gate``); routes read it through the ``principal`` dependency.
-``admin`` holds every scope. A route needs one scope (``needs``); a key change also needs the
+``admin`` holds every scope; ``audit`` reads the decision log and answers data-subject requests
+(erasure, access): like every admin scope it serves operators only, since a tenant's key holding
+it never reaches these routes. A route needs one scope (``needs``); a key change also needs the
 caller to hold every scope of the key it creates, rotates or revokes (``may_grant``), so that no
 principal can make, obtain or take away a key more powerful than itself: ``admin`` is granted only
 by an ``admin`` principal.

@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from bastion.constants import DEFAULT_TENANT_SCOPES
 from bastion.registry.limits import TenantLimits
+from bastion.registry.service import MAX_RETENTION_S
 from bastion.timefmt import parse_iso
 
 
@@ -94,9 +95,57 @@ class TenantSet(BaseModel):
     consents: list[str] | None = Field(
         default=None, max_length=64, description="consent flags the tenant holds (matched by 'without_consent' rules)"
     )
+    retain_payloads_s: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_RETENTION_S,
+        description="how long the decision log keeps the tenant's inputs and outputs (encrypted per subject), "
+        "seconds; 0: not kept (the default). Changing it needs the 'audit' scope",
+    )
 
 
 class StageSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: Literal["registered", "staging", "production", "retired"]
+
+
+# the decision log ---------------------------------------------------------------------------
+TenantName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+ModelName = Annotated[str, Field(min_length=1, max_length=128)]
+Subject = Annotated[
+    str, Field(min_length=1, max_length=256, description="the data subject's id, as X-Bastion-Subject named it")
+]
+MAX_POSITION = 2**62
+
+
+class AuditSearch(BaseModel):
+    """Filters of a decision-log search (every one given must match); POSTed so that a subject
+    never appears in a URL or an access log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: TenantName | None = Field(default=None, description="needed with subject or model")
+    subject: Subject | None = Field(default=None, description="the subject's id; matched by its pseudonym")
+    model: ModelName | None = None
+    version: int | None = Field(default=None, ge=1, le=1_000_000, description="needs model")
+    kind: Literal["decision", "admin", "erasure"] | None = None
+    since: UtcDatetime | None = Field(default=None, description="ISO 8601; events at or after it")
+    until: UtcDatetime | None = Field(default=None, description="ISO 8601; events before it")
+    after: int | None = Field(default=None, ge=0, le=MAX_POSITION, description="the cursor: next_after of a page")
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class AuditVerify(BaseModel):
+    """A range of positions to verify: ``from`` (default 0) up to ``to`` (exclusive; default: the end)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    start: int = Field(default=0, ge=0, le=MAX_POSITION, alias="from")
+    end: int | None = Field(default=None, ge=0, le=MAX_POSITION, alias="to")
+
+
+class SubjectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: Subject

@@ -2,7 +2,10 @@
 
 One row per state-changing admin call (``admin_changes``): when, the principal's id, the action
 (``key.create``, ``deployment.rollback``...), the kind and name of the resource, and a detail
-document. The trail never holds a secret: detail fields that could (``key``, ``secret``...) are
+document. A change made while serving an admin request also names the request in its detail:
+``route`` (``POST /admin/v1/models/{name}/versions``) and ``body_sha256`` (or ``body``, saying
+why there is no digest); ``listing`` shows them beside the detail, as the decision log's admin
+events do. The trail never holds a secret: detail fields that could (``key``, ``secret``...) are
 dropped before the row is written. Rows are only ever added; readers page by id.
 """
 
@@ -17,6 +20,7 @@ from bastion.registry.tables import AdminChange
 from bastion.timefmt import iso_utc
 
 _SECRET_FIELDS = frozenset({"key", "secret", "plaintext", "token", "password", "digest"})
+_REQUEST_FIELDS = ("route", "body_sha256", "body")  # what a change says of the request that made it
 MAX_PAGE = 1000
 
 
@@ -52,14 +56,19 @@ class Trail:
         limit = max(1, min(limit, MAX_PAGE))
         with self.sessions() as s:
             rows = s.scalars(select(AdminChange).where(AdminChange.id > after).order_by(AdminChange.id).limit(limit))
-            return [
-                {
-                    "id": r.id,
-                    "at": iso_utc(r.at),
-                    "principal": r.principal_id,
-                    "action": r.action,
-                    "resource": {"kind": r.resource_kind, "name": r.resource_name},
-                    "detail": r.detail or {},
-                }
-                for r in rows
-            ]
+            return [_view(r) for r in rows]
+
+
+def _view(row: AdminChange) -> dict[str, Any]:
+    """A change as listed: the request's route and body digest beside its detail."""
+    detail = dict(row.detail or {})
+    request = {name: detail.pop(name) for name in _REQUEST_FIELDS if name in detail}
+    return {
+        "id": row.id,
+        "at": iso_utc(row.at),
+        "principal": row.principal_id,
+        "action": row.action,
+        "resource": {"kind": row.resource_kind, "name": row.resource_name},
+        **request,
+        "detail": detail,
+    }

@@ -1,4 +1,4 @@
-"""Tenants: their jurisdiction, consent flags, budget and artifact-signing key."""
+"""Tenants: their jurisdiction, consent flags, budget, artifact-signing key and payload retention."""
 
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ async def set_tenant(
     admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
     """Create or update a tenant: its jurisdiction is what policy rules match (clients cannot set it);
-    its Ed25519 ``signing_key`` verifies the artifacts it signs.
+    its Ed25519 ``signing_key`` verifies the artifacts it signs; ``retain_payloads_s`` says how
+    long the decision log keeps its inputs and outputs (encrypted per subject; 0: not kept). A new
+    tenant gets its pseudonym secret at once.
 
     Fields left out keep their values. ``keys`` sets budgets; changing the jurisdiction or
     consent flags (they decide which versions the tenant's data may reach) also needs ``deploy``,
-    and the signing key (a trust anchor of verified artifacts) needs ``admin``."""
+    changing the payload retention (whether personal data is kept) needs ``audit``, and the
+    signing key (a trust anchor of verified artifacts) needs ``admin``."""
     plane = plane_of(request)
     limits = body.limits.model_dump(exclude_none=True) if body.limits is not None else None
 
@@ -53,7 +56,13 @@ async def set_tenant(
             )
         if body.signing_key is not None and "admin" not in held:
             raise Forbidden("setting a tenant's artifact-signing key (a trust anchor) needs the 'admin' scope")
-        return plane.registry.set_tenant(name, jurisdiction, body.signing_key, body.consents, limits)
+        retain = body.retain_payloads_s
+        if retain is not None and retain != (current or {}).get("retain_payloads_s", 0) and "audit" not in held:
+            raise Forbidden(
+                f"changing tenant {name!r}'s payload retention decides whether its inputs and outputs are kept: it "
+                "needs the 'audit' scope as well"
+            )
+        return plane.registry.set_tenant(name, jurisdiction, body.signing_key, body.consents, limits, retain)
 
     view = await changes.run(
         plane,
@@ -62,7 +71,10 @@ async def set_tenant(
         ("tenant", name),
         change,
         detail=lambda v: (
-            {k: v[k] for k in ("jurisdiction", "consents", "limits")} | {"signing_key_set": bool(v["signing_key"])}
+            {k: v[k] for k in ("jurisdiction", "consents", "limits", "retain_payloads_s")}
+            | {"signing_key_set": bool(v["signing_key"])}
         ),
     )
+    # its own transaction, after the commit: a secret cached for a rolled-back unit would be lost
+    await run_in_threadpool(plane.audit.ensure_tenant_secret, name)
     return json_response(view)
