@@ -699,3 +699,14 @@ def test_an_unreadable_export_is_refused(tmp_path: Path, small: Log) -> None:
     (out / "frontier.json").write_text('{"size": 3, "nodes": []}')
     with pytest.raises(InvalidInput, match="frontier"):
         verify_offline(out)
+
+
+def test_a_log_whose_checkpoints_were_all_removed_does_not_verify_where_a_tail_is_bounded() -> None:
+    """Deleting every checkpoint (and rewriting the leaves with matching hashes) leaves nothing
+    signed to compare with: the leaves are then an unverified tail, which an export (it ends at a
+    checkpoint) and the live log (bounded by the checkpoint cadence) both refuse."""
+    forged = [(i, b"forged %d" % i, merkle.leaf_hash(b"forged %d" % i)) for i in range(5)]
+    assert verify(forged, [], {}).ok, "unbounded: a tail alone is only reported"
+    report = verify(forged, [], {}, max_unverified=0)
+    assert not report.ok and report.findings[0].position == 0
+    assert "no signed checkpoint" in report.findings[0].what

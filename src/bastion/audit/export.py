@@ -139,7 +139,10 @@ def verify_offline(directory: Path, trusted_keys: dict[str, bytes] | None = None
     their own, so an auditor pins the keys the operator published."""
     contents = read_export(directory)
     keys = contents.public_keys if trusted_keys is None else trusted_keys
-    report = verify(contents.leaves, contents.checkpoints, keys, contents.start, contents.start_frontier)
+    # An export ends at its latest checkpoint: any leaf after it was added (or its checkpoint removed).
+    report = verify(
+        contents.leaves, contents.checkpoints, keys, contents.start, contents.start_frontier, max_unverified=0
+    )
     return report.including(contents.problems) if contents.problems else report
 
 

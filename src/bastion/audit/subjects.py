@@ -123,7 +123,10 @@ class Subjects:
         if self.log.sessions.in_unit:
             raise RuntimeError("erase commits its own change: never call it inside a unit of work")
         self._require_tenant(tenant)
-        drained = self.consumer.drain()
+        try:  # what is still on its way is logged first, so the erasure covers it
+            drained = self.consumer.drain()
+        except redis.RedisError as exc:
+            raise Unavailable("the erasure needs Redis, which is unreachable; nothing was erased; retry") from exc
         pseudonym = self.log.keyring.subject_pseudonym(tenant, subject, create=True)
         if pseudonym is None:  # pragma: no cover - create=True always gives one
             raise RuntimeError("no pseudonym")

@@ -108,6 +108,7 @@ def verify(
     start_frontier: Sequence[bytes] | None = None,
     *,
     end: int | None = None,
+    max_unverified: int | None = None,
 ) -> Report:
     """Verify ``leaves`` (``(position, canonical body, stored leaf hash)`` in position order, from
     ``start``) against ``checkpoints`` (in increasing size) signed by ``public_keys`` (key id → raw
@@ -116,7 +117,9 @@ def verify(
     From ``start > 0``, ``start_frontier`` is the frontier of the first ``start`` leaves (as stored:
     it is trusted, and checked only by a checkpoint of size exactly ``start`` when there is one);
     checkpoints of a smaller size are skipped. With ``end``, checkpoints of a size above ``end`` are
-    ignored (verify a range without calling the rest of the log truncated).
+    ignored (verify a range without calling the rest of the log truncated). ``max_unverified``
+    bounds the leaves no checkpoint covers: more is a finding (checkpoints were deleted, or a
+    tail was forged without a signature); an export, which ends at a checkpoint, allows 0.
 
     ``InvalidInput`` only for arguments that cannot describe a log (a negative start, a frontier of
     the wrong shape); everything about the data itself is a finding."""
@@ -130,7 +133,20 @@ def verify(
         raise InvalidInput(f"the frontier at position {start} is malformed: {exc}") from None
     run = _Run(frontier, public_keys, start, end)
     run.feed(leaves, iter(checkpoints))
-    return run.report()
+    report = run.report()
+    if report.ok and max_unverified is not None and report.unverified_tail > max_unverified:
+        first = report.first_position + report.size - report.unverified_tail
+        report = report.including(
+            [
+                Finding(
+                    first,
+                    None,
+                    f"{report.unverified_tail} leaves from position {first} are covered by no signed checkpoint (at "
+                    f"most {max_unverified} may be): checkpoints were removed or the tail was forged",
+                )
+            ]
+        )
+    return report
 
 
 class _Run:

@@ -81,6 +81,8 @@ class Call:
         if header is not None and key.subject_trusted:
             if not 0 < len(header) <= 256:
                 raise InvalidInput("X-Bastion-Subject must be 1 to 256 characters")
+            if header.startswith("key:"):  # the namespace of callers' own identities
+                raise InvalidInput("X-Bastion-Subject must not start with 'key:'")
             self.subject = f"{key.tenant}\x00{header}"
             self.subject_named = True
         else:
