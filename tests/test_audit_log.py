@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from bastion import codec, metrics
 from bastion.artifacts.store import ArtifactStore
 from bastion.audit import crypto, merkle, tables
 from bastion.audit.consumer import AuditConsumer
-from bastion.audit.log import AuditLog, Decision, admin_doc, canonical
+from bastion.audit.leaves import Decision, admin_doc, canonical
+from bastion.audit.log import AuditLog
 from bastion.audit.service import AuditService, signer_from
 from bastion.audit.signing import verify_signature
 from bastion.constants import AUDIT_CHECKPOINT_KEY, AUDIT_GROUP, AUDIT_STREAM
@@ -315,6 +316,21 @@ def test_verify_passes_and_names_the_first_edited_position(audit: Audit) -> None
     assert metrics.AUDIT_VERIFY_FAILURES._value.get() == before + 1
 
 
+def test_verify_finds_a_search_column_edited_without_its_leaf(audit: Audit) -> None:
+    """The tree covers bodies only: a forger could move an event out of a tenant's search by
+    editing its columns; verify holds every row's columns to its body and names the position."""
+    audit.log.append([decision(i, subject="alice") for i in range(4)])
+    audit.log.checkpoint()
+    assert audit.log.verify().ok
+    with audit.engine.begin() as conn:
+        conn.execute(text("UPDATE audit_leaves SET tenant = 'globex', subject = NULL WHERE position = 2"))
+    report = audit.log.verify()
+    assert not report.ok
+    assert [(f.position, f.what) for f in report.findings] == [
+        (2, "searchable columns differ from the leaf: tenant, subject")
+    ]
+
+
 def test_checkpoints_are_published_to_redis(audit: Audit, redis_client: redis.Redis) -> None:
     audit.log.append([decision(i) for i in range(3)])
     cp = audit.log.checkpoint()
@@ -374,6 +390,38 @@ def test_a_failed_append_is_retried_and_nothing_is_acknowledged_before(audit: Au
         conn.execute(text("INSERT INTO audit_head (id, size, admin_through) VALUES (1, 0, 0)"))
     assert consumer.poll(block_ms=10).appended == 1
     assert redis_client.xlen(AUDIT_STREAM) == 0
+
+
+def test_a_failed_append_keeps_the_batch_read_ahead_too(audit: Audit, redis_client: redis.Redis) -> None:
+    """A full batch makes the consumer read the next one while it appends; when the append
+    fails, both are retried, in stream order, and nothing is acknowledged before its commit."""
+    for i in range(25):
+        xadd(redis_client, i)
+    consumer = AuditConsumer(redis_client, audit.log, batch=10)
+    with audit.engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_head"))
+    with pytest.raises(Exception, match="head row"):
+        consumer.poll(block_ms=10)
+    assert redis_client.xlen(AUDIT_STREAM) == 25
+    assert redis_client.xpending(AUDIT_STREAM, AUDIT_GROUP)["pending"] == 20  # this batch and the next
+    with audit.engine.begin() as conn:
+        conn.execute(text("INSERT INTO audit_head (id, size, admin_through) VALUES (1, 0, 0)"))
+    total = 0
+    while total < 25:
+        total += consumer.poll(block_ms=10).appended
+    consumer.close()
+    assert redis_client.xlen(AUDIT_STREAM) == 0
+    positions, ids = positions_and_ids(audit.log)
+    assert ids == [f"job-{i:06d}" for i in range(25)] and positions == list(range(25))
+
+
+def test_search_by_time_reads_the_stored_times(audit: Audit) -> None:
+    """Leaves are inserted below the ORM: their ``at`` column still compares as SQLAlchemy binds times."""
+    base = 1_780_000_000_000
+    audit.log.append([decision(i, at_ms=base + i * 1000) for i in range(5)])
+    since, until = datetime.fromtimestamp((base + 1000) / 1000, UTC), datetime.fromtimestamp((base + 3000) / 1000, UTC)
+    items, _ = audit.log.search(kind="decision", since=since, until=until)
+    assert [item["leaf"]["id"] for item in items] == ["job-000001", "job-000002"]
 
 
 def test_a_malformed_entry_is_kept_as_evidence_under_a_safe_id(audit: Audit, redis_client: redis.Redis) -> None:

@@ -9,6 +9,11 @@ and the acknowledgement leaves the entries pending: they are claimed again (``XA
 over ``claim_idle_ms``, from any consumer, dead or alive) and the log skips the ids it holds, so
 nothing is logged twice and nothing is skipped, with any number of control-plane replicas. A batch
 whose append failed (SQL away) is kept and tried again on the next poll.
+
+While one full batch is appended (SQL inserts and the commit's fsync, which release the GIL),
+``poll`` reads the next one and builds its leaves on a second thread; it is appended by the next
+poll, or kept for a retry with the current one when that fails. A process that stops meanwhile
+leaves it pending under its name: claimed again, like any crash's.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
 import redis
 
 from bastion import ids, logs, metrics
-from bastion.audit.log import Appended, AuditLog, Decision
+from bastion.audit.leaves import Decision, Leaf
+from bastion.audit.log import Appended, AuditLog
 from bastion.constants import AUDIT_GROUP, AUDIT_STREAM
 
 log = logs.get("bastion.audit.consumer")
@@ -32,6 +39,7 @@ _CLAIM_EVERY_S = 5.0
 _LAG_EVERY_S = 0.5
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+Batch = tuple[list[Entry], list[Leaf] | None]  # entries read, and their leaves (None: not prepared yet)
 
 
 def consumer_name() -> str:
@@ -81,6 +89,8 @@ class AuditConsumer:
         self._next_claim = 0.0
         self._next_lag = 0.0
         self._retry: list[Entry] = []
+        self._ahead: Future[Batch] | None = None  # the next batch, being read and prepared
+        self._reader: ThreadPoolExecutor | None = None
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) unless it exists."""
@@ -91,27 +101,74 @@ class AuditConsumer:
                 raise
 
     def poll(self, block_ms: int = 1000) -> Appended:
-        """One round: retry a failed batch, or claim entries of dead consumers, or read new ones
-        (waiting up to ``block_ms``); append them and acknowledge. With nothing to read it still
-        logs admin changes not logged yet."""
-        entries = self._retry or self._claim() or self._read(block_ms)
+        """One round: retry a failed batch, or claim entries of dead consumers, or take the batch
+        read ahead, or read new ones (waiting up to ``block_ms``); append them and
+        acknowledge. After a full batch the next one is read (without waiting) and prepared
+        while this one is appended. With nothing to read it still logs admin changes not logged
+        yet."""
+        entries = self._retry or self._claim()
         self._retry = []
+        batch = (entries, None) if entries else self._take_ahead() or (self._read(block_ms), None)
+        entries, prepared = batch
+        if len(entries) >= self.batch:
+            self._read_ahead()
         try:
-            done = self.handle(entries)
+            done = self.handle(entries, prepared)
         except Exception:
-            self._retry = entries  # pending under our name: tried again next round
+            ahead = self._take_ahead()
+            self._retry = entries + (ahead[0] if ahead else [])  # pending under our name: tried again next round
             raise
         finally:
             self.measure()
         return done
 
-    def handle(self, entries: list[Entry]) -> Appended:
-        """Append ``entries`` (ids already logged are skipped), then acknowledge and delete them."""
-        decisions = [decision_of(entry_id.decode(), fields) for entry_id, fields in entries]
-        done = self.log.append(decisions)
+    def handle(self, entries: list[Entry], prepared: list[Leaf] | None = None) -> Appended:
+        """Append ``entries`` (ids already logged are skipped; ``prepared``: their leaves, from
+        ``AuditLog.prepare``), then acknowledge and delete them."""
+        if prepared is None:
+            prepared = self._prepare(entries)
+        done = self.log.append_prepared(prepared, len(entries))
         if entries:
             self._ack([e for e, _ in entries])
         return done
+
+    def _prepare(self, entries: list[Entry]) -> list[Leaf]:
+        return self.log.prepare([decision_of(entry_id.decode(), fields) for entry_id, fields in entries])
+
+    def _read_ahead(self) -> None:
+        if self._ahead is not None:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-read-ahead")
+
+        def read() -> Batch:
+            entries = self._read(None)
+            try:
+                return entries, self._prepare(entries)
+            except Exception:  # read and pending under our name: the poll prepares them again
+                return entries, None
+
+        self._ahead = self._reader.submit(read)
+
+    def _take_ahead(self) -> Batch | None:
+        """The batch read ahead, once read; None when none was (or its read failed: what it read
+        stays pending under our name and is claimed again)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        try:
+            batch = ahead.result()
+        except Exception as exc:
+            log.warning("audit_read_ahead_failed", error_type=type(exc).__name__)
+            return None
+        return batch if batch[0] else None
+
+    def close(self) -> None:
+        """Wait for a read ahead and stop its thread (what it read stays pending, claimed again)."""
+        self._take_ahead()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
 
     def drain(self) -> int:
         """Log everything in the stream now: claim every pending entry (of any consumer, however

@@ -25,13 +25,11 @@ export uses too.
 
 from __future__ import annotations
 
-import re
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from hashlib import sha256
 from typing import Any
 
 import orjson
@@ -43,6 +41,20 @@ from bastion import codec, logs, metrics
 from bastion.audit import merkle
 from bastion.audit import verify as verifier
 from bastion.audit.crypto import Keyring, Undecryptable, key_subject, open_sealed, seal, subject_digest
+from bastion.audit.leaves import (  # re-exported: subjects.py names erasures by it
+    ERASE_ACTION as ERASE_ACTION,
+)
+from bastion.audit.leaves import (
+    EVENT_ID,
+    Decision,
+    Leaf,
+    admin_leaf,
+    decision_leaf,
+    search_columns,
+    text,
+    unpack_payload,
+)
+from bastion.audit.leaves import column as search_column
 from bastion.audit.signing import Checkpoint, Signer, checkpoint_message
 from bastion.audit.tables import (
     HEAD_ID,
@@ -62,22 +74,6 @@ log = logs.get("bastion.audit")
 
 MAX_PAGE = 1000
 KINDS = ("decision", "admin", "erasure")
-ERASE_ACTION = "subject.erase"
-DAY_MS = 86_400_000
-_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_LIFTED = ("route", "body_sha256", "status")  # detail members an admin leaf carries at its top level
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One ``audit`` stream entry (contract 1) as the consumer read it: the producer's event,
-    the outputs as answered, the inputs when the tenant keeps payloads."""
-
-    event: dict[str, Any]
-    outputs: bytes
-    inputs: bytes | None = None
-    entry_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,136 +81,6 @@ class Appended:
     appended: int  # leaves added (decisions and admin changes)
     skipped: int  # decisions already logged (or repeated in the batch)
     size: int | None  # the tree's size after the append (None: nothing to do, nothing read)
-
-
-@dataclass(slots=True)
-class _Leaf:
-    event_id: str
-    kind: str
-    at: datetime
-    tenant: str | None
-    subject: str | None
-    model: str | None
-    version: int | None
-    body: bytes
-    sealed: bytes | None = None  # the payload to seal (decisions kept by their tenant)
-    owner: tuple[str, str, int] | None = None  # (tenant, pseudonym, day) of its data key
-
-
-def canonical(doc: dict[str, Any]) -> bytes:
-    """The leaf's canonical bytes (contract 2)."""
-    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
-
-
-def at_of_ms(ms: int) -> datetime:
-    """Epoch milliseconds as an aware UTC datetime, exactly (no float rounding)."""
-    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=(ms % 1000) * 1000)
-
-
-def trace_id(traceparent: str) -> str | None:
-    found = _TRACEPARENT.fullmatch(traceparent or "")
-    return found.group(1) if found and found.group(1) != "0" * 32 else None
-
-
-def _text(value: Any) -> str:
-    return value if type(value) is str else ""
-
-
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, bool):
-        return int(value)
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _column(value: str | None, size: int) -> str | None:
-    """A copy of a leaf field for a search column: bounded, without NUL (the leaf keeps it whole)."""
-    return None if value is None else value.replace("\x00", "")[:size]
-
-
-def decision_doc(
-    event: dict[str, Any], subject: str | None, output_sha256: str, kept: bool, at: datetime | None = None
-) -> dict[str, Any]:
-    """The decision leaf (contract 2) of a producer's event; ``subject`` is the pseudonym, ``at``
-    the event's time (default: its ``at`` member)."""
-    get = event.get
-    latency, consents, jurisdiction = get("latency_ms"), get("consents"), get("jurisdiction")
-    return {
-        "v": 1,
-        "kind": "decision",
-        "id": _text(get("id")),
-        "at": iso_utc(at if at is not None else at_of_ms(_int(get("at")))),
-        "tenant": _text(get("tenant")),
-        "key": _text(get("key")),
-        "subject": subject,
-        "model": _text(get("model")),
-        "version": _int(get("version")),
-        "artifact": _text(get("artifact")),
-        "role": _text(get("role")),
-        "cache": get("cache") is True,
-        "rule": _text(get("rule")),
-        "trace": trace_id(_text(get("tp"))),
-        "request_id": _text(get("rid")),
-        "input_sha256": _text(get("input_sha256")),
-        "output_sha256": output_sha256,
-        "latency_ms": round(float(latency), 3) if isinstance(latency, int | float) and latency == latency else 0.0,
-        "jurisdiction": jurisdiction if isinstance(jurisdiction, str) and jurisdiction else None,
-        "consents": sorted(c for c in consents if isinstance(c, str)) if isinstance(consents, list) else [],
-        "rows": _int(get("rows")),
-        "payload": "encrypted" if kept else "none",
-    }
-
-
-def admin_doc(row: AdminChange) -> dict[str, Any]:
-    """The admin (or, for ``subject.erase``, erasure) leaf of an ``admin_changes`` row."""
-    detail = dict(row.detail or {})
-    doc: dict[str, Any] = {"v": 1, "id": f"admin-{row.id}", "at": iso_utc(row.at), "principal": row.principal_id}
-    for name in _LIFTED:
-        if name in detail:
-            doc[name] = detail.pop(name)
-    if row.action == ERASE_ACTION:
-        doc.update(
-            kind="erasure",
-            action=row.action,
-            tenant=_text(detail.pop("tenant", "")),
-            subject=_text(detail.pop("subject", "")) or None,
-            keys_destroyed=_int(detail.pop("keys_destroyed", 0)),
-        )
-    else:
-        doc.update(kind="admin", action=row.action, resource={"kind": row.resource_kind, "name": row.resource_name})
-    doc["detail"] = detail
-    return doc
-
-
-def _admin_leaf(row: AdminChange) -> _Leaf:
-    doc = admin_doc(row)
-    at = row.at if row.at.tzinfo is not None else row.at.replace(tzinfo=UTC)
-    return _Leaf(
-        event_id=doc["id"],
-        kind=doc["kind"],
-        at=at,
-        tenant=doc.get("tenant"),
-        subject=doc.get("subject"),
-        model=None,
-        version=None,
-        body=canonical(doc),
-    )
-
-
-def pack_payload(inputs: bytes | None, outputs: bytes) -> bytes:
-    head = struct.pack(">I", len(inputs)) if inputs is not None else struct.pack(">I", 0xFFFFFFFF)
-    return head + (inputs or b"") + outputs
-
-
-def unpack_payload(data: bytes) -> tuple[bytes | None, bytes]:
-    (n,) = struct.unpack(">I", data[:4])
-    if n == 0xFFFFFFFF:
-        return None, data[4:]
-    return data[4 : 4 + n], data[4 + n :]
 
 
 def _tensors(blob: bytes) -> dict[str, Any]:
@@ -245,12 +111,23 @@ class AuditLog:
         yet, in one transaction; never inside a unit of work."""
         if self.sessions.in_unit:
             raise RuntimeError("the decision log appends in its own transactions, never inside a unit of work")
+        return self.append_prepared(self.prepare(decisions), len(decisions))
+
+    def prepare(self, decisions: Sequence[Decision]) -> list[Leaf]:
+        """The leaves of ``decisions``, each id once (the first of repeats); reads nothing under
+        the append lock, so a caller may build the next batch's while one is appended."""
         prepared, seen = [], set()
         for decision in decisions:
-            leaf = self._decision_leaf(decision)
+            leaf = decision_leaf(decision, self.keyring.pseudonym)
             if leaf.event_id not in seen:
                 seen.add(leaf.event_id)
                 prepared.append(leaf)
+        return prepared
+
+    def append_prepared(self, prepared: Sequence[Leaf], received: int) -> Appended:
+        """``append`` of leaves from ``prepare`` (of ``received`` decisions)."""
+        if self.sessions.in_unit:
+            raise RuntimeError("the decision log appends in its own transactions, never inside a unit of work")
         if not prepared and not self._admin_pending():
             return Appended(0, 0, None)
         try:
@@ -263,9 +140,9 @@ class AuditLog:
         for kind, count in _counts(added).items():
             metrics.AUDIT_EVENTS.labels(kind).inc(count)
         decided = sum(1 for leaf in added if leaf.kind == "decision")
-        return Appended(len(added), len(decisions) - decided, size)
+        return Appended(len(added), received - decided, size)
 
-    def append_locked(self, s: Session, prepared: Sequence[_Leaf] = ()) -> tuple[int, merkle.Frontier]:
+    def append_locked(self, s: Session, prepared: Sequence[Leaf] = ()) -> tuple[int, merkle.Frontier]:
         """Inside a caller's transaction that already holds the append lock (``lock``): log the
         pending admin changes. The caller commits, then calls ``appended(frontier)``."""
         added, size, frontier = self._append_locked(s, prepared, locked=True)
@@ -290,8 +167,8 @@ class AuditLog:
         return head
 
     def _append_locked(
-        self, s: Session, prepared: Sequence[_Leaf], locked: bool = False
-    ) -> tuple[list[_Leaf], int, merkle.Frontier]:
+        self, s: Session, prepared: Sequence[Leaf], locked: bool = False
+    ) -> tuple[list[Leaf], int, merkle.Frontier]:
         head = s.get(AuditHead, HEAD_ID) if locked else self.lock(s)
         if head is None:
             raise Unavailable("the decision log's head row is missing: the database was not migrated")
@@ -300,7 +177,7 @@ class AuditLog:
         logged: set[str] = set()
         for i in range(0, len(ids), 500):
             logged.update(s.scalars(select(AuditLeaf.event_id).where(AuditLeaf.event_id.in_(ids[i : i + 500]))))
-        leaves = [_admin_leaf(row) for row in self._admin_rows(s, through)]
+        leaves = [admin_leaf(row) for row in self._admin_rows(s, through)]
         if leaves:
             through = int(leaves[-1].event_id.removeprefix("admin-"))
         leaves += [leaf for leaf in prepared if leaf.event_id not in logged]
@@ -318,9 +195,9 @@ class AuditLog:
                     "event_id": leaf.event_id,
                     "kind": leaf.kind,
                     "at": leaf.at,
-                    "tenant": _column(leaf.tenant, 128),
-                    "subject": _column(leaf.subject, 64),
-                    "model": _column(leaf.model, 128),
+                    "tenant": search_column(leaf.tenant, 128),
+                    "subject": search_column(leaf.subject, 64),
+                    "model": search_column(leaf.model, 128),
                     "version": leaf.version,
                     "body": leaf.body,
                     "leaf_hash": hashed,
@@ -362,36 +239,6 @@ class AuditLog:
             .execution_options(synchronize_session=False)
         )
         return list(s.scalars(select(AdminChange).where(AdminChange.id > through).order_by(AdminChange.id)))
-
-    def _decision_leaf(self, decision: Decision) -> _Leaf:
-        event = decision.event
-        event_id = _text(event.get("id"))
-        if not _ID.fullmatch(event_id):  # not an id our producers write: keep the evidence, under a safe id
-            event_id = "malformed-" + (decision.entry_id or sha256(orjson.dumps(event)).hexdigest())[:50]
-            event = {**event, "id": event_id}
-            log.error("audit_event_malformed", entry_id=decision.entry_id)
-        at_ms = _int(event.get("at")) or _int(decision.entry_id.partition("-")[0])
-        at = at_of_ms(at_ms)
-        tenant = _text(event.get("tenant"))
-        subject = self.keyring.pseudonym(tenant, _text(event.get("subj")))
-        kept = event.get("retain") is True
-        doc = decision_doc(event, subject, sha256(decision.outputs).hexdigest(), kept, at)
-        owner = None
-        if kept:
-            pseudonym = subject or self.keyring.pseudonym(tenant, subject_digest(tenant, key_subject(doc["key"])))
-            owner = (tenant, pseudonym or "", at_ms // DAY_MS)
-        return _Leaf(
-            event_id=event_id,
-            kind="decision",
-            at=at,
-            tenant=tenant,
-            subject=subject,
-            model=doc["model"],
-            version=doc["version"],
-            body=canonical(doc),
-            sealed=pack_payload(decision.inputs, decision.outputs) if kept else None,
-            owner=owner,
-        )
 
     # the tree ------------------------------------------------------------------------------
     def _perfect(self, s: Session) -> Callable[[int, int], bytes]:
@@ -517,7 +364,9 @@ class AuditLog:
             return _item(row)
 
     def _leaf_row(self, s: Session, event_id: str) -> AuditLeaf:
-        row = s.scalar(select(AuditLeaf).where(AuditLeaf.event_id == event_id)) if _ID.fullmatch(event_id) else None
+        row = (
+            s.scalar(select(AuditLeaf).where(AuditLeaf.event_id == event_id)) if EVENT_ID.fullmatch(event_id) else None
+        )
         if row is None:
             raise NotFound(f"no event {event_id[:64]!r} in the decision log")
         return row
@@ -556,7 +405,7 @@ class AuditLog:
     def _erased_after(self, s: Session, leaf: AuditLeaf, doc: dict[str, Any]) -> bool:
         tenant = leaf.tenant or ""
         pseudonym = leaf.subject or self.keyring.pseudonym(
-            tenant, subject_digest(tenant, key_subject(_text(doc.get("key")))), create=False
+            tenant, subject_digest(tenant, key_subject(text(doc.get("key")))), create=False
         )
         if pseudonym is None:
             return False
@@ -713,6 +562,8 @@ class AuditLog:
         report = verifier.verify(
             self.leaves(start, end), checkpoints, self.public_keys(), start=start, start_frontier=frontier, end=end
         )
+        report.findings += self._column_findings(start, end)
+        report.ok = not report.findings
         if not report.ok:
             metrics.AUDIT_VERIFY_FAILURES.inc()
             log.error(
@@ -722,10 +573,48 @@ class AuditLog:
             )
         return report
 
+    def _column_findings(self, start: int, end: int | None) -> list[verifier.Finding]:
+        """A finding at each position whose searchable columns differ from its body (an edited
+        column would change search results, not the tree); bodies that do not parse are left to
+        the tree's check."""
+        found: list[verifier.Finding] = []
+        names = ("event_id", "kind", "at", "tenant", "subject", "model", "version")
+        at = start
+        while len(found) < verifier.MAX_FINDINGS:
+            query = select(AuditLeaf.position, AuditLeaf.body, *(getattr(AuditLeaf, n) for n in names)).where(
+                AuditLeaf.position >= at
+            )
+            if end is not None:
+                query = query.where(AuditLeaf.position < end)
+            with self.sessions() as s:
+                page = s.execute(query.order_by(AuditLeaf.position).limit(MAX_PAGE)).all()
+            for position, body, *stored in page:
+                try:
+                    doc = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(doc, dict):
+                    continue
+                stored[2] = iso_utc(stored[2])
+                expected = search_columns(doc)
+                wrong = [n for n, value in zip(names, stored, strict=True) if value != expected[n]]
+                if wrong:
+                    found.append(
+                        verifier.Finding(
+                            int(position), None, f"searchable columns differ from the leaf: {', '.join(wrong)}"
+                        )
+                    )
+            if len(page) < MAX_PAGE:
+                break
+            at = int(page[-1][0]) + 1
+        return found[: verifier.MAX_FINDINGS]
+
 
 def _insert(s: Session, table: type[Base], rows: list[dict[str, Any]]) -> None:
-    """Insert plain rows in ``s``'s transaction: on PostgreSQL with ``COPY`` (row-at-a-time
-    statements cost the server a round each, even pipelined), elsewhere as an ``executemany``."""
+    """Insert plain rows (all with the same keys, in the same order) in ``s``'s transaction: on
+    PostgreSQL with ``COPY`` (row-at-a-time statements cost the server a round each, even
+    pipelined), on SQLite with the driver's ``executemany`` (SQLAlchemy's per-row parameter
+    processing cost more than the insert)."""
     if not rows:
         return
     conn = s.connection()
@@ -736,11 +625,18 @@ def _insert(s: Session, table: type[Base], rows: list[dict[str, Any]]) -> None:
         with driver.cursor().copy(f"COPY {table.__tablename__} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row([row[c] for c in columns])
-    else:
-        conn.execute(insert(table), rows)  # SQLite: sqlite3's own executemany loop
+    else:  # SQLite: the driver's own executemany, values bound as SQLAlchemy's column types bind them
+        statement = str(insert(table).compile(dialect=conn.dialect, column_keys=columns))
+        bind = [table.__table__.c[c].type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for c in columns]
+        values = [[v if p is None else p(v) for p, v in zip(bind, row.values(), strict=True)] for row in rows]
+        cursor = driver.cursor()
+        try:
+            cursor.executemany(statement, values)
+        finally:
+            cursor.close()
 
 
-def _counts(leaves: list[_Leaf]) -> dict[str, int]:
+def _counts(leaves: list[Leaf]) -> dict[str, int]:
     found: dict[str, int] = {}
     for leaf in leaves:
         found[leaf.kind] = found.get(leaf.kind, 0) + 1

@@ -126,17 +126,21 @@ class AuditService:
     async def consume(self) -> None:
         """Append the audit stream to the log until cancelled."""
         next_expiry = time.monotonic() + _EXPIRE_EVERY_S
-        while True:
-            try:
-                await run_in_threadpool(self.consume_once)
-                if time.monotonic() > next_expiry:
-                    next_expiry = time.monotonic() + _EXPIRE_EVERY_S
-                    await run_in_threadpool(self.consumer.expire_consumers, int(self.settings.consumer_expiry_s * 1000))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis or SQL away: try again shortly
-                log.warning("audit_consume_failed", error_type=type(exc).__name__)
-                await asyncio.sleep(_RETRY_S)
+        try:
+            while True:
+                try:
+                    await run_in_threadpool(self.consume_once)
+                    if time.monotonic() > next_expiry:
+                        next_expiry = time.monotonic() + _EXPIRE_EVERY_S
+                        expiry_ms = int(self.settings.consumer_expiry_s * 1000)
+                        await run_in_threadpool(self.consumer.expire_consumers, expiry_ms)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis or SQL away: try again shortly
+                    log.warning("audit_consume_failed", error_type=type(exc).__name__)
+                    await asyncio.sleep(_RETRY_S)
+        finally:
+            self.consumer.close()  # a batch read ahead stays pending: claimed again after a restart
 
     async def checkpoints(self) -> None:
         """Sign a checkpoint every ``audit_checkpoint_s`` when the log grew."""
