@@ -557,3 +557,17 @@ def test_a_rotated_kek_rewraps_keys_without_touching_payloads(audit: Audit, redi
     fresh, _ = _service(only_new, audit.engine, redis_client)
     assert fresh.log.payload("job-000001")["state"] == "kept"  # the old KEK is no longer needed
     assert fresh.pseudonym("acme", "judy") == audit.service.pseudonym("acme", "judy")
+
+
+def test_a_live_log_whose_latest_checkpoints_were_deleted_does_not_verify(audit: Audit) -> None:
+    """Deleting the checkpoints that cover the newest leaves would otherwise leave only an
+    'unverified tail': the live log holds at most a checkpoint period past its last one."""
+    audit.log.append([decision(i) for i in range(6)])
+    audit.log.checkpoint()
+    assert audit.log.verify().ok
+    audit.log.max_unverified = 3
+    with audit.engine.begin() as conn:  # an edit nothing in Bastion would make
+        conn.execute(text("DELETE FROM audit_checkpoints"))
+    report = audit.log.verify()
+    assert not report.ok and report.findings[0].position == 0
+    assert "no signed checkpoint" in report.findings[0].what

@@ -97,8 +97,13 @@ class AuditLog:
         signer: Signer,
         *,
         publish: Callable[[dict[str, Any]], None] | None = None,
+        max_unverified: int | None = None,
     ) -> None:
+        """``max_unverified``: the most leaves a live log may hold past its last checkpoint (the
+        checkpoint cadence allows no more); a verification to the end finds more a tampering
+        (checkpoints deleted). None: not bounded."""
         self.sessions = sessions
+        self.max_unverified = max_unverified
         self.keyring = keyring
         self.signer = signer
         self.publish = publish
@@ -560,7 +565,13 @@ class AuditLog:
                 query = query.where(AuditCheckpoint.size <= end)
             checkpoints = [_checkpoint(r) for r in s.scalars(query.order_by(AuditCheckpoint.size))]
         report = verifier.verify(
-            self.leaves(start, end), checkpoints, self.public_keys(), start=start, start_frontier=frontier, end=end
+            self.leaves(start, end),
+            checkpoints,
+            self.public_keys(),
+            start=start,
+            start_frontier=frontier,
+            end=end,
+            max_unverified=self.max_unverified if end is None else None,
         )
         report.findings += self._column_findings(start, end)
         report.ok = not report.findings

@@ -87,7 +87,14 @@ class AuditService:
         self.settings = settings
         self.keyring = crypto.Keyring(sessions, crypto.provider_from(settings))
         self.signer = signer_from(settings)
-        self.log = AuditLog(sessions, self.keyring, self.signer, publish=publisher(client))
+        self.log = AuditLog(
+            sessions,
+            self.keyring,
+            self.signer,
+            publish=publisher(client),
+            # a checkpoint is signed at least every audit_checkpoint_events appended, one batch late at most
+            max_unverified=settings.audit_checkpoint_events + settings.audit_batch,
+        )
         self.consumer = AuditConsumer(client, self.log, batch=settings.audit_batch)
         self.subjects = Subjects(self.log, self.consumer, client, engine)
         self.retention = Retention(self.keyring, engine)
