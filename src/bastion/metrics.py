@@ -70,6 +70,44 @@ AUDIT_KEYS_DESTROYED = Counter(
 )
 
 
+# model monitoring (bastion.monitoring): workers observe each model call; the control plane judges
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_OUTPUT_BUCKETS = (-1000.0, -100.0, -10.0, -1.0, -0.1, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 10.0, 100.0, 1000.0)
+PREDICTION_CONFIDENCE = Histogram(
+    "bastion_model_confidence",
+    "Confidence of each answered row: the largest class probability, or the version's score output",
+    ["model", "version", "role"],
+    buckets=_CONFIDENCE_BUCKETS,
+)
+MODEL_OUTPUT = Histogram(
+    "bastion_model_output",
+    "Each numeric output value of answered rows",
+    ["model", "version", "role", "output"],
+    buckets=_OUTPUT_BUCKETS,
+)
+PREDICTED_LABELS = Counter(
+    "bastion_model_predictions_total", "Answered rows by predicted label", ["model", "version", "role", "label"]
+)
+DRIFT_PSI = Gauge(
+    "bastion_drift_psi",
+    "Population stability index of a feature (or output) over the drift window",
+    ["model", "version", "feature"],
+)
+DRIFT_THRESHOLD = Gauge(
+    "bastion_drift_threshold",
+    "The PSI beyond which the feature is judged drifted, for the window's sample size",
+    ["model", "version", "feature"],
+)
+DRIFT_ALARM = Gauge(
+    "bastion_drift_alarm", "1 while any feature of the version is judged drifted, else 0", ["model", "version"]
+)
+LIVE_ACCURACY = Gauge(
+    "bastion_live_accuracy", "Accuracy on feedback labels over the accuracy window", ["model", "version", "role"]
+)
+LIVE_LABELS = Gauge("bastion_live_labels", "Feedback labels in the accuracy window", ["model", "version", "role"])
+FEEDBACK = Counter("bastion_feedback_total", "Feedback labels received, by result", ["result"])
+
+
 def serve(port: int, host: str) -> bool:
     """Export this process's metrics on ``host:port`` (a thread); False when the port is taken
     (since the supervisor probed it): the caller logs it and runs on without metrics."""

@@ -409,6 +409,47 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="how often payloads past their tenant's retention are destroyed, seconds"
     )
 
+    # observability: tracing is configured by the standard OTEL_* variables (bastion.tracing)
+    # model monitoring (bastion.monitoring): metrics per version, drift, feedback and live accuracy
+    monitoring: bool = Field(
+        default=True,
+        description="count live inputs and outputs into each version's drift bins (workers) and judge drift "
+        "(control plane)",
+    )
+    monitoring_bins: int = Field(
+        default=10, ge=2, le=50, description="drift bins per feature, cut at the reference sample's quantiles"
+    )
+    monitoring_flush_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often a worker adds its drift counts to Redis, seconds"
+    )
+    monitoring_retention_s: int = Field(
+        default=86_400,
+        ge=120,
+        description="how long a one-minute drift bucket lives in Redis (the longest window that can be asked for)",
+    )
+    drift_window_s: int = Field(
+        default=3600, ge=60, description="sliding window over which drift is judged by default, seconds"
+    )
+    drift_alpha: float = Field(
+        default=0.01,
+        gt=0,
+        lt=0.5,
+        description="false-alarm probability per version and window: the chi-square threshold of each feature "
+        "is set at alpha divided by the number of features judged (Bonferroni)",
+    )
+    drift_min_rows: int = Field(
+        default=100, ge=1, description="live rows a version needs in the window before its drift is judged"
+    )
+    drift_interval_s: float = Field(
+        default=15.0, gt=0, description="how often the control plane judges drift and updates its gauges, seconds"
+    )
+    feedback_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="how long a gateway waits for the control plane to record a label"
+    )
+    accuracy_window_s: int = Field(
+        default=7 * 86_400, ge=60, description="window of live accuracy (labels of predictions made since), seconds"
+    )
+
     @model_validator(mode="after")
     def _oidc_complete(self) -> Settings:
         if self.oidc_issuer and not self.oidc_audience:
