@@ -16,6 +16,8 @@ It replaces, at any depth of dicts and lists:
 
 Each request's lines carry its ``request_id`` (bound by ``middleware.RequestId``); code that learns
 more about the request (tenant, model, version) adds it with ``bind`` for the rest of the request.
+With tracing on, the request's server span binds its ``trace_id`` the same way
+(``tracing.enter``), so every line of a traced request names its trace.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ While one full batch is appended (SQL inserts and the commit's fsync, which rele
 ``poll`` reads the next one and builds its leaves on a second thread; it is appended by the next
 poll, or kept for a retry with the current one when that fails. A process that stops meanwhile
 leaves it pending under its name: claimed again, like any crash's.
+
+With tracing on, each appended batch has a span, ``audit append`` (CONSUMER): a child of its
+first event's context (the event's ``tp``, the worker's job span) and linked to the others', so
+a request's trace reaches the control plane with a parent link when its event leads a batch and
+with a link otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 import orjson
 import redis
 
-from bastion import ids, logs, metrics
+from bastion import ids, logs, metrics, tracing
 from bastion.audit.leaves import Decision, Leaf
 from bastion.audit.log import Appended, AuditLog
 from bastion.constants import AUDIT_GROUP, AUDIT_STREAM
@@ -59,6 +64,29 @@ def decision_of(entry_id: str, fields: dict[bytes, bytes]) -> Decision:
         outputs=fields.get(b"o", b""),
         inputs=fields.get(b"i"),
         entry_id=entry_id,
+    )
+
+
+def _append_span(entries: list[Entry]) -> tracing.Span:
+    """The span of appending ``entries``: a child of the first event's trace context, linked to
+    the next ones' (at most ``tracing.MAX_LINKS``)."""
+    contexts: list[tracing.Parent] = []
+    for _, fields in entries[: tracing.MAX_LINKS + 1]:
+        # The producers' JSON has no spaces: "tp":"<55 characters>" when the event has a valid
+        # one, which parse checks (anything else - escaped, cut, absent - is no context).
+        event = fields.get(b"e") or b""
+        at = event.find(b'"tp":"')
+        found = tracing.parse(event[at + 6 : at + 61].decode(errors="replace")) if at >= 0 else None
+        if found is not None:
+            contexts.append(found)
+    parent = contexts[0] if contexts else None
+    return tracing.start(
+        "audit append",
+        parent,
+        kind=tracing.CONSUMER,
+        attributes={"bastion.audit.events": len(entries)},
+        links=contexts[1:],
+        remote=parent is not None,
     )
 
 
@@ -127,9 +155,23 @@ class AuditConsumer:
         ``AuditLog.prepare``), then acknowledge and delete them."""
         if prepared is None:
             prepared = self._prepare(entries)
-        done = self.log.append_prepared(prepared, len(entries))
-        if entries:
+        if not (tracing.ON and entries):
+            done = self.log.append_prepared(prepared, len(entries))
+            if entries:
+                self._ack([e for e, _ in entries])
+            return done
+        span = _append_span(entries)
+        try:
+            done = self.log.append_prepared(prepared, len(entries))
             self._ack([e for e, _ in entries])
+        except Exception as exc:
+            span.fail(f"append failed ({type(exc).__name__}); kept for a retry")
+            raise
+        else:
+            span.attributes["bastion.audit.appended"] = done.appended
+            span.attributes["bastion.audit.skipped"] = done.skipped
+        finally:
+            span.end()
         return done
 
     def _prepare(self, entries: list[Entry]) -> list[Leaf]:

@@ -24,6 +24,10 @@ request of the control plane:
    that digest (``current_call``) and records both with the change, for the decision log.
 4. Outside ``/admin/`` (health, readiness, metrics: none takes a body) any body, declared or
    chunked, is refused with 413 and ``Connection: close`` before routing, and never read.
+
+With tracing on, every ``/admin/`` request runs under a SERVER span (``tracing.serve_traced``:
+continues the caller's ``traceparent``, named by its route template, echoes its own
+``traceparent``), refusals included.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion import logs, metrics, problems
+from bastion import logs, metrics, problems, tracing
 from bastion.control.principals import STATE_KEY, resolve
 from bastion.errors import BastionError, PayloadTooLarge
 
@@ -128,6 +132,12 @@ class AdminGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if tracing.ON and scope["path"].startswith(ADMIN_PREFIX):
+            await tracing.serve_traced(self._gate, scope, receive, send)
+            return
+        await self._gate(scope, receive, send)
+
+    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = _header(scope, b"content-length")
         try:
             declared = int(length) if length is not None else None

@@ -1,4 +1,5 @@
-"""Build the gateway's ASGI app from settings."""
+"""Build the gateway's ASGI app from settings (and turn tracing on when the ``OTEL_*``
+environment asks for it: ``bastion.tracing``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from redis.exceptions import RedisError
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from bastion import logs
+from bastion import logs, tracing
 from bastion.asgi import new_app
 from bastion.gateway import health, jobs, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
@@ -27,6 +29,7 @@ from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
+from bastion.middleware import RequestId
 from bastion.queue.calls import Pricing
 from bastion.queue.durability import Durability
 from bastion.queue.producer import Producer
@@ -117,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
             if state.jwks is not None:
                 await state.jwks.http.aclose()
             log.info("gateway_stopped", gateway_id=gateway_id)
+            tracing.shutdown()
 
     app = new_app(
         "Bastion gateway", lifespan, docs_enabled=settings.docs_enabled, max_body_bytes=settings.max_body_bytes
@@ -140,6 +144,9 @@ def create_app(settings: Settings) -> FastAPI:
             ],
         )
     app.add_middleware(AbuseMiddleware)  # outermost: a banned client is refused before anything else
+    if tracing.configure("gateway"):  # just inside RequestId: the trace id joins the request's log lines
+        at = next(i for i, m in enumerate(app.user_middleware) if getattr(m, "cls", None) is RequestId) + 1
+        app.user_middleware.insert(at, Middleware(tracing.TraceRequests))
     app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)
     app.include_router(jobs.router)

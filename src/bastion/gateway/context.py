@@ -2,8 +2,9 @@
 
 authenticate → ``principal``; route → ``version``, ``role``, ``reason``, ``rule``; parse →
 ``rows``; breaker → ``permit`` (and a diverted ``version``/``role``); admit → ``admission``;
-idempotency → ``idem``; the job → ``job_id``. Cross-cutting steps (the job envelope, logs, the
-coming decision log and tracing) read it instead of re-deriving what was decided.
+idempotency → ``idem``; the job → ``job_id``; tracing on → ``span`` (the request's server span,
+whose ``traceparent`` the job carries). Cross-cutting steps (the job envelope, logs, the
+decision log and tracing) read it instead of re-deriving what was decided.
 
 The routing ``subject`` is the caller's own identity unless an operator marked its key
 ``subject_trusted``: only such a key's ``X-Bastion-Subject`` chooses its canary bucket, so no
@@ -21,6 +22,7 @@ from bastion.gateway.idempotency import Idempotency
 from bastion.queue.envelope import Envelope
 from bastion.queue.producer import Admission
 from bastion.snapshot import KeyInfo, VersionInfo
+from bastion.tracing import Span
 
 
 class Call:
@@ -38,6 +40,7 @@ class Call:
         "role",
         "rows",
         "rule",
+        "span",
         "subject",
         "subject_named",
         "traceparent",
@@ -62,6 +65,7 @@ class Call:
         self.admission: Admission | None = None
         self.job_id = ""
         self.rows = 0
+        self.span: Span | None = None  # set only while tracing is on
 
     @property
     def key(self) -> KeyInfo:

@@ -1,6 +1,12 @@
 """The one path behind every prediction front door: authenticate, route, read, breaker, admit,
 await, respond - each step recording its decision on the call context (``gateway.context``).
 
+With tracing on, the request's server span (``bastion.tracing``, started around the request by
+the HTTP middleware or the gRPC service) is the call's ``span``: the steps add events to it
+(``authenticated``, ``enqueued`` - admission and the queue are one script -, ``replied``,
+``cache_hit``) and the job carries its ``traceparent``. With tracing off, each of those is one
+``is None`` check.
+
 Order matters for safety: an unauthenticated or misdirected request never has its body read,
 and the circuit breaker's permit is taken only once the body is in and parsed, with its clock
 started at enqueue, so a client that uploads slowly is timed as a client, never as the model.
@@ -20,7 +26,7 @@ import numpy as np
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from starlette.requests import Request
 
-from bastion import codec, logs, metrics, routing
+from bastion import codec, logs, metrics, routing, tracing
 from bastion.constants import (
     LANE_BATCH,
     LANE_SHADOW,
@@ -115,8 +121,12 @@ async def begin(inbound: Inbound, scopes: tuple[str, ...]) -> tuple[GatewayState
     state = inbound.state
     headers = inbound.headers
     call = Call(inbound.request_id, traceparent=headers.get("traceparent", ""))
+    if tracing.ON:
+        _join_trace(call, inbound)
     call.principal = await authenticate_header(headers.get("authorization"), state, scopes, inbound.on_key)
     call.choose_subject(headers.get("x-bastion-subject"))
+    if call.span is not None:
+        call.span.event("authenticated")
     if state.backlog is not None:
         state.backlog.check()  # no decision that could not be recorded
     routed_by = state.snapshots.current
@@ -127,7 +137,30 @@ async def begin(inbound: Inbound, scopes: tuple[str, ...]) -> tuple[GatewayState
     doc = inbound.decode(body, headers)
     call.idem = idempotency.from_request(headers.get("idempotency-key"), call.key.tenant, inbound.path, body)
     take_permit(state, call)
+    if call.span is not None:
+        _describe(call.span, call)
     return state, call, doc
+
+
+def _join_trace(call: Call, inbound: Inbound) -> None:
+    """Make the request's server span the call's: the job continues its trace."""
+    span = tracing.current()
+    if span is None:
+        return
+    call.span = span
+    call.traceparent = span.traceparent
+    span.attributes["bastion.model"] = inbound.model[:MAX_NAME]
+
+
+def _describe(span: tracing.Span, call: Call) -> None:
+    """What routing decided, on the span (ids only: never a subject or an input)."""
+    version = call.chosen
+    attributes = span.attributes
+    attributes["bastion.tenant"] = call.key.tenant
+    attributes["bastion.version"] = version.version
+    attributes["bastion.role"] = call.role
+    if call.reason:
+        attributes["bastion.fallback_reason"] = call.reason
 
 
 @contextlib.contextmanager
@@ -250,18 +283,9 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     cached_at = None
     if serving.cache_ttl_s and call.idem is None:
         cached_at = response_cache.key_for(call.key.tenant, version, blob)
-        env = call.envelope(LANE_SYNC, own_id, blob)
-        now_ms = int(time.time() * 1000)
-        decision = b""
-        if state.settings.decision_log:
-            decision = decisions.event(env, version.sha256, now_ms, cache=True, latency_ms=0.0)
-        async with redis_errors():
-            hit = await calls.CACHED.acall(state.redis, *calls.cached(cached_at, env, decision))
+        hit = await _cached(state, call, cached_at, blob)
         if hit is not None:
-            metrics.CACHE.labels(version.model, "hit").inc()
-            call.admission = Admission(0.0, None, None, cached=True)
-            return codec.decode(hit)
-        metrics.CACHE.labels(version.model, "miss").inc()
+            return hit
     deadline_ms = int((time.time() + wait_s) * 1000)
     env = call.envelope(LANE_SYNC, own_id, blob, deadline_ms=deadline_ms, reply_to=state.gateway_id)
     future = state.replies.expect(own_id)
@@ -277,6 +301,8 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
                 max_queue=serving.max_queue_sync,
             )
         call.admission = admission
+        if call.span is not None:
+            _enqueued(call.span, call, admission)
         if admission.replayed_job is not None and call.idem is not None:
             call.job_id = admission.replayed_job
             async with redis_errors():
@@ -294,6 +320,8 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     finally:
         state.replies.forget(own_id)
         metrics.INFLIGHT_SYNC.dec()
+    if call.span is not None:
+        call.span.event("replied", {"bastion.status": reply.status})
     if reply.status == STATUS_SUCCEEDED:
         if cached_at is not None:
             with contextlib.suppress(RedisError, OSError):  # an answer not cached is still the answer
@@ -302,6 +330,36 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=call.job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=call.job_id)
+
+
+async def _cached(state: GatewayState, call: Call, cached_at: str, blob: bytes) -> dict[str, Any] | None:
+    """The answer cached for this tenant, version and input (its decision logged by the same
+    script), or None."""
+    version = call.chosen
+    env = call.envelope(LANE_SYNC, call.job_id, blob)
+    now_ms = int(time.time() * 1000)
+    decision = b""
+    if state.settings.decision_log:
+        decision = decisions.event(env, version.sha256, now_ms, cache=True, latency_ms=0.0)
+    async with redis_errors():
+        hit = await calls.CACHED.acall(state.redis, *calls.cached(cached_at, env, decision))
+    if hit is None:
+        metrics.CACHE.labels(version.model, "miss").inc()
+        return None
+    metrics.CACHE.labels(version.model, "hit").inc()
+    if call.span is not None:
+        call.span.event("cache_hit")
+    call.admission = Admission(0.0, None, None, cached=True)
+    return codec.decode(hit)
+
+
+def _enqueued(span: tracing.Span, call: Call, admission: Admission) -> None:
+    """Admission and the queue (one script): the event, and the job's id on the span."""
+    span.attributes["bastion.job_id"] = admission.replayed_job or call.job_id
+    found: dict[str, tracing.Value] = {"bastion.cost_units": round(admission.cost, 3)}
+    if admission.replayed_job is not None:
+        found["bastion.replayed"] = True
+    span.event("enqueued", found)
 
 
 async def _abandon(state: GatewayState, env: Any, counted: bool) -> Reply | None:
@@ -391,6 +449,8 @@ async def submit(inbound: Inbound, scopes: tuple[str, ...], parse: Any) -> tuple
                 max_queue=serving_of(state, call.model).max_queue_batch,
                 storage=Storage(state.settings.max_stored_results, state.settings.max_stored_result_bytes),
             )
+        if call.span is not None:
+            _enqueued(call.span, call, call.admission)
     except BaseException:
         state.breakers.record(permit, Outcome.IGNORED)
         raise

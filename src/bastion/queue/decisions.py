@@ -16,9 +16,10 @@ Members of ``e``: id (the job id: the prediction id the caller holds), kind ("de
 (ms since the epoch), tenant, key (the API key or token id), subj (the gateway's digest of a
 named subject, '' none: never the subject itself), model, version, artifact (the version's
 sha256), role (primary, canary, fallback), cache (answered from the response cache), rule (the
-policy rule that applied), tp (the request's traceparent), rid (request id), input_sha256 (of
-the canonical encoded input tensors), latency_ms (queued or asked → final), jurisdiction,
-consents, rows, retain.
+policy rule that applied), tp (the job's traceparent: with tracing on, the worker's job span,
+which the control plane's ``audit append`` span continues; the gateway's for a cache hit), rid
+(request id), input_sha256 (of the canonical encoded input tensors), latency_ms (queued or
+asked → final), jurisdiction, consents, rows, retain.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ deadline   ms since the epoch after which the job is dropped (0: none)
 reply      the gateway waiting for the reply (sync jobs), '' otherwise
 created    ms since the epoch
 rid        request id (the client's ``X-Request-ID`` or the gateway's)
-tp         W3C ``traceparent`` of the request ('' none)
+tp         W3C ``traceparent`` of the request ('' none): with tracing on, the gateway's request span
+           (``bastion.tracing``), which the worker's job span continues; off, the client's header
 subj       pseudonym of the routing subject ('' none) - never the subject itself
 rule       the policy rule that applied to the caller ('' none)
 idem       the Idempotency-Key record of a sync job ('' none): the worker's completion stores the

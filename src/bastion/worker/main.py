@@ -1,13 +1,14 @@
 """Start a worker process: settings in, loop until SIGTERM. Its metrics (``worker_metrics_port``)
 listen on ``control_host``, the private address of the admin API, never on the public ``host``; a
-port already taken leaves them off with a ``metrics_port_in_use`` warning."""
+port already taken leaves them off with a ``metrics_port_in_use`` warning. Tracing is on when the
+``OTEL_*`` environment asks for it (``bastion.tracing``), set up in each process after a prefork."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from bastion import logs, metrics
+from bastion import logs, metrics, tracing
 from bastion.artifacts.store import ArtifactStore
 from bastion.redisconn import sync_client
 from bastion.runtime.onnx import OnnxRuntime
@@ -39,7 +40,11 @@ def serve(settings: Settings, name: str) -> None:
         OnnxRuntime(settings.ort_intra_threads, settings.ort_inter_threads),
         retry_s=settings.model_retry_s,
     )
+    tracing.configure("worker")  # here, after a prefork: each process its own exporter thread
     worker = Worker(settings, client, cache, name)
     worker.install_signal_handlers()
-    worker.run()
-    client.close()
+    try:
+        worker.run()
+    finally:
+        client.close()
+        tracing.shutdown()

@@ -17,6 +17,10 @@ to the gateway's one pipeline (``gateway.pipeline``), as the HTTP routes are.
   key is ``<key>/<request id>``, so each request of the stream needs an id. The client's cancel
   ends the stream and every request of it still running here.
 
+With tracing on, each unary call and each request of a stream runs under a SERVER span
+(``rpc.system=grpc``) continuing the metadata's ``traceparent``; ModelInfer's trailing metadata
+carries the span's ``traceparent`` beside ``x-request-id``.
+
 Failures are counted by the abuse guard against the peer's address (``context.peer()``, an IPv6
 address as its /64; ``x-forwarded-for`` from a trusted proxy, as on HTTP) and the key, under the
 same client names as HTTP's (``a:<address>``, ``k:<key id>``): a client banned on one protocol is
@@ -34,7 +38,7 @@ from urllib.parse import unquote
 import grpc
 from google.protobuf.message import DecodeError
 
-from bastion import __version__, ids, logs, metrics, routing
+from bastion import __version__, ids, logs, metrics, routing, tracing
 from bastion.errors import InvalidInput, NotFound, RateLimited
 from bastion.gateway import pipeline
 from bastion.gateway.abuse import AbuseGuard
@@ -57,6 +61,17 @@ STREAM_WINDOW = 16  # requests of one stream in flight at once
 PLATFORM = "onnxruntime_onnx"
 DEADLINE_MARGIN_S = 0.05  # the pipeline gives up this long before the call's deadline: its job is abandoned
 _HEADERS = READ_HEADERS - {"content-type", "inference-header-content-length"}  # HTTP's only
+# Codes that are the server's failure (a span's status ERROR), as OpenTelemetry's gRPC conventions say
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 Message = TypeVar("Message")
 
@@ -117,6 +132,28 @@ def peer_host(peer: str) -> str:
     return peer[:64]
 
 
+class _Traced:
+    """A call's SERVER span while tracing is on (``begin``, then ``end`` with the status code)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, method: str, caller: Caller) -> None:
+        self.span = tracing.continued(
+            caller.headers.get("traceparent", ""),
+            f"{SERVICE}/{method}",
+            kind=tracing.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+        )
+        self.token = tracing.enter(self.span)
+
+    def end(self, code: grpc.StatusCode) -> None:
+        tracing.leave(self.token)
+        self.span.attributes["rpc.grpc.status_code"] = code.value[0]
+        if code in _SERVER_FAULTS:
+            self.span.fail(code.name)
+        self.span.end()
+
+
 def request_id_ok(value: str) -> bool:
     """A client's ``x-request-id`` taken as the request id (as on HTTP: 1 to 64 of ``A-Za-z0-9._-``)."""
     return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in value)
@@ -171,6 +208,7 @@ class InferenceService:
         started = time.perf_counter()
         caller = Caller.of(context, self.state.abuse)
         token = logs.bind_request(caller.request_id)
+        traced = _Traced(method, caller) if tracing.ON else None
         code = grpc.StatusCode.CANCELLED  # unless it ends otherwise
         try:
             try:
@@ -184,6 +222,8 @@ class InferenceService:
             return answer
         finally:
             self._observe(method, code, time.perf_counter() - started)
+            if traced is not None:
+                traced.end(code)
             logs.clear_request(token)
 
     async def _authenticated(self, caller: Caller, scopes: tuple[str, ...]) -> Call:
@@ -316,6 +356,8 @@ class InferenceService:
             request = await self._parse(caller, pb.ModelInferRequest, raw, PREDICT)
             call, answer = await self._infer(caller, request, raw, context, caller.headers)
             found = pipeline.response_headers(call)
+            if call.span is not None:
+                found["traceparent"] = call.span.traceparent
             context.set_trailing_metadata(
                 (*((name.lower(), value) for name, value in found.items()), ("x-request-id", caller.request_id))
             )
@@ -374,6 +416,7 @@ class InferenceService:
         """One request of a stream, answered as ModelInfer would; a failure as its error_message."""
         begun = time.perf_counter()
         token = logs.bind_request(caller.request_id)
+        traced = _Traced("ModelStreamInfer", caller) if tracing.ON else None
         code = grpc.StatusCode.CANCELLED
         try:
             try:
@@ -396,4 +439,6 @@ class InferenceService:
                 return pb.ModelStreamInferResponse(error_message=status.message)
         finally:
             self._observe("ModelStreamInfer", code, time.perf_counter() - begun)
+            if traced is not None:
+                traced.end(code)
             logs.clear_request(token)
