@@ -240,6 +240,18 @@ class AdminClient:
         result: dict[str, Any] = self._call("DELETE" if reset else "GET", f"/admin/v1/models/{model}/shadow")
         return result
 
+    # monitoring ----------------------------------------------------------------------------
+    def monitoring(self, model: str, window: str = "1h") -> dict[str, Any]:
+        """Drift per routed version, traffic and live quality over ``window`` (``30m``, ``1h``...)."""
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/monitoring", params={"window": window})
+        return result
+
+    def status(self, window: str = "5m", model: str | None = None) -> dict[str, Any]:
+        """Gateways, workers and each model's versions at a glance (``bastion status``)."""
+        params = {"window": window, **({"model": model} if model else {})}
+        result: dict[str, Any] = self._call("GET", "/admin/v1/status", params=params)
+        return result
+
     # the decision log ----------------------------------------------------------------------
     def audit_event(self, event_id: str, tenant: str | None = None) -> dict[str, Any]:
         """One event with its payload (decrypted when kept and not erased)."""

@@ -191,3 +191,14 @@ def stored_keys(tenant: str) -> tuple[str, str]:
 
 def streams_key(key_id: str) -> str:
     return f"{STREAMS_PREFIX}{key_id}"
+
+
+def monitor_traffic_key(model: str, version: int, minute: int) -> str:
+    """A version's jobs, rows, failures and latency buckets per role in one minute (TTL: retention)."""
+    return f"{MONITOR_PREFIX}{model}:{version}:{minute}:t"
+
+
+def monitor_bins_key(model: str, version: int, minute: int, digest: str, part: int) -> str:
+    """A version's drift counts in one minute, for one bin layout (``digest``), in parts of at most
+    120 fields (small hashes stay listpack-encoded: a few bytes per field). TTL: retention."""
+    return f"{MONITOR_PREFIX}{model}:{version}:{minute}:{digest}:{part}"

@@ -106,6 +106,7 @@ LIVE_ACCURACY = Gauge(
 )
 LIVE_LABELS = Gauge("bastion_live_labels", "Feedback labels in the accuracy window", ["model", "version", "role"])
 FEEDBACK = Counter("bastion_feedback_total", "Feedback labels received, by result", ["result"])
+TRACE_SPANS = Counter("bastion_trace_spans_total", "Finished trace spans, exported or dropped", ["result"])
 
 
 def serve(port: int, host: str) -> bool:

@@ -90,6 +90,9 @@ class VersionInfo:
     sha256: str
     signature: Signature
     postprocessing: dict[str, Any] | None = None  # only when it changes outputs (a threshold)
+    # drift bins and model-metric outputs (``bastion.monitoring.bins.spec``), shipped by the control
+    # plane; workers compile it once per version (``bastion.monitoring.counting``)
+    monitoring: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +202,12 @@ class Snapshot:
         for name, model in data["models"].items():
             for number, v in model["versions"].items():
                 versions[(name, int(number))] = VersionInfo(
-                    name, int(number), v["sha256"], Signature.from_dict(v["signature"]), v.get("postprocessing")
+                    name,
+                    int(number),
+                    v["sha256"],
+                    Signature.from_dict(v["signature"]),
+                    v.get("postprocessing"),
+                    v.get("monitoring"),
                 )
             routes = tuple(
                 Route(versions[(name, int(r["version"]))], int(r["weight"]), str(r["role"]))

@@ -4,8 +4,10 @@
 Routes live in ``bastion.control.routers``; who may call them in ``bastion.control.principals``,
 settled before any body is read by ``bastion.control.gate``; every state change goes through the
 unit of work in ``bastion.control.changes``. Loops run beside the API: the snapshot
-reconcile, the Redis memory watch (``bastion.control.memory``) and the decision log's three
-(``bastion.audit.service``: the audit stream consumer, checkpoint signing, payload retention).
+reconcile, the Redis memory watch (``bastion.control.memory``), the decision log's three
+(``bastion.audit.service``: the audit stream consumer, checkpoint signing, payload retention) and
+model monitoring's two (``bastion.monitoring.service``: the drift judgement and its gauges, and the
+feedback desk answering labels sent through the gateways).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from bastion.control.routers import (
     keys,
     lifecycle,
     models,
+    monitoring,
     snapshot,
+    status,
     subjects,
     tenants,
 )
@@ -45,7 +49,20 @@ from bastion.settings import Settings
 
 log = logs.get("bastion.control")
 PREFIX = "/admin/v1"
-ROUTERS = (models, lifecycle, deployments, deadletters, tenants, keys, snapshot, changes, audit, subjects)
+ROUTERS = (
+    models,
+    lifecycle,
+    deployments,
+    deadletters,
+    tenants,
+    keys,
+    snapshot,
+    changes,
+    audit,
+    subjects,
+    monitoring,
+    status,
+)
 UPLOADS = (models.register_version,)  # routes whose body is an artifact: max_upload_bytes, not the JSON limit
 
 
@@ -80,6 +97,8 @@ def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI
             asyncio.create_task(control.audit.consume()),
             asyncio.create_task(control.audit.checkpoints()),
             asyncio.create_task(control.audit.sweep()),
+            asyncio.create_task(control.monitoring.judge()),
+            asyncio.create_task(control.monitoring.feedback.serve()),
         ]
         log.info("control_started")
         yield

@@ -1,5 +1,7 @@
 """The control plane's services, wired once per process: registry (SQL), Redis, artifact store,
-and the decision log (``audit``: ``bastion.audit.service.AuditService``, on the same database).
+the decision log (``audit``: ``bastion.audit.service.AuditService``, on the same database) and
+model monitoring (``monitoring``: ``bastion.monitoring.service.MonitoringService``: drift, traffic,
+feedback labels and live accuracy).
 
 Handlers reach it through ``plane_of(request)``. Every Redis call the admin API makes goes
 through ``redis_errors``: an unreachable Redis is a 503 problem saying what is unavailable, in
@@ -22,6 +24,7 @@ from bastion.artifacts.store import ArtifactStore
 from bastion.audit.service import AuditService
 from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
 from bastion.errors import Overloaded, Unavailable
+from bastion.monitoring.service import MonitoringService
 from bastion.queue.producer import enqueue_evaluation
 from bastion.redisconn import sync_client
 from bastion.registry import db
@@ -62,6 +65,7 @@ class ControlPlane:
         )
         self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
         self.audit = AuditService(settings, self.registry.sessions, engine, self.redis)
+        self.monitoring = MonitoringService(settings, self.registry.sessions, self.redis, self.registry)
 
     # snapshot ----------------------------------------------------------------------------
     def publish(self, preload: dict[str, list[int]] | None = None) -> int:
@@ -70,7 +74,9 @@ class ControlPlane:
 
     def publish_data(self, data: dict[str, Any]) -> int:
         """Publish a snapshot read by ``Registry.snapshot``; Redis keeps it only if no newer one
-        is there already. The serial Redis holds now."""
+        is there already. Each version carries its monitoring spec (drift bins, ``MonitoringService.
+        annotate``). The serial Redis holds now."""
+        data = self.monitoring.annotate(data)
         with redis_errors("the snapshot could not be published"):
             stored, written = snapshot.publish(self.redis, data)
         if not written:

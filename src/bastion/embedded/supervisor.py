@@ -322,7 +322,7 @@ class Supervisor:
                     "Bastion is running.\n"
                     f"API keys are shown only when created; make one with: {cli_name()} keys create --tenant demo\n"
                 )
-            client.register(demo.MODEL_NAME, demo.model_bytes(), description="demo breast-cancer classifier")
+            client.register(demo.MODEL_NAME, demo.model_bytes(), metadata=demo.metadata())
             key = client.create_key("demo", "first key")
         finally:
             client.close()

@@ -5,25 +5,43 @@ Batching concatenates the jobs' rows, so it is only used when every input has a 
 every output must have exactly one row per input row, or the jobs are run one by one instead.
 A model whose outputs mix rows (e.g. a softmax across the batch) cannot be detected from its
 shapes; such a model must not be served with batching (see ``Signature.batchable``).
+
+``observe`` (``bastion.monitoring.counting.Observation``) sees each model call's decoded inputs
+and outputs, and the rows of each job, once the call succeeded; an observer that fails never
+fails the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 
-from bastion import codec
+from bastion import codec, logs, metrics
 from bastion.runtime.base import LoadedModel
+
+log = logs.get("bastion.worker")
+
+
+class Observe(Protocol):
+    def __call__(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], rows: Sequence[int] | None = None
+    ) -> None: ...
 
 
 class Unsplittable(Exception):
     """The batched outputs do not have one row per input row."""
 
 
-def run_batch(model: LoadedModel, blobs: list[bytes]) -> list[bytes]:
+def run_batch(model: LoadedModel, blobs: list[bytes], observe: Observe | None = None) -> list[bytes]:
     """Concatenate the jobs' inputs, call the model once, and return one output blob per job."""
     decoded = [codec.decode(b) for b in blobs]
     if len(decoded) == 1:
-        return [codec.encode(model.run(decoded[0]))]
+        single = model.run(decoded[0])
+        if observe is not None:
+            _observe(observe, decoded[0], single, None)
+        return [codec.encode(single)]
     names = list(decoded[0])
     rows = [len(d[names[0]]) for d in decoded]
     batch = {name: np.concatenate([d[name] for d in decoded], axis=0) for name in names}
@@ -31,11 +49,23 @@ def run_batch(model: LoadedModel, blobs: list[bytes]) -> list[bytes]:
     total = sum(rows)
     if any(value.ndim == 0 or value.shape[0] != total for value in outputs.values()):
         raise Unsplittable("the model's outputs do not have one row per input row")
+    if observe is not None:
+        _observe(observe, batch, outputs, rows)
     bounds = np.cumsum([0, *rows])
     return [
         codec.encode({name: value[bounds[i] : bounds[i + 1]] for name, value in outputs.items()})
         for i in range(len(decoded))
     ]
+
+
+def _observe(
+    observe: Observe, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], rows: list[int] | None
+) -> None:
+    try:
+        observe(inputs, outputs, rows)
+    except Exception as exc:  # an observer never fails the batch
+        metrics.ERRORS.labels("worker", "monitoring").inc()
+        log.warning("monitoring_observe_failed", error_type=type(exc).__name__)
 
 
 def run_each(model: LoadedModel, blob: bytes) -> bytes:

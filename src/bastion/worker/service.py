@@ -5,6 +5,9 @@ it finishes the batch it holds, acknowledges it, and exits; anything it had not 
 in the stream for the next worker. When Redis refuses to store outcomes (out of memory), the
 worker keeps them and tries again for up to ``STORE_FULL_HOLD_S``, its jobs' claim kept alive
 meanwhile; jobs still refused then stay pending and are redelivered later - never lost.
+
+With tracing on, each model version's batch has its spans (``worker.spans``): a batch span
+linked to each job's trace, a child span per job in that job's trace, model calls and the reply.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import orjson
 import redis
 
-from bastion import holdout, logs, metrics
+from bastion import holdout, logs, metrics, tracing
 from bastion.constants import (
     LANE_SHADOW,
     SNAPSHOT_CHANNEL,
@@ -30,17 +33,19 @@ from bastion.constants import (
     warm_key,
 )
 from bastion.errors import BastionError, InvalidInput
+from bastion.monitoring.counting import Monitor
 from bastion.queue.calls import DeadLetters
 from bastion.queue.consumer import Consumer, Outcome, out_of_memory
 from bastion.queue.envelope import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
-from bastion.worker import evaluation, shadow
+from bastion.worker import evaluation, shadow, spans
 from bastion.worker.batching import run_batch, run_each
 from bastion.worker.heartbeat import Heartbeat, TimeLimited
 from bastion.worker.isolation import Child, ChildDied, run_isolated
 from bastion.worker.models import ModelCache
+from bastion.worker.spans import BatchSpans
 
 log = logs.get("bastion.worker")
 
@@ -67,6 +72,7 @@ class Worker:
             max_stored_result_bytes=settings.max_stored_result_bytes,
             artifact_of=self._artifact_of if settings.decision_log else None,
         )
+        self.monitor = Monitor(client, settings)
         self.snapshot = Snapshot.empty()
         self.models: list[str] = []
         self.shadowed: frozenset[str] = frozenset()  # models with shadow routes or shadow copies waiting
@@ -112,6 +118,10 @@ class Worker:
                 log.error("worker_step_failed", worker=self.name, error_type=type(exc).__name__, exc_info=exc)
                 time.sleep(0.5)
         self._pubsub.close()
+        try:
+            self.monitor.flush(force=True)
+        except (redis.RedisError, OSError) as exc:  # Redis away at the end: those counts are lost
+            log.warning("monitoring_flush_failed", worker=self.name, error_type=type(exc).__name__)
         log.info("worker_stopped", worker=self.name)
 
     def step(self) -> None:
@@ -126,6 +136,7 @@ class Worker:
         if jobs:
             self._fill(jobs)
             self.process(jobs)
+        self.monitor.flush()  # at most every monitoring_flush_s: one pipeline
 
     def _fill(self, jobs: list[Job]) -> None:
         """Wait up to ``max_wait_ms`` for more jobs to fill the batch.
@@ -214,11 +225,23 @@ class Worker:
                 continue  # another worker took it first
             if entry.times >= limit:  # XPENDING counted the earlier deliveries; the claim is one more
                 metrics.DEAD_LETTERED.labels(job.model).inc()
-                log.warning("job_dead_lettered", job_id=job.job_id, model=job.model, deliveries=entry.times)
+                log.warning(
+                    "job_dead_lettered",
+                    job_id=job.job_id,
+                    model=job.model,
+                    deliveries=entry.times,
+                    trace_id=spans.trace_id(job),
+                )
                 self.consumer.dead_letter([job], limit)
                 continue
             metrics.RECLAIMED.labels(job.model).inc()
-            log.info("job_reclaimed", job_id=job.job_id, model=job.model, deliveries=entry.times + 1)
+            log.info(
+                "job_reclaimed",
+                job_id=job.job_id,
+                model=job.model,
+                deliveries=entry.times + 1,
+                trace_id=spans.trace_id(job),
+            )
             self.process([job], suspect=self.settings.isolate_redelivered)
         now = time.monotonic()
         if now >= self._next_prune:
@@ -253,12 +276,27 @@ class Worker:
             else:
                 groups[(job.model, job.version)].append(job)
         self._mark_running([j for group in groups.values() for j in group])
+        if outcomes and tracing.ON:
+            spans.expired([o for o in outcomes if o.status == STATUS_EXPIRED])
         self._finish(outcomes)
         released: list[Job] = []
         # Each model version's outcomes are stored as soon as it has run: if a later group kills
         # this worker, only that group's jobs come back.
         for (model, version), group in groups.items():
-            self._finish(self._run_group(model, version, group, beat, released, suspect))
+            if not tracing.ON:
+                self._finish(self._run_group(model, version, group, beat, released, suspect))
+                continue
+            batch = BatchSpans(model, version, group, self.name)
+            done: list[Outcome] = []
+            try:
+                done = self._run_group(model, version, group, beat, released, suspect, batch)
+                reply = batch.reply(len(done))
+                try:
+                    self._finish(done)
+                finally:
+                    reply.end()
+            finally:
+                batch.end(done, released)
         return released
 
     def _mark_running(self, jobs: list[Job]) -> None:
@@ -283,6 +321,7 @@ class Worker:
             for outcome, stored in zip(outcomes, statuses, strict=True):
                 if not outcome.refused:
                     metrics.JOBS.labels(outcome.job.model, stored).inc()
+            self.monitor.finished([o for o in done if o.stored])
             try:
                 self.consumer.settle(done)
                 self._record_shadows(done)
@@ -341,7 +380,14 @@ class Worker:
         self.consumer.record_shadow(totals)
 
     def _run_group(
-        self, model: str, version: int, jobs: list[Job], beat: Heartbeat, released: list[Job], suspect: bool = False
+        self,
+        model: str,
+        version: int,
+        jobs: list[Job],
+        beat: Heartbeat,
+        released: list[Job],
+        suspect: bool = False,
+        batch: BatchSpans | None = None,
     ) -> list[Outcome]:
         try:
             loaded = self._load(model, version)
@@ -356,19 +402,30 @@ class Worker:
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
             started = time.perf_counter()
+            span = batch.model_call(len(chunk)) if batch is not None else None
             try:
                 with beat.call(loaded):
-                    results = run_batch(loaded, [j.blob for j in chunk])
+                    results = run_batch(
+                        loaded, [j.blob for j in chunk], observe=self.monitor.observer(info, [j.role for j in chunk])
+                    )
                 done = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
             except TimeLimited:
+                if span is not None:
+                    span.fail("time limit")
+                    span.end()
                 if len(chunk) == 1:  # released: it comes back alone, counted
                     released.extend(chunk)
                     continue
                 # One of them is a runaway: run each alone now (each watched), so the others are
                 # answered without being charged a delivery; only the runaway is released.
                 done = self._run_alone(loaded, chunk, beat, released)
-            except Exception:  # one bad job, or unsplittable outputs: run the jobs one by one
+            except Exception as exc:  # one bad job, or unsplittable outputs: run the jobs one by one
+                if span is not None:
+                    span.fail(f"batch failed ({type(exc).__name__}); jobs run one by one")
+                    span.end()
                 done = self._run_alone(loaded, chunk, beat, released)
+            if span is not None:
+                span.end()  # (a failed batch's span ended already: its jobs ran alone after it)
             elapsed = time.perf_counter() - started
             _share_cost(done, elapsed * 1000)
             outcomes += done
@@ -416,13 +473,21 @@ class Worker:
             return None
         except ChildDied as exc:
             metrics.ERRORS.labels("worker", "job_process_died").inc()
-            log.warning("job_process_died", job_id=job.job_id, model=job.model, reason=str(exc))
+            log.warning(
+                "job_process_died", job_id=job.job_id, model=job.model, reason=str(exc), trace_id=spans.trace_id(job)
+            )
             return None
         except InvalidInput as exc:
             return Outcome(job, STATUS_FAILED, error=exc.detail)
         except Exception as exc:
             metrics.ERRORS.labels("worker", "inference").inc()
-            log.warning("inference_failed", job_id=job.job_id, model=job.model, error_type=type(exc).__name__)
+            log.warning(
+                "inference_failed",
+                job_id=job.job_id,
+                model=job.model,
+                error_type=type(exc).__name__,
+                trace_id=spans.trace_id(job),
+            )
             return Outcome(job, STATUS_FAILED, error="the model could not run this input")
 
 
