@@ -1,7 +1,8 @@
 """Erasure leaves no trace (issue 14, done-when 3): after a subject is erased, a byte search of the
 whole data directory (the SQLite file, Redis's AOF and RDB, every log) and of PostgreSQL
 (``pg_dump``) finds neither the subject's id nor its raw input values; its decisions' payloads read
-``erased``; the chain verifies; another subject's payloads still decrypt.
+``erased``; its decisions' outcomes (``decision_outcomes``) and the feedback labels sent for them
+are deleted; the chain verifies; another subject's payloads, outcomes and labels stay.
 
 A real stack (control plane, gateway, worker, Redis) on SQLite and on PostgreSQL; the subject's
 decisions are sync predictions, one with an Idempotency-Key, a response-cache hit and an async job.
@@ -19,12 +20,15 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from sqlalchemy import select
 
 from bastion import demo
 from bastion.artifacts.store import ArtifactStore
+from bastion.audit.tables import DecisionOutcome
 from bastion.constants import AUDIT_STREAM
 from bastion.registry import db
 from bastion.registry.service import Registry
+from bastion.registry.tables import Feedback
 from tests.support import Stack, running, wait_until
 
 PREDICT = f"/v1/models/{demo.MODEL_NAME}/predict"
@@ -113,6 +117,29 @@ def scan_directory(root: Path, needles: list[bytes]) -> dict[str, list[bytes]]:
     return found
 
 
+def label(stack: Stack, key: str, prediction: str) -> None:
+    """Send a label for ``prediction`` through the gateway (once the gateway knows ``key``)."""
+    url = f"{stack.gateway}/v1/predictions/{prediction}/feedback"
+    headers = {"Authorization": f"Bearer {key}"}
+    wait_until(
+        lambda: httpx.post(url, json={"label": 1}, headers=headers, timeout=30).status_code in (200, 201, 409),
+        20,
+        "the label to be recorded",
+    )
+
+
+def outcomes_and_labels(database_url: str) -> tuple[set[str], set[str]]:
+    """The ids of every decision outcome and every feedback label in SQL."""
+    engine = db.engine_for(database_url)
+    try:
+        with engine.connect() as conn:
+            outcomes = set(conn.execute(select(DecisionOutcome.event_id)).scalars())
+            labels = set(conn.execute(select(Feedback.prediction_id)).scalars())
+    finally:
+        engine.dispose()
+    return outcomes, labels
+
+
 def pg_dump(url: str) -> bytes:
     tool = shutil.which("pg_dump")
     if tool is None:
@@ -134,6 +161,11 @@ def test_an_erased_subject_leaves_no_trace_in_sql_redis_or_logs(database_url: st
         kept_ids = decide(stack, other, 71_234.25)
         rc = stack.redis_client()
         wait_until(lambda: rc.xlen(AUDIT_STREAM) == 0, 30, "the decision log to catch up")
+        labeller = stack.admin.create_key("acme", "labeller", scopes=["feedback"])["key"]
+        label(stack, labeller, erased_ids[0])
+        label(stack, labeller, kept_ids[0])
+        outcomes, labels = outcomes_and_labels(database_url)
+        assert set(erased_ids) | set(kept_ids) <= outcomes and {erased_ids[0], kept_ids[0]} <= labels
         shown = event(stack, kept_ids[0])
         assert shown["payload"]["state"] == "kept"
         needles = [subject.encode()]
@@ -147,6 +179,10 @@ def test_an_erased_subject_leaves_no_trace_in_sql_redis_or_logs(database_url: st
         assert r.status_code == 200, r.text
         report = r.json()
         assert report["decisions"] == len(erased_ids) and report["keys_destroyed"] >= 1
+        assert report["outcomes_deleted"] == len(erased_ids) and report["labels_deleted"] == 1
+        outcomes, labels = outcomes_and_labels(database_url)
+        assert not outcomes & set(erased_ids) and set(kept_ids) <= outcomes
+        assert erased_ids[0] not in labels and kept_ids[0] in labels
         assert report["aof_rewritten"] and report["rdb_saved"]
 
         for event_id in erased_ids:

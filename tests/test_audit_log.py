@@ -521,6 +521,121 @@ def test_retention_destroys_the_keys_of_days_past_it(audit: Audit) -> None:
     assert audit.service.retention.sweep(now) == 0
 
 
+# decision outcomes -------------------------------------------------------------------------
+def outcome_rows(audit: Audit) -> dict[str, tables.DecisionOutcome]:
+    with audit.log.sessions() as s:
+        return {r.event_id: r for r in s.scalars(select(tables.DecisionOutcome))}
+
+
+def test_each_decision_gets_its_outcome_with_its_leaf_whether_or_not_payloads_are_kept(audit: Audit) -> None:
+    many = Decision(
+        event(4) | {"rows": 3},
+        codec.encode({"label": np.array([0, 1, 1], dtype=np.int64), "probabilities": np.full((3, 2), 0.5)}),
+    )
+    regression = Decision(event(5), codec.encode({"variable": np.array([[12.5]], dtype=np.float32)}))
+    broken = Decision(event(6), b"not tensors")
+    done = audit.log.append([decision(1), decision(2, retain=True, subject="alice"), many, regression, broken])
+    assert done.appended == 5
+    found = outcome_rows(audit)
+    assert sorted(found) == [f"job-{i:06d}" for i in (1, 2, 4, 5, 6)]
+    one = found["job-000001"]  # globex-style: nothing kept, graded all the same
+    assert (one.tenant, one.model, one.version, one.role, one.rows) == ("acme", "breast-cancer", 1, "primary", 1)
+    assert (one.label, one.score, one.classes, one.value) == (1, 0.75, 2, None)
+    assert found["job-000002"].label == 0 and found["job-000002"].subject == audit.service.pseudonym("acme", "alice")
+    assert found["job-000001"].subject == audit.service.pseudonym("acme", "key:k1")  # no subject named: its key's
+    assert (found["job-000004"].rows, found["job-000004"].label, found["job-000004"].score) == (3, None, None)
+    assert (found["job-000005"].label, found["job-000005"].value) == (None, 12.5)
+    assert (found["job-000006"].rows, found["job-000006"].label) == (1, None)  # undecodable: evidence kept, no grade
+    with audit.log.sessions() as s:
+        leaf_at = s.scalar(select(tables.AuditLeaf.at).where(tables.AuditLeaf.event_id == "job-000001"))
+    assert leaf_at is not None and _aware(found["job-000001"].at) == _aware(leaf_at)
+    again = audit.log.append([decision(1)])  # a redelivery adds no second outcome
+    assert again.appended == 0 and len(outcome_rows(audit)) == 5
+
+
+def test_outcomes_read_outputs_by_the_versions_signature_and_post_processing() -> None:
+    from bastion.audit.outcomes import Reading, outcome_of, reading
+
+    signature = {
+        "inputs": [],
+        "outputs": [
+            {"name": "probabilities", "dtype": "float32", "shape": [None, 3]},
+            {"name": "label", "dtype": "int64", "shape": [None]},
+        ],
+    }
+    how = reading(signature, {"postprocessing": {"positive_label": 0}})
+    assert how == Reading("label", "probabilities", 0, named=True)
+    three = codec.encode({"probabilities": np.array([[0.1, 0.7, 0.2]]), "label": np.array([1], dtype=np.int64)})
+    top = outcome_of(three, how, 1)  # three classes: the top probability, and how many columns
+    assert (top.label, top.classes) == (1, 3) and top.score == pytest.approx(0.7)
+    two = codec.encode({"probabilities": np.array([[0.2, 0.8]]), "label": np.array([1], dtype=np.int64)})
+    assert outcome_of(two, how, 1).score == pytest.approx(0.2)  # positive label 0: its column
+    named = reading(signature, {"postprocessing": {"label_output": "label", "score_output": "probabilities"}})
+    assert outcome_of(two, named, 1).score == pytest.approx(0.8)
+    assert outcome_of(two, how, 2).label is None and outcome_of(two, how, 2).rows == 2
+
+
+def test_erasure_deletes_the_subjects_outcomes_and_labels(audit: Audit) -> None:
+    from bastion.registry.tables import Feedback
+
+    audit.log.append([decision(1, subject="frank"), decision(2, subject="frank"), decision(3, subject="grace")])
+    audit.log.append([decision(4)])  # no subject named: the subject is its key, key:k1
+    with audit.log.sessions.begin() as s:
+        for i in (1, 3, 4):
+            s.add(_label(i))
+    report = audit.service.subjects.erase("acme", "frank", "op")
+    assert (report["outcomes_deleted"], report["labels_deleted"]) == (2, 1)
+    assert sorted(outcome_rows(audit)) == ["job-000003", "job-000004"]
+    with audit.log.sessions() as s:
+        assert sorted(s.scalars(select(Feedback.prediction_id))) == ["job-000003", "job-000004"]
+    [erasure] = audit.log.search(kind="erasure")[0]
+    assert erasure["leaf"]["detail"]["outcomes_deleted"] == 2
+    keyed = audit.service.subjects.erase("acme", "key:k1", "op")
+    assert (keyed["outcomes_deleted"], keyed["labels_deleted"]) == (1, 1)
+    assert sorted(outcome_rows(audit)) == ["job-000003"]
+    audit.log.checkpoint()
+    assert audit.log.verify().ok
+
+
+def test_retention_deletes_outcomes_and_labels_older_than_the_accuracy_window(audit: Audit) -> None:
+    from bastion.registry.tables import Feedback
+
+    now = time.time()
+    window = audit.service.retention.outcomes_window_s
+    assert window == audit.settings.accuracy_window_s
+    old = int((now - window - 60) * 1000)
+    audit.log.append([decision(1, at_ms=old), decision(2, at_ms=int((now - window + 3600) * 1000)), decision(3)])
+    with audit.log.sessions.begin() as s:
+        s.add(_label(1, at=datetime.fromtimestamp(old / 1000, UTC)))
+        s.add(_label(3))
+    audit.service.retention.sweep(now)
+    assert sorted(outcome_rows(audit)) == ["job-000002", "job-000003"]
+    with audit.log.sessions() as s:
+        assert list(s.scalars(select(Feedback.prediction_id))) == ["job-000003"]
+
+
+def _label(i: int, at: datetime | None = None) -> Any:
+    from bastion.registry.tables import Feedback
+
+    at = at or datetime.now(UTC)
+    return Feedback(
+        prediction_id=f"job-{i:06d}",
+        tenant="acme",
+        model="breast-cancer",
+        version=1,
+        role="primary",
+        label=1,
+        predicted=1,
+        predicted_at=at,
+        labelled_at=at,
+        replaced=0,
+    )
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 # keys --------------------------------------------------------------------------------------
 def test_production_refuses_to_start_without_its_keys(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, environment="production")

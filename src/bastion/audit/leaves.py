@@ -61,6 +61,7 @@ class Leaf:
     body: bytes
     sealed: bytes | None = None  # the payload to seal (decisions kept by their tenant)
     owner: tuple[str, str, int] | None = None  # (tenant, pseudonym, day) of its data key
+    outcome: dict[str, Any] | None = None  # its ``decision_outcomes`` row (``AuditLog.prepare``)
 
 
 def canonical(doc: dict[str, Any]) -> bytes:

@@ -17,6 +17,10 @@ Guarantees:
   subject (or, with none named, of the caller's key) and the event's UTC day, else dropped.
 - **Nothing updates or deletes a leaf.** Every perfect subtree of level >= 1 is stored
   (``audit_nodes``), so each proof reads O(log n) rows by primary key.
+- **An outcome with each decision.** In the same transaction as its leaf, a decision gets its
+  ``decision_outcomes`` row: what it predicted (label, score, value, rows; ``audit/outcomes.py``),
+  read from the outputs in clear on the stream by the version's conventions, for live accuracy.
+  It is no part of the tree (erasure and retention delete it).
 
 Checkpoints (``checkpoint``) sign (size, root, time) with the Ed25519 key of ``audit/signing.py``;
 ``verify`` recomputes the tree against them with ``audit/verify.py``, the verifier an offline
@@ -49,12 +53,14 @@ from bastion.audit.leaves import (
     Decision,
     Leaf,
     admin_leaf,
+    as_int,
     decision_leaf,
     search_columns,
     text,
     unpack_payload,
 )
 from bastion.audit.leaves import column as search_column
+from bastion.audit.outcomes import Reading, outcome_of, reading
 from bastion.audit.signing import Checkpoint, Signer, checkpoint_message
 from bastion.audit.tables import (
     HEAD_ID,
@@ -64,15 +70,17 @@ from bastion.audit.tables import (
     AuditNode,
     AuditPayload,
     AuditSigningKey,
+    DecisionOutcome,
 )
 from bastion.errors import Conflict, InvalidInput, NotFound, Unavailable
 from bastion.registry.db import Sessions
-from bastion.registry.tables import AdminChange, Base, SnapshotSerial, Tenant
+from bastion.registry.tables import AdminChange, Base, Model, ModelVersion, SnapshotSerial, Tenant
 from bastion.timefmt import iso_utc
 
 log = logs.get("bastion.audit")
 
 MAX_PAGE = 1000
+_READINGS_KEPT = 10_000  # versions' output readings remembered (versions are immutable)
 KINDS = ("decision", "admin", "erasure")
 
 
@@ -109,6 +117,7 @@ class AuditLog:
         self.publish = publish
         self._frontier: merkle.Frontier | None = None  # the tree after this process's last append
         self._key_known = False
+        self._readings: dict[tuple[str, int], Reading] = {}  # how each version's outputs are read
 
     # appending ---------------------------------------------------------------------------
     def append(self, decisions: Sequence[Decision] = ()) -> Appended:
@@ -126,8 +135,56 @@ class AuditLog:
             leaf = decision_leaf(decision, self.keyring.pseudonym)
             if leaf.event_id not in seen:
                 seen.add(leaf.event_id)
+                leaf.outcome = self._outcome(decision, leaf)
                 prepared.append(leaf)
         return prepared
+
+    def _outcome(self, decision: Decision, leaf: Leaf) -> dict[str, Any]:
+        """The ``decision_outcomes`` row of a decision's leaf: what it predicted, and whose it is
+        (the subject's pseudonym; with none named, the caller's key's, as its data key is)."""
+        event = decision.event
+        tenant = leaf.tenant or ""
+        holder = leaf.owner[1] if leaf.owner is not None else leaf.subject
+        if holder is None and tenant:
+            key = event.get("key")
+            holder = self.keyring.pseudonym(
+                tenant, subject_digest(tenant, key_subject(key if type(key) is str else ""))
+            )
+        model, version = leaf.model or "", leaf.version or 0
+        found = outcome_of(decision.outputs, self._reading(model, version), as_int(event.get("rows")))
+        role = event.get("role")
+        return {
+            "event_id": leaf.event_id,
+            "tenant": search_column(tenant, 128),
+            "subject": search_column(holder, 64),
+            "model": search_column(model, 128),
+            "version": version,
+            "role": search_column(role if type(role) is str else "", 16),
+            "at": leaf.at,
+            "rows": found.rows,
+            "label": found.label,
+            "score": found.score,
+            "classes": found.classes,
+            "value": found.value,
+        }
+
+    def _reading(self, model: str, version: int) -> Reading:
+        """How the version's outputs are read, from its signature and post-processing (one query
+        per version and process; a version unknown here reads by the outputs' element types)."""
+        key = (model, version)
+        found = self._readings.get(key)
+        if found is None:
+            with self.sessions() as s:
+                row = s.execute(
+                    select(ModelVersion.signature, ModelVersion.meta)
+                    .join(Model, Model.id == ModelVersion.model_id)
+                    .where(Model.name == model, ModelVersion.version == version)
+                ).first()
+            found = reading(row.signature, row.meta) if row is not None else Reading()
+            if len(self._readings) >= _READINGS_KEPT:
+                self._readings.clear()
+            self._readings[key] = found
+        return found
 
     def append_prepared(self, prepared: Sequence[Leaf], received: int) -> Appended:
         """``append`` of leaves from ``prepare`` (of ``received`` decisions)."""
@@ -190,7 +247,7 @@ class AuditLog:
         if not leaves:
             return [], size, frontier
         keys = self.keyring.data_keys(s, {leaf.owner for leaf in leaves if leaf.owner is not None})
-        rows, nodes, payloads = [], [], []
+        rows, nodes, payloads, outcomes = [], [], [], []
         for position, leaf in enumerate(leaves, start=size):
             hashed = merkle.leaf_hash(leaf.body)
             nodes += [{"level": lv, "idx": ix, "hash": h} for lv, ix, h in frontier.append(hashed) if lv >= 1]
@@ -214,9 +271,12 @@ class AuditLog:
                 payloads.append(
                     {"event_id": leaf.event_id, "data_key_id": key_id, "nonce": nonce, "ciphertext": ciphertext}
                 )
+            if leaf.outcome is not None:
+                outcomes.append(leaf.outcome)
         _insert(s, AuditLeaf, rows)
         _insert(s, AuditNode, nodes)
         _insert(s, AuditPayload, payloads)
+        _insert(s, DecisionOutcome, outcomes)
         s.execute(
             update(AuditHead)
             .where(AuditHead.id == HEAD_ID)

@@ -97,7 +97,7 @@ class AuditService:
         )
         self.consumer = AuditConsumer(client, self.log, batch=settings.audit_batch)
         self.subjects = Subjects(self.log, self.consumer, client, engine)
-        self.retention = Retention(self.keyring, engine)
+        self.retention = Retention(self.keyring, engine, outcomes_window_s=settings.accuracy_window_s)
         self.redis = client
         self._since_checkpoint = 0
 

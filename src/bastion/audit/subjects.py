@@ -8,10 +8,12 @@ tenants gives two unrelated pseudonyms, so nothing of one tenant's subject is fo
 ``erase`` in order:
 
 1. logs everything still waiting on the ``audit`` stream (its entries hold inputs and outputs);
-2. in one transaction under the append lock: destroys the subject's data keys (every day's), and
-   records the erasure as an admin change (``subject.erase``, resource ``subject`` named by the
-   pseudonym - never the subject) which is logged in the same transaction as an ``erasure``
-   leaf; then removes the deleted key bytes from the database files (``crypto.scrub``);
+2. in one transaction under the append lock: destroys the subject's data keys (every day's),
+   deletes its decisions' outcomes (``decision_outcomes``: what each predicted) and the feedback
+   labels sent for them (``feedback``), and records the erasure as an admin change
+   (``subject.erase``, resource ``subject`` named by the pseudonym - never the subject) which is
+   logged in the same transaction as an ``erasure`` leaf; then removes the deleted key bytes from
+   the database files (``crypto.scrub``);
 3. removes what Redis still holds for the subject: the job state (``job:{id}``) of each of its
    decisions, the idempotency records that name those jobs, response-cache entries answered to it
    (found by the decision's version and output digest, and exactly from the inputs where they
@@ -33,12 +35,14 @@ from typing import Any
 
 import orjson
 import redis
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import Session
 
 from bastion import logs, metrics
 from bastion.audit import crypto
 from bastion.audit.consumer import AuditConsumer
 from bastion.audit.log import ERASE_ACTION, MAX_PAGE, AuditLog
+from bastion.audit.tables import DecisionOutcome
 from bastion.constants import (
     AUDIT_STREAM,
     DEAD_LETTER_PREFIX,
@@ -49,7 +53,7 @@ from bastion.constants import (
     response_cache_key,
 )
 from bastion.errors import InvalidInput, NotFound, Unavailable
-from bastion.registry.tables import AdminChange, SnapshotSerial, Tenant
+from bastion.registry.tables import AdminChange, Feedback, SnapshotSerial, Tenant
 
 log = logs.get("bastion.audit.subjects")
 
@@ -138,7 +142,7 @@ class Subjects:
             if state == "kept" and found is not None and found[0] is not None:
                 leaf = d["leaf"]
                 cache_keys.add(response_cache_key(tenant, leaf["model"], leaf["version"], _cache_digest(found[0])))
-        destroyed, event_id = self._shred(tenant, pseudonym, by, len(decisions), request or {})
+        destroyed, forgotten, event_id = self._shred(tenant, pseudonym, by, ids, request or {})
         crypto.scrub(self.engine)
         metrics.AUDIT_KEYS_DESTROYED.labels("erasure").inc(destroyed)
         report: dict[str, Any] = {
@@ -146,6 +150,7 @@ class Subjects:
             "subject_pseudonym": pseudonym,
             "decisions": len(decisions),
             "keys_destroyed": destroyed,
+            **forgotten,
             "event_id": event_id,
             "drained": drained,
         }
@@ -162,9 +167,10 @@ class Subjects:
         return report
 
     def _shred(
-        self, tenant: str, pseudonym: str, by: str, decisions: int, request: Mapping[str, Any]
-    ) -> tuple[int, str]:
-        """Destroy the data keys and record the erasure, logged in the same transaction."""
+        self, tenant: str, pseudonym: str, by: str, ids: set[str], request: Mapping[str, Any]
+    ) -> tuple[int, dict[str, int], str]:
+        """Destroy the data keys, delete the outcomes and labels, and record the erasure, logged in
+        the same transaction."""
         try:
             with self.log.sessions.begin() as s:
                 self.log.lock(s)
@@ -176,6 +182,7 @@ class Subjects:
                     .execution_options(synchronize_session=False)
                 )
                 destroyed = self.log.keyring.destroy(s, tenant, pseudonym=pseudonym)
+                forgotten = _forget_outcomes(s, tenant, pseudonym, ids)
                 change = AdminChange(
                     principal_id=by[:64],
                     action=ERASE_ACTION,
@@ -186,7 +193,8 @@ class Subjects:
                         "tenant": tenant,
                         "subject": pseudonym,
                         "keys_destroyed": destroyed,
-                        "decisions": decisions,
+                        "decisions": len(ids),
+                        **forgotten,
                     },
                 )
                 s.add(change)
@@ -197,7 +205,7 @@ class Subjects:
             self.log.appended(None)
             raise
         self.log.appended(frontier)
-        return destroyed, f"admin-{change_id}"
+        return destroyed, forgotten, f"admin-{change_id}"
 
     def _clean_redis(
         self, tenant: str, subject: str, decisions: list[dict[str, Any]], ids: set[str], cache_keys: set[str]
@@ -300,6 +308,51 @@ class Subjects:
                     break
                 last = "(" + entries[-1][0].decode()
         return removed
+
+
+def _forget_outcomes(s: Session, tenant: str, pseudonym: str, ids: set[str]) -> dict[str, int]:
+    """Delete, in ``s``'s transaction, the outcomes of the subject's decisions (by the pseudonym
+    they were written under: its own, or its key's for a caller that named none) and the labels
+    of those decisions and of ``ids`` (its decisions in the log); how many of each."""
+    mine = select(DecisionOutcome.event_id).where(
+        DecisionOutcome.tenant == tenant, DecisionOutcome.subject == pseudonym
+    )
+    labels = _count(
+        s.execute(
+            delete(Feedback)
+            .where(Feedback.tenant == tenant, Feedback.prediction_id.in_(mine))
+            .execution_options(synchronize_session=False)
+        )
+    )
+    listed = sorted(ids)
+    for i in range(0, len(listed), _CHUNK):
+        labels += _count(
+            s.execute(
+                delete(Feedback)
+                .where(Feedback.tenant == tenant, Feedback.prediction_id.in_(listed[i : i + _CHUNK]))
+                .execution_options(synchronize_session=False)
+            )
+        )
+    outcomes = _count(
+        s.execute(
+            delete(DecisionOutcome)
+            .where(DecisionOutcome.tenant == tenant, DecisionOutcome.subject == pseudonym)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    for i in range(0, len(listed), _CHUNK):
+        outcomes += _count(
+            s.execute(
+                delete(DecisionOutcome)
+                .where(DecisionOutcome.tenant == tenant, DecisionOutcome.event_id.in_(listed[i : i + _CHUNK]))
+                .execution_options(synchronize_session=False)
+            )
+        )
+    return {"outcomes_deleted": outcomes, "labels_deleted": labels}
+
+
+def _count(result: Any) -> int:
+    return max(0, int(getattr(result, "rowcount", 0) or 0))
 
 
 def _stream_node_entries(client: redis.Redis) -> str:

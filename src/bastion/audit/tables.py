@@ -2,7 +2,8 @@
 
 Leaves and nodes are only ever added: nothing in Bastion updates or deletes a row of
 ``audit_leaves``, ``audit_nodes`` or ``audit_checkpoints``. Erasure and retention delete rows of
-``audit_data_keys`` only (crypto-shredding): the payloads they opened stay, unreadable.
+``audit_data_keys`` (crypto-shredding: the payloads they opened stay, unreadable) and of
+``decision_outcomes``, which is no part of the tree.
 
 =====================  ==========================================================================
 table                  what
@@ -19,6 +20,9 @@ audit_tenant_secrets   each tenant's pseudonym secret, wrapped by the key-encryp
 audit_data_keys        per tenant, subject pseudonym and UTC day: a data key, wrapped
 audit_payloads         an event's encrypted inputs and outputs (AES-256-GCM, the event id as
                        associated data) under one data key
+decision_outcomes      (migration ``0010``) per decision, what it predicted: label, score, value,
+                       rows (``audit/outcomes.py``), for live accuracy; apart from the tree: erasure
+                       and the retention sweep (``accuracy_window_s``) delete its rows
 =====================  ==========================================================================
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bastion.registry.tables import Base, utcnow
@@ -122,3 +126,30 @@ class AuditPayload(Base):
     data_key_id: Mapped[int] = mapped_column(Integer)  # no foreign key: the key may be destroyed
     nonce: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DecisionOutcome(Base):
+    """What one decision predicted (``audit/outcomes.py``), written with its leaf. Personal data
+    linked to a decision, not evidence: erasure deletes its subject's rows, the retention sweep
+    those older than ``accuracy_window_s``; the tree never depends on them."""
+
+    __tablename__ = "decision_outcomes"
+    __table_args__ = (
+        Index("ix_decision_outcomes_subject", "tenant", "subject"),
+        Index("ix_decision_outcomes_at", "at"),
+    )
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the decision's (prediction) id
+    tenant: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str | None] = mapped_column(
+        String(64), nullable=True
+    )  # pseudonym (or its key's), never the subject
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rows: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the predicted class (one row)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # positive-class score / top probability
+    classes: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the score output's columns
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)  # a one-row regression's value

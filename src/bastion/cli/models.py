@@ -1,4 +1,5 @@
-"""``bastion models ...``: register, list and show models, their gates, evaluations and stages."""
+"""``bastion models ...``: register, list and show models, their gates, evaluations and stages, and
+their monitoring (``bastion models monitor``: drift and live accuracy per version)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
-from bastion.cli import output
+from bastion.cli import monitoring, output
 from bastion.cli.admin import AdminKey, ControlUrl, DataDir, Json, call, connect, json_file, show, typer_group
 
-app = typer_group("Register, list and show models; gates, evaluations and stages.")
+app = typer_group("Register, list and show models; gates, evaluations and stages; monitoring.")
 
 
 # views -----------------------------------------------------------------------------------
@@ -176,17 +177,31 @@ def show_one(
 def policy(
     name: str,
     file: Annotated[Path | None, typer.Argument(help="JSON gate policy to set; omit to show the current one")] = None,
+    live_accuracy_margin: Annotated[
+        float | None,
+        typer.Option(help="live-accuracy gate: the most a version's live accuracy may trail the primary's (0-1)"),
+    ] = None,
+    min_live_labels: Annotated[
+        int | None, typer.Option(help="live-accuracy gate: graded feedback labels needed on each side (default 100)")
+    ] = None,
+    no_live_gate: Annotated[bool, typer.Option("--no-live-gate", help="remove the live-accuracy gate")] = False,
     as_json: Json = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Show or set NAME's promotion gates (min_accuracy, max_demographic_parity_difference, require_approval…)."""
+    """Show or set NAME's promotion gates (min_accuracy, max_demographic_parity_difference, require_approval,
+    live_accuracy_margin…); the live-accuracy options change only that gate, keeping the others."""
     client = connect(control_url, admin_key, data_dir)
-    if file is None:
+    live = {"live_accuracy_margin": live_accuracy_margin, "min_live_labels": min_live_labels}
+    if file is None and not no_live_gate and all(v is None for v in live.values()):
         result = call(lambda: client.policy(name))
     else:
-        wanted = json_file(file)
+        base = json_file(file) if file is not None else call(lambda: client.policy(name))["policy"]
+        wanted = {k: v for k, v in base.items() if v is not None}
+        if no_live_gate:
+            wanted = {k: v for k, v in wanted.items() if k not in live}
+        wanted.update({k: v for k, v in live.items() if v is not None})
         result = call(lambda: client.set_policy(name, wanted))
     show(result, as_json, lambda r: output.emit(output.record(_flat(r, "policy"))))
 
@@ -268,7 +283,8 @@ def gates(
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Every gate of NAME's policy for VERSION, passed or not, and why."""
+    """Every gate of NAME's policy for VERSION, passed or not, and why (the live-accuracy gate names
+    both versions' live accuracy, interval and graded labels)."""
     client = connect(control_url, admin_key, data_dir)
     show(call(lambda: client.gates(name, version)), as_json, show_gates)
 
@@ -314,3 +330,6 @@ def history(
     """Who registered, evaluated, approved and moved VERSION."""
     client = connect(control_url, admin_key, data_dir)
     show(call(lambda: client.history(name, version)), as_json, show_history)
+
+
+app.command("monitor")(monitoring.monitor)

@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from bastion import routing
 from bastion.errors import InvalidInput
-from bastion.gateway import inbound, oip, payloads, pipeline
+from bastion.gateway import feedback, inbound, oip, payloads, pipeline
 from bastion.gateway.auth import JOBS, PREDICT, READ_MODELS, authenticate, declares
 from bastion.gateway.context import Call
 from bastion.responses import json_response
@@ -212,6 +212,7 @@ FAST_ROUTES = [
     Route("/v1/models/{name}/jobs", submit_job, methods=["POST"]),
     Route("/v2/models/{name}/infer", infer, methods=["POST"]),
     Route("/v2/models/{name}/versions/{version}/infer", infer_version, methods=["POST"]),
+    Route("/v1/predictions/{id}/feedback", feedback.give_feedback, methods=["POST"]),
 ]
 
 _NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}]
@@ -239,6 +240,16 @@ _OIP_ERROR = {
     },
 }
 _ERRORS = {str(code): _PROBLEM for code in _CODES}
+_FEEDBACK_ERRORS = {str(code): _PROBLEM for code in (400, 401, 403, 404, 409, 413, 415, 429, 503)}
+_PREDICTION_ID = [
+    {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "the prediction's id: the ``id`` its response carried",
+        "schema": {"type": "string", "maxLength": 64},
+    }
+]
 _OIP_ERRORS = {str(code): _OIP_ERROR for code in _CODES}
 _SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}]
 
@@ -295,4 +306,20 @@ OPENAPI_PATHS: dict[str, Any] = {
             _OIP_ERRORS,
         )
     },
+    "/v1/predictions/{id}/feedback": {
+        "post": _operation(
+            "Label a prediction with its true class or value (live accuracy)",
+            "feedback",
+            feedback.OPENAPI,
+            "201",
+            "give_feedback",
+            feedback.FEEDBACK,
+            _PREDICTION_ID,
+            _FEEDBACK_ERRORS,
+        )
+    },
+}
+OPENAPI_PATHS["/v1/predictions/{id}/feedback"]["post"]["responses"]["200"] = {
+    "description": 'an earlier label replaced ("replace": true)',
+    "content": {"application/json": {"schema": {"type": "object"}}},
 }

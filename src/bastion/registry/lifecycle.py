@@ -9,6 +9,10 @@ Entering ``production`` passes every gate of the model's ``GatePolicy``:
   a worker evaluated the version on the model's current holdout set and the figures are inside
   the thresholds
 * ``approval``: a principal other than the uploader approved it (four-eyes)
+* ``live_accuracy`` (``live_accuracy_margin`` set): the version's live accuracy on feedback labels
+  is no worse than the primary's by more than the margin, with at least ``min_live_labels`` graded
+  labels on each side. The registry does not compute live figures: the caller (the promotion
+  route, from ``plane.monitoring.feedback.quality``) hands them in as ``live``.
 
 Promotion makes the version the 100 % primary route. Every step is appended to ``version_events``.
 """
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -57,8 +63,49 @@ def with_iso_times(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+DEFAULT_MIN_LIVE_LABELS = 100
+
+
+class Policy(GatePolicy):
+    """The gate policy as the API sets it: ``GatePolicy`` and the live-accuracy gate (kept apart,
+    in ``models.live_gate``)."""
+
+    live_accuracy_margin: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="the most a version's live accuracy may trail the primary's"
+    )
+    min_live_labels: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="graded feedback labels needed on each side (default 100)"
+    )
+
+    @property
+    def live_gated(self) -> bool:
+        return self.live_accuracy_margin is not None
+
+    @property
+    def gated(self) -> bool:
+        return super().gated or self.live_gated
+
+    def gate_part(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"live_accuracy_margin", "min_live_labels"})
+
+    def live_part(self) -> dict[str, Any] | None:
+        if not self.live_gated:
+            return None
+        return {
+            "live_accuracy_margin": self.live_accuracy_margin,
+            "min_live_labels": self.min_live_labels or DEFAULT_MIN_LIVE_LABELS,
+        }
+
+
 def policy_of(model: Model | None) -> GatePolicy:
     return GatePolicy.model_validate(model.policy or {}) if model is not None else GatePolicy()
+
+
+def full_policy_of(model: Model | None) -> Policy:
+    """The model's whole policy: its gates and its live-accuracy gate."""
+    if model is None:
+        return Policy()
+    return Policy.model_validate({**(model.policy or {}), **(model.live_gate or {})})
 
 
 def record(s: Session, model: Model, version: int, action: str, by: str, **detail: Any) -> None:
@@ -75,21 +122,28 @@ class Lifecycle:
     def set_policy(self, model: str, policy: dict[str, Any], by: str) -> dict[str, Any]:
         """Set a model's gates; a model that does not exist yet is created, so that its first
         version is gated too."""
-        parsed = parse(GatePolicy, policy, "the gate policy")
+        parsed = parse(Policy, policy, "the gate policy")
         with self.sessions.begin() as s:
             row = s.scalar(select(Model).where(Model.name == model))
             if row is None:
                 row = Model(name=check_name("model", model))
                 s.add(row)
                 s.flush()
-            row.policy = parsed.model_dump(exclude_none=True)
-            record(s, row, 0, "policy_set", by, policy=row.policy)
-            return {"model": model, "policy": parsed.model_dump(), "gated": parsed.gated}
+            row.policy = parsed.gate_part()
+            row.live_gate = parsed.live_part()
+            record(s, row, 0, "policy_set", by, policy={**row.policy, **(row.live_gate or {})})
+            return {"model": model, "policy": full_policy_of(row).model_dump(), "gated": parsed.gated}
 
     def get_policy(self, model: str) -> dict[str, Any]:
         with self.sessions() as s:
-            parsed = policy_of(_model(s, model))
+            parsed = full_policy_of(_model(s, model))
             return {"model": model, "policy": parsed.model_dump(), "gated": parsed.gated}
+
+    def live_gated(self, model: str) -> bool:
+        """Whether promoting a version of ``model`` needs live figures (its live-accuracy gate is set)."""
+        with self.sessions() as s:
+            row = s.scalar(select(Model).where(Model.name == model))
+            return full_policy_of(row).live_gated
 
     def set_holdout(self, model: str, doc: Any, by: str) -> dict[str, Any]:
         """Validate and store a labelled holdout set; evaluations run on the newest one."""
@@ -166,9 +220,18 @@ class Lifecycle:
             record(s, row, version, "approved", by)
             return self._view(s, row, v)
 
-    def set_stage(self, model: str, version: int, stage: str, by: str, route: bool = True) -> dict[str, Any]:
+    def set_stage(
+        self,
+        model: str,
+        version: int,
+        stage: str,
+        by: str,
+        route: bool = True,
+        live: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Move a version; entering production makes it the primary (``route=False``: the caller
-        routes it, after the workers have warmed it up)."""
+        routes it, after the workers have warmed it up). ``live``: the model's live quality per
+        version (``FeedbackDesk.quality``), for the live-accuracy gate."""
         if stage not in STAGES:
             raise Conflict(f"stage {stage!r} is not one of {list(STAGES)}")
         with self.sessions.begin() as s:
@@ -180,7 +243,7 @@ class Lifecycle:
                     f"version {version} of model {model!r} is {v.stage}; it can move to {sorted(_NEXT[v.stage])}"
                 )
             if stage == PRODUCTION:
-                results = gates(row, v)
+                results = gates(row, v, live, _primary(s, row))
                 failed = [g for g in results if not g["passed"]]
                 if failed:
                     named = "; ".join(f"gate '{g['gate']}' failed: {g['detail']}" for g in failed)
@@ -196,10 +259,12 @@ class Lifecycle:
             self.deployments.promote(model, version, by)
         return view
 
-    def gates(self, model: str, version: int) -> list[dict[str, Any]]:
+    def gates(
+        self, model: str, version: int, live: Mapping[int, Mapping[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         with self.sessions() as s:
             row, v = _version(s, model, version)
-            return gates(row, v)
+            return gates(row, v, live, _primary(s, row))
 
     def history(self, model: str, version: int) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -226,8 +291,15 @@ class Lifecycle:
         }
 
 
-def gates(model: Model, v: ModelVersion) -> list[dict[str, Any]]:
-    """Every gate of the model's policy for this version: ``{gate, passed, detail}``."""
+def gates(
+    model: Model,
+    v: ModelVersion,
+    live: Mapping[int, Mapping[str, Any]] | None = None,
+    primary: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every gate of the model's policy for this version: ``{gate, passed, detail}``; ``live``
+    (live quality per version) and ``primary`` (the primary route's version) feed the
+    live-accuracy gate."""
     policy = policy_of(model)
     meta = stored(v.meta)
     out: list[dict[str, Any]] = []
@@ -251,7 +323,45 @@ def gates(model: Model, v: ModelVersion) -> list[dict[str, Any]]:
         gate(
             "approval", approved, f"approved by {v.approved_by}" if approved else "needs approval by another principal"
         )
+    whole = full_policy_of(model)
+    if whole.live_accuracy_margin is not None:
+        gate("live_accuracy", *_live_gate(whole, v.version, live, primary))
     return out
+
+
+def _live_gate(
+    policy: Policy, version: int, live: Mapping[int, Mapping[str, Any]] | None, primary: int | None
+) -> tuple[bool, str]:
+    """Whether ``version``'s live accuracy trails the primary's by at most the margin, and why."""
+    margin = float(policy.live_accuracy_margin or 0.0)
+    need = policy.min_live_labels or DEFAULT_MIN_LIVE_LABELS
+    if live is None:
+        return False, "no live figures: the control plane computes them from feedback labels"
+    if primary is None or primary == version:
+        return True, f"version {version} is the primary: no other version to compare with"
+    mine, theirs = (live.get(version) or {}).get("accuracy"), (live.get(primary) or {}).get("accuracy")
+    have, other = int((mine or {}).get("n", 0)), int((theirs or {}).get("n", 0))
+    if mine is None or theirs is None or have < need or other < need:
+        return False, (
+            f"needs {need} graded feedback labels on each side: version {version} has {have}, "
+            f"primary version {primary} has {other}"
+        )
+    passed = float(mine["value"]) >= float(theirs["value"]) - margin
+    return passed, (
+        f"live accuracy {_interval(mine)} (n={have}) {'>=' if passed else '<'} primary version {primary}'s "
+        f"{_interval(theirs)} (n={other}) - margin {margin}"
+    )
+
+
+def _interval(figure: Mapping[str, Any]) -> str:
+    return f"{float(figure['value']):.4f} [{float(figure['low']):.4f}, {float(figure['high']):.4f}]"
+
+
+def _primary(s: Session, model: Model) -> int | None:
+    dep = s.get(Deployment, model.id)
+    if dep is None:
+        return None
+    return next((int(r["version"]) for r in dep.routes if r.get("role") == "primary"), None)
 
 
 def _evaluation_gates(model: Model, v: ModelVersion, policy: GatePolicy, gate: Any) -> None:

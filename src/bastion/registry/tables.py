@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -56,6 +56,8 @@ class Model(Base):
     policy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     holdout: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # the live-accuracy promotion gate (registry.lifecycle.LiveGate), apart from ``policy``
+    live_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -147,3 +149,34 @@ class SnapshotSerial(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     serial: Mapped[int] = mapped_column(BigInteger)
+
+
+class Feedback(Base):
+    """One label per prediction (``POST /v1/predictions/{id}/feedback``), joined to its decision in
+    the decision log when it arrived: who owns it, which version and role answered, and what it
+    predicted, copied from the decision's outcome (``bastion.audit.tables.DecisionOutcome``):
+    ``predicted`` class and positive-class ``score``, or ``predicted_value``; NULL when the
+    outcome has none (several rows, say): such a label is counted, not graded. Personal data:
+    erasure deletes the subject's labels, the retention sweep those of predictions older than
+    ``accuracy_window_s``."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index("ix_feedback_model", "model", "predicted_at"),
+        Index("ix_feedback_predicted_at", "predicted_at"),  # the retention sweep (audit/retention.py)
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prediction_id: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    label: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the true class
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)  # the true value (regression)
+    predicted: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    predicted_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    predicted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    labelled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    replaced: Mapped[int] = mapped_column(Integer, default=0)  # how many times the label was replaced

@@ -10,15 +10,25 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bastion.control import changes
-from bastion.control.plane import plane_of
+from bastion.control.plane import ControlPlane, plane_of
 from bastion.control.principals import needs, principal
 from bastion.control.routers.deployments import route_primary
 from bastion.control.schemas import StageSet
 from bastion.jsonbody import parse_json
-from bastion.registry.metadata import GatePolicy
+from bastion.registry.lifecycle import Policy
 from bastion.responses import json_response
 
 router = APIRouter()
+
+
+async def live_figures(plane: ControlPlane, name: str) -> dict[int, dict[str, Any]] | None:
+    """The model's live quality per version over ``accuracy_window_s``, when its live-accuracy
+    gate needs them (None otherwise): from the feedback desk, never computed by the registry."""
+    if not await run_in_threadpool(plane.registry.lifecycle.live_gated, name):
+        return None
+    window_s = plane.settings.accuracy_window_s
+    figures: dict[int, dict[str, Any]] = await run_in_threadpool(plane.monitoring.feedback.quality, name, window_s)
+    return figures
 
 
 @router.get("/models/{name}/versions/{version}", tags=["lifecycle"], **needs("models:read"))
@@ -39,11 +49,12 @@ async def get_policy(name: str, request: Request) -> Response:
 @router.put("/models/{name}/policy", tags=["lifecycle"], **needs("models:write"))
 async def set_policy(
     name: str,
-    body: GatePolicy,
+    body: Policy,
     request: Request,
     admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
-    """The gates a version must pass to enter production (thresholds, documentation, approval, signature)."""
+    """The gates a version must pass to enter production (thresholds, documentation, approval,
+    signature, and live accuracy against the primary's: ``live_accuracy_margin``, ``min_live_labels``)."""
     plane = plane_of(request)
     policy = body.model_dump(exclude_none=True)
     change = functools.partial(plane.registry.lifecycle.set_policy, name, policy, str(admin["id"]))
@@ -97,10 +108,12 @@ async def evaluate(
 
 @router.get("/models/{name}/versions/{version}/gates", tags=["lifecycle"], **needs("models:read"))
 async def version_gates(name: str, version: int, request: Request) -> Response:
-    """Every gate of the model's policy for this version, with whether it passes and why."""
+    """Every gate of the model's policy for this version, with whether it passes and why (the
+    live-accuracy gate with the figures of both sides)."""
     plane = plane_of(request)
     await run_in_threadpool(plane.collect_evaluation, name, version)
-    gates = await run_in_threadpool(plane.registry.lifecycle.gates, name, version)
+    live = await live_figures(plane, name)
+    gates = await run_in_threadpool(plane.registry.lifecycle.gates, name, version, live)
     return json_response({"model": name, "version": version, "gates": gates})
 
 
@@ -134,11 +147,14 @@ async def set_stage(
     request: Request,
     admin: dict[str, Any] = Depends(principal),  # noqa: B008 - FastAPI dependency
 ) -> Response:
-    """Move a version to ``staging``, ``production`` (gates must pass; it is warmed up on the
-    workers, then becomes the primary) or ``retired``."""
+    """Move a version to ``staging``, ``production`` (gates must pass, live accuracy included;
+    it is warmed up on the workers, then becomes the primary) or ``retired``."""
     plane = plane_of(request)
     await run_in_threadpool(plane.collect_evaluation, name, version)
-    change = functools.partial(plane.registry.lifecycle.set_stage, name, version, body.stage, str(admin["id"]), False)
+    live = await live_figures(plane, name) if body.stage == "production" else None
+    change = functools.partial(
+        plane.registry.lifecycle.set_stage, name, version, body.stage, str(admin["id"]), False, live
+    )
     view = await changes.run(
         plane, admin, "version.stage", ("version", f"{name}/{version}"), change, detail={"stage": body.stage}
     )
