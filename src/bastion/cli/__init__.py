@@ -4,7 +4,8 @@ Process commands (``up``, ``gateway``, ``worker``, ``control``; ``bastion.cli.pr
 option per setting, each also readable from ``BASTION_<NAME>``. Admin commands (``models``,
 ``keys``, ``deploy``, ``tenants``, ``jobs``, ``audit``, ``subjects``) talk to the control plane's
 API and print tables, or the API's JSON with ``--json``; ``doctor`` checks a running
-installation. Help is click's plain format, which never truncates an option's name.
+installation and ``status`` shows it live. Help is click's plain format, which never truncates
+an option's name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import typer
 
-from bastion.cli import audit, deploy, doctor, jobs, keys, models, process, subjects, tenants
+from bastion.cli import audit, deploy, doctor, jobs, keys, models, process, status, subjects, tenants
 from bastion.cli.options import plain_metavars
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(audit.app, name="audit")
 app.add_typer(subjects.app, name="subjects")
 app.command("doctor", short_help="Check a running installation and say what is wrong.")(doctor.command)
+app.command("status", short_help="Gateways, workers and models at a glance, refreshed live.")(status.command)
 
 
 def command() -> Any:
