@@ -211,6 +211,9 @@ class Installation:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: Ctrl-C reaches it and nothing else
+            # Ctrl-C as a terminal delivers it, even when pytest itself was started in the background
+            # (a shell starts background jobs with SIGINT ignored, and bash cannot trap an ignored signal)
+            preexec_fn=_default_sigint,
         )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -247,6 +250,10 @@ class Installation:
         if self.background.stdout is not None:
             self.background.stdout.close()
         assert code == 0 and STOPPED in "".join(self.output), f"exit status {code}:\n{''.join(self.output)}"
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_page(page: Path, install: Installation) -> str:
