@@ -176,3 +176,29 @@ def test_counts_a_flush_could_not_write_are_kept_for_the_next(redis_client: redi
     rig.monitor.flush(force=True)
     judged = rig.counts.judge("m", rig.info.version, rig.spec, WINDOW_S, rig.clock.now, 1)
     assert judged["rows"] == 150 and all(f["rows"] == 150 for f in judged["features"])
+
+
+def test_a_model_answering_ever_new_labels_adds_a_bounded_number_of_label_series(redis_client: redis.Redis) -> None:
+    """The predicted-label counter's children are capped per version and role across flushes,
+    not per flush: a model whose integer output follows its inputs cannot grow the worker's
+    Prometheus registry without bound."""
+    from bastion import metrics
+    from bastion.monitoring.counting import MAX_LABELS
+
+    rig = Rig(redis_client, 11)
+    observe = rig.monitor.observer(rig.info, ["primary"])
+    assert observe is not None
+    for flush in range(20):
+        x = _draw(rig.rng, 50)
+        outputs = _outputs(x)
+        outputs["label"] = np.arange(flush * 50, flush * 50 + 50, dtype=np.int64)  # 1000 distinct values
+        observe({"x": x}, outputs)
+        rig.monitor.flush(force=True)
+    version = str(rig.info.version)
+    children = {
+        s.labels["label"]
+        for family in metrics.PREDICTED_LABELS.collect()
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["model"] == "m" and s.labels["version"] == version
+    }
+    assert MAX_LABELS <= len(children) <= MAX_LABELS + 1 and "other" in children

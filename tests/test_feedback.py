@@ -500,3 +500,92 @@ def test_a_label_is_graded_from_the_decision_outcome_with_no_payload_kept(desk: 
     live = desk.desk.quality("m", WINDOW_S)[3]
     assert live["labels"] == 4 and live["graded"] == 3
     assert live["accuracy"]["n"] == 3 and live["accuracy"]["value"] == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_a_waiting_label_claimed_again_by_its_own_desk_is_answered_once_as_recorded(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A label waiting for its decision longer than CLAIM_IDLE_MS (a feedback_timeout_s over 30 s)
+    comes back from XAUTOCLAIM while it is still kept: it is one label, answered 201, not the 409
+    of its own duplicate."""
+    from bastion.monitoring import feedback as desk_module
+
+    waiting = _send(desk.client, "s1", deadline_s=30.0)
+    assert desk.desk.serve_once(100) == 0  # kept: the decision is not in the log yet
+    _decision(desk.sessions, "s1")
+    monkeypatch.setattr(desk_module, "CLAIM_IDLE_MS", 0)
+    desk.desk._next_claim = 0.0  # claim now: the kept entry comes back
+    assert desk.desk.serve_once(100) == 1
+    assert _replies(desk.client)[waiting][0] == "201" and _settled(desk.client)
+    with desk.sessions() as s:
+        assert s.scalar(select(Feedback.replaced).where(Feedback.prediction_id == "s1")) == 0
+
+
+def test_one_key_has_at_most_max_in_flight_labels_waiting_on_a_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The route takes no cost units and its 200/409 answers are no abuse strikes: a key past
+    MAX_IN_FLIGHT waiting labels is refused 429 (before anything goes on the stream), another
+    key is not, and the count goes back down once the desk answers."""
+    from types import SimpleNamespace
+
+    from bastion.errors import RateLimited
+    from bastion.gateway import feedback as route
+
+    class Replies:
+        key = "r:gw"
+
+        def __init__(self) -> None:
+            self.futures: dict[str, asyncio.Future[Any]] = {}
+
+        def new_id(self) -> str:
+            return f"{len(self.futures)}"
+
+        def expect(self, correlation: str) -> asyncio.Future[Any]:
+            self.futures[correlation] = asyncio.get_running_loop().create_future()
+            return self.futures[correlation]
+
+        def forget(self, correlation: str) -> None:
+            pass
+
+    class Redis:
+        def __init__(self) -> None:
+            self.added = 0
+
+        async def xadd(self, *args: Any, **kwargs: Any) -> bytes:
+            self.added += 1
+            return b"1-0"
+
+    replies, redis_ = Replies(), Redis()
+    state = SimpleNamespace(settings=SimpleNamespace(feedback_timeout_s=5.0), replies=replies, redis=redis_)
+
+    async def caller(request: Any, state: Any, *scopes: str) -> Any:
+        return SimpleNamespace(id=request.key_id, tenant="acme")
+
+    monkeypatch.setattr(route, "authenticate", caller)
+    monkeypatch.setattr(route, "MAX_IN_FLIGHT", 2)
+
+    class Request:
+        def __init__(self, key_id: str) -> None:
+            self.key_id = key_id
+            self.app = SimpleNamespace(state=SimpleNamespace(gateway=state))
+            self.path_params = {"id": "s1"}
+            self.headers = {"content-type": "application/json"}
+
+        async def body(self) -> bytes:
+            return b'{"label": 1}'
+
+    async def scenario() -> None:
+        waiting = [asyncio.create_task(route.give_feedback(Request("k1"))) for _ in range(2)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        with pytest.raises(RateLimited):
+            await route.give_feedback(Request("k1"))  # type: ignore[arg-type]
+        assert redis_.added == 2
+        other = asyncio.create_task(route.give_feedback(Request("k2")))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        assert redis_.added == 3
+        answer = SimpleNamespace(status="201", blob=b'{"status": "recorded"}')
+        for future in replies.futures.values():
+            future.set_result(answer)
+        assert [r.status_code for r in await asyncio.gather(*waiting, other)] == [201] * 3
+        assert route._in_flight == {}
+
+    asyncio.run(scenario())

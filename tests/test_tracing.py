@@ -34,7 +34,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bastion import demo, logs, middleware, otlp, tracing
+from bastion import demo, logs, metrics, middleware, otlp, tracing
 from bastion.embedded.redis_server import free_port
 from tests.support import Stack, wait_until
 
@@ -377,6 +377,28 @@ def test_log_lines_of_a_traced_request_name_its_trace(traced: None, receiver: Re
     assert span.service == "bastion-test"
 
 
+def test_the_exporter_sends_full_batches_and_drops_a_span_it_cannot_encode(receiver: Receiver) -> None:
+    config = otlp.Config(endpoint=f"{receiver.url}/v1/traces", delay_s=0.05, max_batch=2)
+    exporter = otlp.Exporter(config, otlp.resource("batches"))
+    dropped = metrics.TRACE_SPANS.labels("dropped")
+    before, requests = dropped._value.get(), receiver.requests
+    trace_id = int(secrets.token_hex(16), 16)
+    for i, name in enumerate(["a", "b", "\udcff", "c", "d"]):  # a lone surrogate: not UTF-8
+        span = tracing.Span(name, trace_id, i + 1, 0, True, tracing.INTERNAL, 1, {"i": i}, [])
+        span.end_ns = 2
+        exporter.add(span)
+    assert dropped._value.get() == before + 1
+    exporter.start()
+    try:
+        assert exporter.flush(5)
+    finally:
+        exporter.shutdown(5)
+    spans = receiver.spans(f"{trace_id:032x}")
+    assert sorted(s.span.name for s in spans) == ["a", "b", "c", "d"]
+    assert {s.process for s in spans} == {"batches"}
+    assert receiver.requests - requests == 2  # max_batch spans a request
+
+
 def test_spans_are_encoded_as_opentelemetry_proto_decodes_them() -> None:
     span = tracing.Span(
         "s", 5, 7, 9, True, tracing.CONSUMER, 10, {"a": "x", "b": -3, "c": 1.5, "d": True}, [(1, 2, True)]
@@ -399,14 +421,14 @@ def test_spans_are_encoded_as_opentelemetry_proto_decodes_them() -> None:
     assert decoded.status.code == decoded.status.STATUS_CODE_ERROR and decoded.status.message == "bad"
 
 
-def test_attributes_met_before_encode_by_their_own_type_and_place() -> None:
-    """The encoder's cache of repeated attributes tells True from 1 and a span's from an event's."""
+def test_attributes_keep_their_own_type_and_place() -> None:
+    """True and 1 (equal in Python) encode as a bool and an int; a span's and an event's stay apart."""
     first = tracing.Span("a", 1, 2, 0, True, tracing.INTERNAL, 1, {"x": True, "y": "v"}, [])
     first.event("e", {"y": "v", "x": 1}, at_ns=2)
     first.end_ns = 3
     second = tracing.Span("b", 1, 3, 0, True, tracing.INTERNAL, 1, {"x": 1, "y": "v"}, [])
     second.end_ns = 3
-    request = ExportTraceServiceRequest.FromString(otlp.encode_request(b"", [first, second, first]))
+    request = ExportTraceServiceRequest.FromString(otlp.encode_request(otlp.resource("test"), [first, second, first]))
     decoded = request.resource_spans[0].scope_spans[0].spans
     for span in (decoded[0], decoded[2]):
         assert [(kv.key, kv.value.WhichOneof("value")) for kv in span.attributes] == [

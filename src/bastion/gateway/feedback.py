@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from bastion import jsonbody
 from bastion.constants import FEEDBACK_STREAM
-from bastion.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from bastion.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, RateLimited, Unavailable
 from bastion.gateway.auth import authenticate
 from bastion.gateway.pipeline import redis_errors
 from bastion.gateway.state import GatewayState
@@ -43,6 +43,11 @@ MAX_VALUE = 1e300
 NOT_FOUND = "no such prediction"
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # what a decision's id can be (the decision log's rule)
 _FIELDS = frozenset({"label", "value", "replace"})
+# Labels one key may have waiting on this gateway at once (429 beyond). The route takes no cost
+# units and 200/409 answers are no abuse strikes, so without it one key could flood the capped
+# feedback stream (trimming other tenants' labels before the desk reads them) and the desk's SQL.
+MAX_IN_FLIGHT = 64
+_in_flight: dict[str, int] = {}
 
 
 def label_of(doc: Any) -> tuple[int | None, float | None, bool]:
@@ -94,6 +99,10 @@ async def give_feedback(request: Request) -> Response:
         "v": "" if value is None else repr(value),
         "x": "1" if replace else "0",
     }
+    waiting = _in_flight.get(key.id, 0)
+    if waiting >= MAX_IN_FLIGHT:
+        raise RateLimited(f"at most {MAX_IN_FLIGHT} labels of one key wait for the desk at once; retry", 1)
+    _in_flight[key.id] = waiting + 1
     future = state.replies.expect(correlation)  # before the entry exists: the answer cannot be missed
     try:
         async with redis_errors():
@@ -103,6 +112,11 @@ async def give_feedback(request: Request) -> Response:
         raise Unavailable("the feedback desk did not answer in time; retry", retry_after=1) from None
     finally:
         state.replies.forget(correlation)
+        left = _in_flight.get(key.id, 1) - 1
+        if left > 0:
+            _in_flight[key.id] = left
+        else:
+            _in_flight.pop(key.id, None)
     answer: dict[str, Any] = orjson.loads(reply.blob) if reply.blob else {}
     status = int(reply.status) if reply.status.isdigit() else 502
     if status == 404:

@@ -265,6 +265,9 @@ class Monitor:
         self._traffic: dict[tuple[str, int, int], dict[str, int]] = {}
         self._models: dict[tuple[str, int, str], _Models] = {}
         self._fields: dict[str, tuple[str, ...]] = {}  # role -> its traffic fields
+        # (model, version, role) -> label values given a Prometheus child so far: kept across
+        # flushes, so that a model answering ever new integers adds at most MAX_LABELS children
+        self._label_values: dict[tuple[str, int, str], set[str]] = {}
         self._next_flush = 0.0
         self._conf_bounds = np.asarray(_bounds(metrics.PREDICTION_CONFIDENCE), dtype=np.float64)
         self._output_bounds = np.asarray(_bounds(metrics.MODEL_OUTPUT), dtype=np.float64)
@@ -338,8 +341,11 @@ class Monitor:
                 times = times[found]
             else:
                 found, times = np.unique(flat, return_counts=True)
+            seen = self._label_values.setdefault((plan.model, plan.version, role), set())
             for v, t in zip(found.tolist(), times.tolist(), strict=True):
-                m.labels[_label(v, names, m.labels)] += int(t)
+                label = _label(v, names, seen)
+                seen.add(label)
+                m.labels[label] += int(t)
 
     def finished(self, outcomes: Sequence[Outcome]) -> None:
         """Count finished jobs per (version, role, minute): jobs, rows, failures and the latency
@@ -450,7 +456,7 @@ def _rows(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> int:
     return 1
 
 
-def _label(value: Any, names: tuple[str, ...], seen: dict[str, int]) -> str:
+def _label(value: Any, names: tuple[str, ...], seen: set[str]) -> str:
     label = names[value] if isinstance(value, int) and 0 <= value < len(names) else str(value)[:64]
     if label not in seen and len(seen) >= MAX_LABELS:
         return "other"

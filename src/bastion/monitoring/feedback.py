@@ -65,6 +65,7 @@ _CLAIM_EVERY_S = 5.0
 _RETRY_S = 1.0
 _LOOK_AGAIN_MARGIN_MS = 1_000  # stop looking for a decision this long before the caller's deadline
 _REPLY_CAP = 10_000
+MAX_QUALITY_ROWS = 200_000  # labels read per quality() call: the most recent predictions' in the window
 
 NOT_FOUND = "no such prediction"
 DUPLICATE = "this prediction is already labelled; send replace: true to change it"
@@ -163,7 +164,11 @@ class FeedbackDesk:
                 labels.append(found)
         if junk:
             self._done(junk)
-        labels, self._later = self._later + labels, []
+        # An entry waiting in ``_later`` longer than ``CLAIM_IDLE_MS`` (a long feedback_timeout_s)
+        # is claimed again by this very consumer: once per entry, or a recorded label's 201 would
+        # be answered by its own duplicate's 409.
+        waiting = {x.entry_id for x in self._later}
+        labels, self._later = self._later + [x for x in labels if x.entry_id not in waiting], []
         return self.handle(labels) if labels else 0
 
     def ensure_group(self) -> None:
@@ -291,7 +296,9 @@ class FeedbackDesk:
     def quality(self, model: str, window_s: int) -> dict[int, dict[str, Any]]:
         """Live quality per version over the labels of predictions made in the last ``window_s``
         seconds: ``{version: {"roles", "labels", "graded", "accuracy", "auc", "f1", "mae",
-        "label_delay_s", "by_role": {role: the same figures}}}``; intervals are 95 %."""
+        "label_delay_s", "by_role": {role: the same figures}}}``; intervals are 95 %. At most the
+        ``MAX_QUALITY_ROWS`` most recent predictions' labels are read (the judging loop calls this
+        every ``drift_interval_s`` per model: its memory and time stay bounded)."""
         since = datetime.fromtimestamp(time.time() - window_s, UTC)
         with self.sessions() as s:
             rows = s.execute(
@@ -305,8 +312,13 @@ class FeedbackDesk:
                     Feedback.predicted_value,
                     Feedback.predicted_at,
                     Feedback.labelled_at,
-                ).where(Feedback.model == model, Feedback.predicted_at >= since)
+                )
+                .where(Feedback.model == model, Feedback.predicted_at >= since)
+                .order_by(Feedback.predicted_at.desc())
+                .limit(MAX_QUALITY_ROWS)
             ).all()
+        if len(rows) >= MAX_QUALITY_ROWS:
+            log.info("live_quality_capped", model=model, labels=len(rows))
         groups: dict[tuple[int, str], list[Any]] = {}
         for row in rows:
             groups.setdefault((row.version, row.role), []).append(row)

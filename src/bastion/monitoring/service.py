@@ -171,6 +171,7 @@ class MonitoringService:
         while True:
             await asyncio.sleep(self.settings.drift_interval_s)
             if not self.settings.monitoring:
+                self.counts.forget(int(self.clock() // 60))  # what admin reports read meanwhile
                 continue
             try:
                 await asyncio.to_thread(self.judge_once)
@@ -182,12 +183,18 @@ class MonitoringService:
     def judge_once(self) -> dict[str, dict[str, Any]]:
         """One judgement of every model (the gauges set); the reports by model."""
         reports = {}
-        for model in self.registry.list_models():
-            name = model["name"]
-            report = self.report(name, self.settings.drift_window_s)
-            reports[name] = report
-            self._gauge(name, report)
-        self.counts.forget(int(self.clock() // 60))
+        try:
+            for model in self.registry.list_models():
+                name = model["name"]
+                try:
+                    report = self.report(name, self.settings.drift_window_s)
+                except BastionError as exc:  # deleted meanwhile, say: the other models are still judged
+                    log.warning("drift_judge_model_failed", model=name, error_type=type(exc).__name__)
+                    continue
+                reports[name] = report
+                self._gauge(name, report)
+        finally:  # minutes kept by admin reports go too, whatever failed
+            self.counts.forget(int(self.clock() // 60))
         return reports
 
     def _gauge(self, model: str, report: dict[str, Any]) -> None:
