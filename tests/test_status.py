@@ -107,7 +107,7 @@ def test_status_json_counts_the_predictions_sent_per_version(up: Up) -> None:
     assert json.loads(only.stdout)["window_s"] == 3600
 
 
-@pytest.mark.parametrize("window", ["abc", "5s", "59s", "400d", "1h;x", "", "-1m", "1.5h"])
+@pytest.mark.parametrize("window", ["abc", "5s", "59s", "400d", "1h;x", "", "-1m", "1.5h", "5m\n"])
 def test_a_bad_window_is_a_400_problem(up: Up, window: str) -> None:
     with _admin(up) as admin:
         r = admin.get("/admin/v1/status", params={"window": window})

@@ -62,6 +62,9 @@ from __future__ import annotations
 QUEUE_PREFIX = "q:"
 DEAD_LETTER_PREFIX = "dlq:"
 REPLY_PREFIX = "r:"
+GATEWAYS_KEY = "gateways"  # live gateways: id -> last beat (unix s); each adds, beats and removes itself
+GATEWAY_BEAT_S = 20  # how often a gateway beats (and renews its reply stream's TTL)
+GATEWAY_STALE_S = 60  # a gateway silent this long is gone (its reply stream expires then too)
 JOB_PREFIX = "job:"
 SHADOW_PREFIX = "shadow:"
 WARM_PREFIX = "warm:"

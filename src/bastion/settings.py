@@ -413,8 +413,8 @@ class Settings(BaseSettings):
     # model monitoring (bastion.monitoring): metrics per version, drift, feedback and live accuracy
     monitoring: bool = Field(
         default=True,
-        description="count live inputs and outputs into each version's drift bins (workers) and judge drift "
-        "(control plane)",
+        description="count live inputs and outputs into each version's drift bins (workers), judge drift "
+        "(control plane) and keep each decision's outcome for live accuracy (decision log)",
     )
     monitoring_bins: int = Field(
         default=10, ge=2, le=50, description="drift bins per feature, cut at the reference sample's quantiles"

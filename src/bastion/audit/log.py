@@ -106,11 +106,14 @@ class AuditLog:
         *,
         publish: Callable[[dict[str, Any]], None] | None = None,
         max_unverified: int | None = None,
+        outcomes: bool = True,
     ) -> None:
         """``max_unverified``: the most leaves a live log may hold past its last checkpoint (the
         checkpoint cadence allows no more); a verification to the end finds more a tampering
-        (checkpoints deleted). None: not bounded."""
+        (checkpoints deleted). None: not bounded. ``outcomes``: write each decision's
+        ``decision_outcomes`` row (what live accuracy grades labels against; off with monitoring)."""
         self.sessions = sessions
+        self.outcomes = outcomes
         self.max_unverified = max_unverified
         self.keyring = keyring
         self.signer = signer
@@ -135,7 +138,7 @@ class AuditLog:
             leaf = decision_leaf(decision, self.keyring.pseudonym)
             if leaf.event_id not in seen:
                 seen.add(leaf.event_id)
-                leaf.outcome = self._outcome(decision, leaf)
+                leaf.outcome = self._outcome(decision, leaf) if self.outcomes else None
                 prepared.append(leaf)
         return prepared
 

@@ -94,6 +94,7 @@ class AuditService:
             publish=publisher(client),
             # a checkpoint is signed at least every audit_checkpoint_events appended, one batch late at most
             max_unverified=settings.audit_checkpoint_events + settings.audit_batch,
+            outcomes=settings.monitoring,  # live accuracy is part of monitoring
         )
         self.consumer = AuditConsumer(client, self.log, batch=settings.audit_batch)
         self.subjects = Subjects(self.log, self.consumer, client, engine)

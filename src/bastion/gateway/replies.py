@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from bastion import ids, logs
-from bastion.constants import reply_key
+from bastion.constants import GATEWAY_BEAT_S, GATEWAY_STALE_S, GATEWAYS_KEY, reply_key
 
 log = logs.get("bastion.gateway.replies")
 
-_STREAM_TTL_S = 60
+_STREAM_TTL_S = GATEWAY_STALE_S
 _TRIM_EVERY = 512  # replies read between two trims of the reply stream
 
 
@@ -30,6 +31,7 @@ class Reply:
 class ReplyRouter:
     def __init__(self, redis: Any, gateway_id: str) -> None:
         self.redis = redis
+        self.gateway_id = gateway_id
         self.key = reply_key(gateway_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -57,6 +59,8 @@ class ReplyRouter:
                 await task
         with contextlib.suppress(Exception):
             await self.redis.delete(self.key)
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(GATEWAYS_KEY, self.gateway_id)
 
     def expect(self, job_id: str) -> asyncio.Future[Reply]:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -69,14 +73,28 @@ class ReplyRouter:
     async def _claim_stream(self) -> bytes:
         entry_id: bytes = await self.redis.xadd(self.key, {"hello": "1"}, maxlen=10_000, approximate=True)
         await self.redis.expire(self.key, _STREAM_TTL_S)
+        await self._beat()
         return entry_id
+
+    async def _beat(self) -> None:
+        """Say this gateway is alive in ``GATEWAYS_KEY`` (read by ``bastion status``); members
+        silent past ``GATEWAY_STALE_S`` are dropped by whoever beats next, and the key itself
+        expires when no gateway beats."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(GATEWAYS_KEY, {self.gateway_id: now})
+        pipe.zremrangebyscore(GATEWAYS_KEY, "-inf", now - GATEWAY_STALE_S)
+        pipe.expire(GATEWAYS_KEY, GATEWAY_STALE_S)
+        await pipe.execute()
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(_STREAM_TTL_S / 3)
+            await asyncio.sleep(GATEWAY_BEAT_S)
             try:
                 if not await self.redis.expire(self.key, _STREAM_TTL_S):
                     await self._claim_stream()  # Redis lost it (restart without persistence)
+                else:
+                    await self._beat()
             except Exception as exc:
                 log.warning("reply_stream_keepalive_failed", error_type=type(exc).__name__)
 

@@ -4,8 +4,9 @@ live accuracy.
 
 Where each figure comes from (nothing here is a figure of its own):
 
-- gateways: their reply streams ``r:{id}``; a live gateway keeps its stream's TTL refreshed
-  (``gateway/replies.py``), so a crashed one drops out within that TTL;
+- gateways: the ``gateways`` sorted set, where each live gateway beats every ``GATEWAY_BEAT_S``
+  (``gateway/replies.py``, with its reply stream's TTL), so a crashed one drops out within
+  ``GATEWAY_STALE_S``; then each one's reply stream ``r:{id}``;
 - workers: the consumers of the ``workers`` group on each model's sync stream (``idle``: time
   since the worker last read or touched a job; alive while under the visibility timeout) and the
   ``warm:{model}:{version}`` sets of the versions each has loaded;
@@ -31,7 +32,16 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from bastion import metrics
-from bastion.constants import CONSUMER_GROUP, LANE_SYNC, LANES, REPLY_PREFIX, queue_key, warm_key
+from bastion.constants import (
+    CONSUMER_GROUP,
+    GATEWAY_STALE_S,
+    GATEWAYS_KEY,
+    LANE_SYNC,
+    LANES,
+    REPLY_PREFIX,
+    queue_key,
+    warm_key,
+)
 from bastion.control.plane import ControlPlane, plane_of, redis_errors
 from bastion.control.principals import needs
 from bastion.errors import InvalidInput
@@ -41,14 +51,13 @@ from bastion.timefmt import iso_utc
 router = APIRouter()
 _UNAVAILABLE = "the status is unavailable"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-_WINDOW = re.compile(r"^([0-9]{1,6})([smhd])$")
+_WINDOW = re.compile(r"([0-9]{1,6})([smhd])")
 _MIN_WINDOW_S = 60  # traffic is counted in one-minute buckets
-_SCAN_COUNT = 1000
 
 
 def window_seconds(text: str, longest_s: int) -> int:
     """``30s``, ``5m``, ``1h``, ``1d`` -> seconds, between one minute and ``longest_s``; else ``InvalidInput``."""
-    found = _WINDOW.match(text)
+    found = _WINDOW.fullmatch(text)  # (a trailing newline is no duration either)
     if found is None:
         raise InvalidInput(f"window {text[:40]!r} is not a duration such as 5m, 1h or 1d")
     seconds = int(found.group(1)) * _UNITS[found.group(2)]
@@ -115,10 +124,10 @@ def snapshot(
 
 
 def _gateways(client: redis.Redis) -> list[dict[str, Any]]:
-    """Each live gateway's reply stream: its id, replies not yet trimmed, when it last got one."""
-    keys: list[bytes] = sorted(
-        client.scan_iter(match=f"{REPLY_PREFIX}*", count=_SCAN_COUNT, _type="STREAM")  # type: ignore[arg-type]
-    )
+    """Each live gateway (``GATEWAYS_KEY``: each beats every ``GATEWAY_BEAT_S``), with its reply
+    stream: replies not yet trimmed, when it last got one. No keyspace scan."""
+    alive: list[bytes] = client.zrangebyscore(GATEWAYS_KEY, time.time() - GATEWAY_STALE_S, "+inf")  # type: ignore[assignment]
+    keys = sorted(f"{REPLY_PREFIX}{member.decode()}".encode() for member in alive)
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.ttl(key)
