@@ -29,6 +29,13 @@ from bastion.redisconn import sync_client
 from bastion.settings import Settings
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with Ctrl-C (SIGINT), as a terminal would: a
+    shell starts background jobs with SIGINT ignored, and a child inherits that (bash cannot trap an
+    ignored signal; Python raises no KeyboardInterrupt), so restore the default first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

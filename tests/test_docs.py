@@ -44,6 +44,7 @@ from typing import Any
 import pytest
 
 from bastion.embedded.redis_server import free_port
+from tests.support import default_sigint
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -211,9 +212,7 @@ class Installation:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: Ctrl-C reaches it and nothing else
-            # Ctrl-C as a terminal delivers it, even when pytest itself was started in the background
-            # (a shell starts background jobs with SIGINT ignored, and bash cannot trap an ignored signal)
-            preexec_fn=_default_sigint,
+            preexec_fn=default_sigint,  # Ctrl-C reaches it even under a backgrounded pytest
         )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -250,10 +249,6 @@ class Installation:
         if self.background.stdout is not None:
             self.background.stdout.close()
         assert code == 0 and STOPPED in "".join(self.output), f"exit status {code}:\n{''.join(self.output)}"
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_page(page: Path, install: Installation) -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from bastion import demo
 from bastion.embedded.redis_server import free_port
-from tests.support import wait_until
+from tests.support import default_sigint, wait_until
 from tests.test_up import Up
 
 ROW = [1.0] * 30
@@ -138,6 +138,7 @@ def test_the_live_view_refreshes_until_interrupted(up: Up) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sigint,  # Ctrl-C reaches it even under a backgrounded pytest
     ) as view:
         assert view.stdout is not None and view.stderr is not None
         seen = ""
