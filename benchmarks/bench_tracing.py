@@ -20,7 +20,9 @@ for ``--duration`` seconds, and stops it. Modes:
 ``--paired`` runs the modes at the same time instead, each with its own stack and load generator:
 on a machine other work keeps busy, runs one after the other see different loads and their ratio
 is noise, while stacks running side by side share the same load (each gets a share of the CPU,
-so their req/s are lower than a run alone, but their ratio is the ratio of their costs).
+so their req/s are lower than a run alone, but their ratio is the ratio of their costs). Their
+start order alternates by round, and the median of the per-round ratios is printed beside the
+ratio of the medians.
 
 ``--src`` runs every mode on the code under that ``src/`` (``PYTHONPATH``), as bench_edges.py's
 option does. ``--rounds N`` repeats the modes, alternating their order; the medians and the ratios
@@ -364,6 +366,22 @@ def _parse() -> tuple[argparse.Namespace, list[str], list[str]]:
     return args, extra, modes
 
 
+def _print_ratios(runs: list[dict[str, Any]], modes: list[str], medians: dict[str, float], args: Any) -> None:
+    """Each mode against ``off`` and ``base``: the ratio of the medians; paired, also each round's
+    ratio (its stacks shared one load) and their median."""
+    for reference in ("off", "base"):
+        for mode in modes:
+            if mode != reference and reference in medians and medians[reference] > 0:
+                print(f"ratio {mode} / {reference}: {medians[mode] / medians[reference]:.3f}")
+                if args.paired:  # each round's stacks shared one load: the median of per-round ratios
+                    rate = {(r["round"], r["mode"]): r["requests_per_s"] for r in runs}
+                    per_round = [
+                        rate[(i, mode)] / rate[(i, reference)] for i in range(args.rounds) if rate[(i, reference)] > 0
+                    ]
+                    shown = ", ".join(f"{x:.3f}" for x in per_round)
+                    print(f"  per round: {shown}; median {statistics.median(per_round):.3f}")
+
+
 def main() -> int:
     args, extra, modes = _parse()
     if args.micro:
@@ -377,7 +395,9 @@ def main() -> int:
     try:
         for i in range(args.rounds):
             order = modes if i % 2 == 0 else list(reversed(modes))
-            for found in run_paired(modes, args, extra, receiver, body_file) if args.paired else ():
+            # paired: the start order alternates too (the stack started first may get a better share)
+            for found in run_paired(order, args, extra, receiver, body_file) if args.paired else ():
+                found["round"] = i
                 runs.append(found)
                 _print_run(i, found)
             for mode in order if not args.paired else ():
@@ -393,10 +413,7 @@ def main() -> int:
     cpu = {m: statistics.median(r["cpu_us_per_request"]["all"] for r in runs if r["mode"] == m) for m in modes}
     for mode in modes:
         print(f"{mode:<4}: median server CPU {cpu[mode]:.0f} us per request")
-    for reference in ("off", "base"):
-        for mode in modes:
-            if mode != reference and reference in medians and medians[reference] > 0:
-                print(f"ratio {mode} / {reference}: {medians[mode] / medians[reference]:.3f}")
+    _print_ratios(runs, modes, medians, args)
     print(
         f"(load average now {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs; extra bastion up args: {extra or 'none'})"
     )
