@@ -8,7 +8,7 @@ request against it before anything is queued: shape, element type, finite number
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,14 @@ class TensorSpec:
     shape: tuple[int | None, ...]
     features: tuple[Feature, ...] = ()  # inputs: one per column, when the uploader named them
     labels: tuple[str, ...] = ()  # outputs: class names by index, when the uploader gave them
+    # the features' ranges as arrays, worked out once: None when no feature declares a range
+    bounds: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if any(f.min is not None or f.max is not None for f in self.features):
+            low = np.array([-np.inf if f.min is None else f.min for f in self.features])
+            high = np.array([np.inf if f.max is None else f.max for f in self.features])
+            object.__setattr__(self, "bounds", (low, high))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -205,16 +213,8 @@ def _check_features(spec: TensorSpec, arr: np.ndarray) -> None:
     """Ranges and categories the uploader declared, per column of a rank-2 input."""
     if arr.ndim != 2 or arr.shape[1] != len(spec.features):
         return
-    low = np.array([-np.inf if f.min is None else f.min for f in spec.features])
-    high = np.array([np.inf if f.max is None else f.max for f in spec.features])
-    bad = (arr < low) | (arr > high)
-    if bad.any():
-        row, col = (int(i[0]) for i in np.nonzero(bad))
-        f = spec.features[col]
-        raise InvalidInput(
-            f"input {spec.name!r} row {row}: feature {f.name!r} must be within [{f.min}, {f.max}], "
-            f"got {arr[row, col].item()}"
-        )
+    if spec.bounds is not None:
+        _check_bounds(spec, arr, *spec.bounds)
     for col, f in enumerate(spec.features):
         if f.categories is not None:
             outside = ~np.isin(arr[:, col], np.asarray(f.categories))
@@ -224,6 +224,17 @@ def _check_features(spec: TensorSpec, arr: np.ndarray) -> None:
                     f"input {spec.name!r} row {row}: feature {f.name!r} must be one of {list(f.categories)[:20]}, "
                     f"got {arr[row, col].item()}"
                 )
+
+
+def _check_bounds(spec: TensorSpec, arr: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+    bad = (arr < low) | (arr > high)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        f = spec.features[col]
+        raise InvalidInput(
+            f"input {spec.name!r} row {row}: feature {f.name!r} must be within [{f.min}, {f.max}], "
+            f"got {arr[row, col].item()}"
+        )
 
 
 def _holds_bool(data: list[Any]) -> bool:
