@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from bastion import tracing
 from bastion.constants import STATUS_SUCCEEDED
@@ -22,24 +23,34 @@ from bastion.queue.consumer import Outcome
 from bastion.queue.envelope import Job
 
 
+def _job_span(
+    job: Job,
+    parent: tracing.Parent | None,
+    now_ns: int,
+    extra: dict[str, tracing.Value],
+    links: Sequence[tracing.Parent] = (),
+) -> tracing.Span:
+    """A job's span, in the job's trace (a child of its gateway span when it carried one)."""
+    attributes: dict[str, tracing.Value] = {"bastion.job_id": job.job_id, **extra}
+    if job.created_ms:
+        attributes["bastion.queued_ms"] = max(0, now_ns // 1_000_000 - job.created_ms)
+    return tracing.start(
+        f"job {job.model}",
+        parent,
+        kind=tracing.CONSUMER,
+        attributes=attributes,
+        links=links,
+        start_ns=now_ns,
+        remote=parent is not None,
+    )
+
+
 def expired(outcomes: list[Outcome]) -> None:
     """A span for each job dropped unrun (its deadline passed in the queue), in its own trace."""
     now_ns = time.time_ns()
-    now_ms = now_ns // 1_000_000
     for outcome in outcomes:
         job = outcome.job
-        parent = tracing.parse(job.traceparent)
-        attributes: dict[str, tracing.Value] = {"bastion.job_id": job.job_id, "bastion.status": outcome.status}
-        if job.created_ms:
-            attributes["bastion.queued_ms"] = max(0, now_ms - job.created_ms)
-        span = tracing.start(
-            f"job {job.model}",
-            parent,
-            kind=tracing.CONSUMER,
-            attributes=attributes,
-            start_ns=now_ns,
-            remote=parent is not None,
-        )
+        span = _job_span(job, tracing.parse(job.traceparent), now_ns, {"bastion.status": outcome.status})
         span.fail(outcome.error or outcome.status)
         span.end(now_ns)
 
@@ -68,21 +79,9 @@ class BatchSpans:
             start_ns=now_ns,
         )
         link = [self.batch.context]
-        now_ms = now_ns // 1_000_000
         self.jobs: dict[str, tracing.Span] = {}
         for job, parent in zip(jobs, parents, strict=True):
-            attributes: dict[str, tracing.Value] = {"bastion.job_id": job.job_id, "bastion.role": job.role}
-            if job.created_ms:
-                attributes["bastion.queued_ms"] = max(0, now_ms - job.created_ms)
-            span = tracing.start(
-                f"job {model}",
-                parent,
-                kind=tracing.CONSUMER,
-                attributes=attributes,
-                links=link,
-                start_ns=now_ns,
-                remote=parent is not None,
-            )
+            span = _job_span(job, parent, now_ns, {"bastion.role": job.role}, link)
             job.traceparent = span.traceparent  # the decision-log event continues from the worker's span
             self.jobs[job.job_id] = span
 
