@@ -12,7 +12,7 @@ import redis
 
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.redisconn import sync_client
-from tests.support import Stack, running
+from tests.support import LIVE, Stack, running
 
 PG_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("BASTION_REQUIRE_POSTGRES", "") == "1" or os.environ.get("CI") == "true"
@@ -76,3 +76,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if REQUIRE_POSTGRES and reporter is not None and reporter.stats.get("skipped"):
         reporter.write_line("error: tests were skipped where every test must run (CI)", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the log tails of the stacks running then (in CI, the only
+    trace of what a child process said)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        for stack in LIVE:
+            report.sections.append((f"stack logs ({stack.root.name})", stack.log_tails()))

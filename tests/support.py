@@ -195,6 +195,16 @@ class Stack:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
+    def log_tails(self, lines: int = 25) -> str:
+        """The last ``lines`` lines of every process's log (attached to a failed test's report)."""
+        parts = []
+        for name in self.procs:
+            path = self.root / f"{name}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {name}.log (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     # clients -----------------------------------------------------------------------------
     @property
     def gateway(self) -> str:
@@ -231,12 +241,17 @@ class Stack:
         return bytes(raw)
 
 
+LIVE: list[Stack] = []  # the stacks running now: a failed test's report carries their log tails
+
+
 @contextlib.contextmanager
 def running(root: Path, **settings: Any) -> Iterator[Stack]:
     """A started stack, stopped on the way out (module fixtures ``yield`` from inside it)."""
     stack = Stack(root, **settings)
+    LIVE.append(stack)
     try:
         stack.start()
         yield stack
     finally:
+        LIVE.remove(stack)
         stack.stop()

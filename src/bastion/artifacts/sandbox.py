@@ -101,12 +101,26 @@ def _verdict(done: subprocess.CompletedProcess[bytes]) -> Signature:
         except orjson.JSONDecodeError:
             answer = None
     if not isinstance(answer, dict):
-        log.warning("artifact_check_failed", returncode=done.returncode, stderr_bytes=len(done.stderr))
+        log.warning(
+            "artifact_check_failed",
+            returncode=done.returncode,
+            stdout_bytes=len(done.stdout),
+            stderr_bytes=len(done.stderr),
+            error=_error_name(done.stderr),
+        )
         raise InvalidArtifact(UNCHECKABLE)
     if "signature" in answer:
         return Signature.from_dict(answer["signature"])
     refusal = _REFUSALS.get(str(answer.get("kind")), InvalidArtifact)
     raise refusal(str(answer.get("detail") or "the artifact was refused")[:500])
+
+
+def _error_name(stderr: bytes) -> str:
+    """The name of the exception the child died of (its last stderr line up to the colon: never the
+    message, which may quote the upload)."""
+    lines = stderr.decode("utf-8", "replace").strip().splitlines()
+    name = lines[-1].partition(":")[0] if lines else ""
+    return name[:120] if name.replace(".", "").replace("_", "").isalnum() else "unknown"
 
 
 # --- the child ---------------------------------------------------------------------------------
