@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from bastion.adminclient import AdminClient
 from bastion.constants import SNAPSHOT_KEY
 from bastion.embedded.redis_server import EmbeddedRedis, free_port
 from bastion.redisconn import sync_client
+from bastion.security import certs
+from bastion.security.tls import TLSFiles
 from bastion.settings import Settings
 
 
@@ -45,9 +48,9 @@ def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(url, timeout=1.0).status_code == 200
+        return httpx.get(url, timeout=1.0, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -62,9 +65,24 @@ def breast_cancer() -> tuple[np.ndarray, np.ndarray]:
 class Stack:
     """Redis + control plane + gateways + workers, each a real process."""
 
-    def __init__(self, root: Path, *, workers: int = 1, gateways: int = 1, **settings: Any) -> None:
+    def __init__(
+        self, root: Path, *, workers: int = 1, gateways: int = 1, secure: bool = False, **settings: Any
+    ) -> None:
+        """``secure``: TLS on every hop - a CA and role certificates in ``root/tls``, Redis on TLS
+        with client certificates, HTTPS gateways and admin API (``verify`` is the clients' context)."""
         self.root = root
-        self.redis = EmbeddedRedis(root / "redis")
+        self.secure = secure
+        self.certs = root / "tls"
+        self.verify: ssl.SSLContext | bool = True
+        redis_tls = None
+        if secure:
+            certs.init(self.certs)
+            redis_tls = TLSFiles(self.certs / "redis.pem", self.certs / "redis-key.pem", self.certs / "ca.pem")
+            # the clients' context: verifies the servers, presents the admin certificate (metrics, mTLS)
+            self.verify = TLSFiles(
+                self.certs / "admin.pem", self.certs / "admin-key.pem", self.certs / "ca.pem"
+            ).client_context()
+        self.redis = EmbeddedRedis(root / "redis", tls=redis_tls)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.n_workers = workers
         self.n_gateways = gateways
@@ -86,18 +104,23 @@ class Stack:
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> Stack:
         url = self.redis.start()
+        tls = {}
+        if self.secure:  # the control plane's; each process's environment names its own role's
+            tls = {"tls_cert": self.certs / "control.pem", "tls_key": self.certs / "control-key.pem"}
+            tls["tls_ca"] = self.certs / "ca.pem"
         self.settings = Settings(
             data_dir=self.root,
             redis_url=url,
             control_port=free_port(),
-            **{"log_level": "warning", **self.settings_overrides},
+            **{"log_level": "warning", **tls, **self.settings_overrides},
         )
         self.env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
-        self.control_url = f"http://127.0.0.1:{self.settings.control_port}"
-        self._spawn("control", ["control"], {})
-        wait_until(lambda: http_ok(f"{self.control_url}/readyz"), 60, "the control plane")
+        scheme = "https" if self.secure else "http"
+        self.control_url = f"{scheme}://127.0.0.1:{self.settings.control_port}"
+        self._spawn("control", ["control"], self.role_tls("control"))
+        wait_until(lambda: http_ok(f"{self.control_url}/readyz", self.verify), 60, "the control plane")
         self.admin_key = self.settings.admin_key_file.read_text().strip()
-        self.admin = AdminClient(self.control_url, self.admin_key)
+        self.admin = AdminClient(self.control_url, self.admin_key, verify=self.verify)
         self.version = self.admin.register(demo.MODEL_NAME, demo.model_bytes())
         for tenant in ("acme", "globex"):
             self.keys[tenant] = self.admin.create_key(tenant, "test")["key"]
@@ -118,13 +141,23 @@ class Stack:
                     "BASTION_GATEWAY_PORT": str(port),
                     "BASTION_GATEWAY_ID": f"gw{i}",
                     "BASTION_GATEWAY_METRICS_PORT": str(metrics_port),
+                    **self.role_tls("gateway"),
                 },
             )
-            self.gateway_urls.append(f"http://127.0.0.1:{port}")
+            self.gateway_urls.append(f"{scheme}://127.0.0.1:{port}")
             self.gateway_metrics_ports.append(metrics_port)
         for gw in self.gateway_urls:
-            wait_until(lambda gw=gw: http_ok(f"{gw}/readyz"), 60, f"gateway {gw}")
+            wait_until(lambda gw=gw: http_ok(f"{gw}/readyz", self.verify), 60, f"gateway {gw}")
         return self
+
+    def role_tls(self, role: str) -> dict[str, str]:
+        """The certificate variables of a process of ``role`` (none unless ``secure``)."""
+        if not self.secure:
+            return {}
+        return {
+            "BASTION_TLS_CERT": str(self.certs / f"{role}.pem"),
+            "BASTION_TLS_KEY": str(self.certs / f"{role}-key.pem"),
+        }
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         log = open(self.root / f"{name}.log", "ab")
@@ -141,7 +174,7 @@ class Stack:
         own = {"BASTION_WORKER_NAME": f"worker-{i}"}
         if self.settings.worker_metrics_port:  # worker i listens on port + i, as under bastion up
             own["BASTION_WORKER_METRICS_PORT"] = str(self.settings.worker_metrics_port + i)
-        self._spawn(f"worker-{i}", ["worker"], {**own, **env})
+        self._spawn(f"worker-{i}", ["worker"], {**own, **self.role_tls("worker"), **env})
 
     @contextlib.contextmanager
     def keep_workers(self) -> Iterator[list[str]]:
@@ -224,11 +257,12 @@ class Stack:
             base_url=self.gateway_urls[gateway],
             headers={"Authorization": f"Bearer {self.keys[tenant]}", **kwargs.pop("headers", {})},
             timeout=kwargs.pop("timeout", 30.0),
+            verify=kwargs.pop("verify", self.verify),
             **kwargs,
         )
 
     def redis_client(self) -> redis.Redis:
-        return sync_client(self.settings.require_redis_url())
+        return sync_client(self.settings.require_redis_url(), self.redis.tls)
 
     def published_snapshot(self) -> bytes:
         """The snapshot the control plane published (raw JSON, as gateways read it)."""

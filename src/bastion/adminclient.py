@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from typing import Any
 from urllib.parse import quote
@@ -19,9 +20,12 @@ class AdminError(BastionError):
 
 
 class AdminClient:
-    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, admin_key: str, timeout_s: float = 30.0, verify: ssl.SSLContext | bool = True
+    ) -> None:
+        """``verify``: for an https URL, the context that verifies the admin API (``TLSFiles.client_context``)."""
         self._http = httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=timeout_s
+            base_url=base_url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=timeout_s, verify=verify
         )
 
     def close(self) -> None:

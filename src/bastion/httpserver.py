@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bastion import metrics, middleware, problems
 from bastion.errors import BastionError, HeadersTooLarge, Overloaded, RequestTimeout
+from bastion.security.tls import ServerTLS
 from bastion.settings import Settings
 
 MIN_BODY_RATE = 64 << 10  # bytes/s: each one earns a body this much more time beyond body_timeout_s
@@ -172,10 +174,14 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_bytes = 0  # bytes received after the packet that completed the head
         self._max_head = self.limits.max_header_bytes
         self._max_headers = self.limits.max_headers
+        self._tls: dict[str, Any] | None = None  # the ASGI "tls" extension, for a client certificate
 
     # connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # over TLS, the handshake is done: a verified client certificate?
+            self._tls = client_certificate(ssl_object.getpeercert(binary_form=True))
         if self.client is not None and self.limits.capped(self.client[0]):
             host = client_network(self.client[0])
             held = self.open_by_client.get(host, 0) + 1
@@ -283,6 +289,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._tls is not None:
+            extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+            extensions["tls"] = self._tls
+            self.scope["extensions"] = extensions  # type: ignore[typeddict-item]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -381,6 +391,23 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_timer = self._body_timer = None
 
 
+def client_certificate(der: bytes | None) -> dict[str, Any] | None:
+    """The ASGI TLS extension's client fields for a verified peer certificate (None: none sent),
+    with ``client_cn``, its common name (the admin API maps it to a principal)."""
+    if not der:
+        return None
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return {
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+        "client_cert_name": cert.subject.rfc4514_string(),
+        "client_cert_error": None,
+        "client_cn": str(names[0].value) if names else None,
+    }
+
+
 def protocol_class(limits: EdgeLimits) -> type[EdgeProtocol]:
     """``EdgeProtocol`` bound to ``limits``, with its own per-address connection counts."""
 
@@ -393,10 +420,14 @@ def protocol_class(limits: EdgeLimits) -> type[EdgeProtocol]:
     return BoundEdgeProtocol
 
 
-def config(app: Any, settings: Settings, *, host: str, port: int, **options: Any) -> uvicorn.Config:
+def config(
+    app: Any, settings: Settings, *, host: str, port: int, tls: ServerTLS | None = None, **options: Any
+) -> uvicorn.Config:
     """The ``uvicorn.Config`` of a Bastion HTTP process serving ``app`` (``options``: uvicorn's own,
-    e.g. ``fd`` or ``backlog``)."""
+    e.g. ``fd`` or ``backlog``); with ``tls``, HTTPS on its reloading context."""
     limits = EdgeLimits.from_settings(settings)
+    if tls is not None:
+        options["ssl_context_factory"] = lambda _config, _default: tls.context
     return uvicorn.Config(
         app,
         host=host,

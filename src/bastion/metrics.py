@@ -6,6 +6,10 @@ updates; the names are shared so dashboards join them.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -109,11 +113,17 @@ FEEDBACK = Counter("bastion_feedback_total", "Feedback labels received, by resul
 TRACE_SPANS = Counter("bastion_trace_spans_total", "Finished trace spans, exported or dropped", ["result"])
 
 
-def serve(port: int, host: str) -> bool:
-    """Export this process's metrics on ``host:port`` (a thread); False when the port is taken
-    (since the supervisor probed it): the caller logs it and runs on without metrics."""
+def serve(port: int, host: str, cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> bool:
+    """Export this process's metrics on ``host:port`` (a thread); over HTTPS with ``cert``/``key``,
+    and then only to clients with a certificate from ``ca`` when one is given (the scraper's). False
+    when the port is taken (since the supervisor probed it): the caller logs it and runs on without."""
+    tls: dict[str, Any] = {}
+    if cert is not None and key is not None:
+        tls = {"certfile": str(cert), "keyfile": str(key), "tls_min_version": ssl.TLSVersion.TLSv1_2}
+        if ca is not None:
+            tls.update(client_cafile=str(ca), client_auth_required=True)
     try:
-        start_http_server(port, addr=host)
+        start_http_server(port, addr=host, **tls)
     except OSError:
         return False
     return True

@@ -117,6 +117,33 @@ class Settings(BaseSettings):
     grpc_max_connection_idle_s: float = Field(
         default=300.0, gt=0, description="a gRPC connection with no call for this long is closed, seconds"
     )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="this process's certificate (PEM): its server certificate where it listens (HTTPS, gRPC, "
+        "admin API), its client certificate where it connects (Redis, PostgreSQL); reloaded on SIGHUP",
+    )
+    tls_key: Path | None = Field(default=None, description="the private key (PEM) of tls_cert")
+    tls_ca: Path | None = Field(
+        default=None, description="CA bundle (PEM) that verifies peers: Redis and PostgreSQL servers, admin clients"
+    )
+    admin_client_certs: Literal["off", "optional", "required"] = Field(
+        default="off",
+        description="client certificates on the admin API (mTLS, signed by tls_ca): off, optional, or required",
+    )
+    admin_cert_principals: str = Field(
+        default="",
+        description="client-certificate common names that are admin principals, as CN=scope[+scope],...  "
+        "(e.g. admin=admin,auditor=audit); a mapped certificate needs no Bearer key",
+    )
+    tls: bool = Field(
+        default=False,
+        description="bastion up: TLS on every hop - a private CA and a certificate per role in <data_dir>/tls, "
+        "the embedded Redis over TLS (needs a redis-server built with TLS, e.g. Debian's), HTTPS on the gateway "
+        "and admin API",
+    )
+    require_tls: bool = Field(
+        default=False, description="refuse to start when any hop (Redis, database, listeners, tracing) is plaintext"
+    )
     gateways: int = Field(
         default_factory=default_gateways,
         ge=1,
@@ -457,6 +484,14 @@ class Settings(BaseSettings):
         unsafe = {a.strip().upper() for a in self.oidc_algorithms.split(",")} & {"NONE", "HS256", "HS384", "HS512"}
         if unsafe:
             raise ValueError(f"BASTION_OIDC_ALGORITHMS must not include {sorted(unsafe)}")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("BASTION_TLS_CERT and BASTION_TLS_KEY go together")
+        if self.admin_client_certs != "off" and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("BASTION_ADMIN_CLIENT_CERTS needs BASTION_TLS_CERT, BASTION_TLS_KEY and BASTION_TLS_CA")
         return self
 
     @model_validator(mode="after")

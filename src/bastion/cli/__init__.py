@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from bastion.cli import audit, deploy, doctor, jobs, keys, models, process, status, subjects, tenants
+from bastion.cli import audit, certs, deploy, doctor, jobs, keys, models, process, status, subjects, tenants
 from bastion.cli.options import plain_metavars
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.add_typer(tenants.app, name="tenants")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(audit.app, name="audit")
 app.add_typer(subjects.app, name="subjects")
+app.add_typer(certs.app, name="certs")
 app.command("doctor", short_help="Check a running installation and say what is wrong.")(doctor.command)
 app.command("status", short_help="Gateways, workers and models at a glance, refreshed live.")(status.command)
 

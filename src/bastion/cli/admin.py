@@ -70,7 +70,10 @@ def connect(control_url: str | None, admin_key: str | None, data_dir: Path | Non
         where = build_settings({"data_dir": data_dir}).admin_key_file
         typer.echo(f"error: no admin key: set BASTION_ADMIN_KEY or run bastion up once (it writes {where})", err=True)
         raise typer.Exit(2)
-    return AdminClient(control_url_of(control_url, data_dir), key)
+    from bastion.embedded import endpoints
+
+    verify = endpoints.client_verify(build_settings({"data_dir": data_dir}))
+    return AdminClient(control_url_of(control_url, data_dir), key, verify=verify)
 
 
 def call(fn: Callable[[], T]) -> T:

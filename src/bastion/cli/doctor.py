@@ -109,6 +109,8 @@ class Doctor:
         running = None if given else endpoints.Endpoints.read(settings.data_dir)
         self.known_metrics = running.metrics if running is not None else {}
         self.logs = settings.data_dir / "logs"
+        self.verify = endpoints.client_verify(settings)
+        self.metrics_scheme = "https" if self.control_url.startswith("https:") else "http"
         self.findings: list[Finding] = []
 
     def _add(self, check: str, status: Status, detail: str) -> None:
@@ -118,7 +120,7 @@ class Doctor:
         import httpx
 
         try:
-            return httpx.get(url, timeout=self.timeout_s)
+            return httpx.get(url, timeout=self.timeout_s, verify=self.verify)
         except httpx.HTTPError:
             return None
 
@@ -217,9 +219,12 @@ class Doctor:
         import redis
 
         from bastion.redisconn import sync_client
+        from bastion.security.tls import files_of
 
         try:
-            client = sync_client(url, socket_connect_timeout=self.timeout_s, socket_timeout=self.timeout_s)
+            client = sync_client(
+                url, files_of(self.settings), socket_connect_timeout=self.timeout_s, socket_timeout=self.timeout_s
+            )
             try:
                 client.ping()
             finally:
@@ -286,7 +291,7 @@ class Doctor:
                 f"{self.settings.admin_key_file})",
             )
             return None
-        client = AdminClient(self.control_url, self.admin_key, timeout_s=self.timeout_s * 3)
+        client = AdminClient(self.control_url, self.admin_key, timeout_s=self.timeout_s * 3, verify=self.verify)
         try:
             models = client.models()
         except AdminError as exc:
@@ -390,7 +395,7 @@ class Doctor:
         )
         for name in names:
             port = self._metrics_port(name, "worker_metrics_port")
-            response = self._get(f"http://{self.metrics_host}:{port}/metrics")
+            response = self._get(f"{self.metrics_scheme}://{self.metrics_host}:{port}/metrics")
             found = _LOADED.search(response.text) if response is not None and response.status_code == 200 else None
             if found is None:
                 self._add(
@@ -423,7 +428,7 @@ class Doctor:
         for role, setting in (("gateway", "gateway_metrics_port"), ("worker", "worker_metrics_port")):
             for name in self._names(pids, role, setting):
                 port = self._metrics_port(name, setting)
-                response = self._get(f"http://{self.metrics_host}:{port}/metrics")
+                response = self._get(f"{self.metrics_scheme}://{self.metrics_host}:{port}/metrics")
                 (answering if response is not None and response.status_code == 200 else silent).append(f"{name} {port}")
         if silent:
             self._add(

@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import logs, metrics, problems, tracing
-from bastion.control.principals import STATE_KEY, resolve
+from bastion.control.principals import STATE_KEY, client_cn, resolve
 from bastion.errors import BastionError, PayloadTooLarge
 
 ADMIN_PREFIX = "/admin/"
@@ -176,7 +176,9 @@ class AdminGate:
     async def _authenticated(self, scope: Scope, receive: Receive, send: Send, *, has_body: bool) -> bool:
         """Leave the caller in ``scope["state"]``; or answer why not (and return False)."""
         try:
-            caller = await run_in_threadpool(resolve, scope["app"].state.control, _header(scope, b"authorization"))
+            caller = await run_in_threadpool(
+                resolve, scope["app"].state.control, _header(scope, b"authorization"), client_cn(scope)
+            )
         except BastionError as exc:  # 401, 403, or 503 when SQL is away: its own problem
             await _refuse(exc, scope, receive, send, close=has_body)
             return False

@@ -30,6 +30,7 @@ from bastion.redisconn import sync_client
 from bastion.registry import db
 from bastion.registry.limits import parse_tiers
 from bastion.registry.service import ROUTED_GRACE_S, Registry
+from bastion.security import tls
 from bastion.settings import Settings
 
 log = logs.get("bastion.control")
@@ -63,7 +64,9 @@ class ControlPlane:
             # a version routed away keeps serving the jobs queued for it as long as their state lives
             routed_grace_s=max(ROUTED_GRACE_S, float(settings.result_ttl_s)),
         )
-        self.redis = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5)
+        self.redis = sync_client(
+            settings.require_redis_url(), tls.files_of(settings), socket_connect_timeout=2, socket_timeout=5
+        )
         self.audit = AuditService(settings, self.registry.sessions, engine, self.redis)
         self.monitoring = MonitoringService(settings, self.registry.sessions, self.redis, self.registry)
 

@@ -29,13 +29,39 @@ ENV_ADMIN = "env-admin"  # the principal id of BASTION_ADMIN_KEY
 STATE_KEY = "principal"  # where ``AdminGate`` leaves the resolved principal in ``scope["state"]``
 
 
-def resolve(plane: ControlPlane, authorization: str | None) -> dict[str, Any]:
-    """Who is calling, from the ``Authorization`` header alone: the ``BASTION_ADMIN_KEY`` (scope
-    ``admin``) or a live key of the operators' tenant from the registry. Raises ``Unauthenticated``
-    (no key, or one that is unknown, revoked or expired: the same answer for each) or ``Forbidden``
-    (a live key of another tenant). One digest lookup in SQL; call it off the event loop."""
+def client_cn(scope: Any) -> str | None:
+    """The common name of the verified client certificate of this request's connection, if any."""
+    found = (scope.get("extensions") or {}).get("tls") or {}
+    value = found.get("client_cn")
+    return value if isinstance(value, str) else None
+
+
+def cert_principals(spec: str) -> dict[str, list[str]]:
+    """``admin_cert_principals`` (``CN=scope[+scope],...``) as common name -> scopes; ValueError
+    for an entry it cannot read or a scope Bastion does not know (the control plane checks at start)."""
+    found: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, scopes = item.partition("=")
+        held = [s.strip() for s in scopes.split("+") if s.strip()]
+        unknown = set(held) - set(SCOPES) - {"admin"}
+        if not name.strip() or not held or unknown:
+            raise ValueError(f"BASTION_ADMIN_CERT_PRINCIPALS: cannot read {item!r} (CN=scope[+scope])")
+        found[name.strip()] = held
+    return found
+
+
+def resolve(plane: ControlPlane, authorization: str | None, cn: str | None = None) -> dict[str, Any]:
+    """Who is calling: a Bearer key - the ``BASTION_ADMIN_KEY`` (scope ``admin``) or a live key of
+    the operators' tenant from the registry -, else the verified client certificate whose common
+    name ``cn`` ``admin_cert_principals`` maps to scopes (principal ``cert:<cn>``). A Bearer key,
+    when sent, decides alone. Raises ``Unauthenticated`` (no key, or one that is unknown, revoked
+    or expired: the same answer for each) or ``Forbidden`` (a live key of another tenant). One
+    digest lookup in SQL; call it off the event loop."""
     token = apikeys.bearer(authorization)
     if token is None:
+        mapped = cert_principals(plane.settings.admin_cert_principals).get(cn) if cn else None
+        if mapped is not None:
+            return {"id": f"cert:{cn}", "tenant": OPERATORS_TENANT, "scopes": mapped}
         raise Unauthenticated("an admin key is required: send 'Authorization: Bearer <key>'")
     oidc.check_length(token)
     configured = plane.settings.admin_key
@@ -54,7 +80,9 @@ async def principal(request: Request) -> dict[str, Any]:
     (resolved here only for an app served without the gate)."""
     found: dict[str, Any] | None = request.scope.get("state", {}).get(STATE_KEY)
     if found is None:
-        found = await run_in_threadpool(resolve, plane_of(request), request.headers.get("authorization"))
+        found = await run_in_threadpool(
+            resolve, plane_of(request), request.headers.get("authorization"), client_cn(request.scope)
+        )
     return found
 
 

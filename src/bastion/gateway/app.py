@@ -34,6 +34,7 @@ from bastion.queue.calls import Pricing
 from bastion.queue.durability import Durability
 from bastion.queue.producer import Producer
 from bastion.redisconn import async_client
+from bastion.security import tls
 from bastion.security.oidc import JwksCache, OidcConfig
 from bastion.settings import Settings
 
@@ -54,7 +55,8 @@ def _jwks(settings: Settings) -> JwksCache | None:
     return JwksCache(config, httpx.AsyncClient(timeout=5.0, follow_redirects=False))
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, listener: tls.ServerTLS | None = None) -> FastAPI:
+    """The gateway app; ``listener``: the HTTPS context the gRPC port follows too (reloads included)."""
     gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     @asynccontextmanager
@@ -62,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         client = async_client(
             settings.require_redis_url(),
             max_connections=settings.redis_max_connections,
+            tls=tls.files_of(settings),
             socket_connect_timeout=1,
             socket_timeout=5,
             health_check_interval=0,
@@ -99,7 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.backlog.start()
         if state.abuse is not None:
             await state.abuse.start()
-        rpc = await grpc_server.start(state) if settings.grpc_port else None  # same state, same loop
+        rpc = await grpc_server.start(state, listener) if settings.grpc_port else None  # same state, same loop
         log.info("gateway_started", gateway_id=gateway_id)
         try:
             yield

@@ -1,7 +1,8 @@
 """Run the gateway under uvicorn (``bastion.httpserver``: the edge limits), on its own port or on a
 listening socket inherited from ``bastion up``; its Prometheus metrics on ``gateway_metrics_port``
 at ``control_host`` when that is set (private: not on the public port; a port already taken leaves
-them off with a ``metrics_port_in_use`` warning)."""
+them off with a ``metrics_port_in_use`` warning). With ``tls_cert``, HTTPS (and TLS on the gRPC
+port) from a certificate reloaded on SIGHUP (``bastion.security.tls``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 
 from bastion import httpserver, logs, metrics
 from bastion.gateway.app import create_app
+from bastion.security import tls
 from bastion.settings import Settings
 
 log = logs.get("bastion.gateway")
@@ -57,11 +59,16 @@ def tune_gc() -> None:
 
 def serve(settings: Settings, fd: int | None = None) -> None:
     logs.configure(settings.log_level, "gateway")
-    app = create_app(settings)
-    config = httpserver.config(app, settings, host=settings.host, port=settings.gateway_port, backlog=2048)
+    listener = tls.listener(settings)
+    app = create_app(settings, listener)
+    config = httpserver.config(
+        app, settings, host=settings.host, port=settings.gateway_port, tls=listener, backlog=2048
+    )
     server = DrainingServer(config, app, settings.drain_s)
     if settings.gateway_metrics_port:
-        if not metrics.serve(settings.gateway_metrics_port, settings.control_host):
+        if not metrics.serve(
+            settings.gateway_metrics_port, settings.control_host, settings.tls_cert, settings.tls_key, settings.tls_ca
+        ):
             log.warning("metrics_port_in_use", port=settings.gateway_metrics_port, host=settings.control_host)
     tune_gc()
     if fd is None:

@@ -12,6 +12,7 @@ from bastion import logs, metrics, tracing
 from bastion.artifacts.store import ArtifactStore
 from bastion.redisconn import sync_client
 from bastion.runtime.onnx import OnnxRuntime
+from bastion.security import tls
 from bastion.settings import Settings
 from bastion.worker.models import ModelCache
 from bastion.worker.prefork import Prefork
@@ -32,9 +33,13 @@ def run(settings: Settings) -> None:
 def serve(settings: Settings, name: str) -> None:
     """The worker loop, until SIGTERM."""
     if settings.worker_metrics_port:
-        if not metrics.serve(settings.worker_metrics_port, settings.control_host):  # private, as the admin API
+        if not metrics.serve(  # private, as the admin API; HTTPS and client certificates with tls_*
+            settings.worker_metrics_port, settings.control_host, settings.tls_cert, settings.tls_key, settings.tls_ca
+        ):
             log.warning("metrics_port_in_use", port=settings.worker_metrics_port, host=settings.control_host)
-    client = sync_client(settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=10)
+    client = sync_client(
+        settings.require_redis_url(), tls.files_of(settings), socket_connect_timeout=2, socket_timeout=10
+    )
     cache = ModelCache(
         ArtifactStore(settings.resolved_artifact_dir),
         OnnxRuntime(settings.ort_intra_threads, settings.ort_inter_threads),

@@ -30,6 +30,7 @@ from bastion import logs
 from bastion.gateway.grpc import inference_pb2 as pb
 from bastion.gateway.grpc.service import SERVICE, InferenceService
 from bastion.gateway.state import GatewayState
+from bastion.security.tls import ServerTLS
 from bastion.settings import Settings
 
 log = logs.get("bastion.gateway.grpc")
@@ -110,9 +111,29 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start(state: GatewayState) -> list[grpc.aio.Server]:
-    """Serve the service on ``grpc_port`` of ``host`` (``ACCEPTORS`` servers); raise ``OSError``
-    when the port cannot be bound."""
+def credentials(listener: ServerTLS) -> grpc.ServerCredentials:
+    """TLS from the listener's files; a reload (SIGHUP) reaches the next handshake: gRPC asks
+    ``fetch`` before each one, which reads the files again only after a reload."""
+    seen = [listener.reloads]
+
+    def configuration() -> Any:
+        cert, key = listener.files.cert, listener.files.key
+        if cert is None or key is None:
+            raise ValueError("gRPC over TLS needs BASTION_TLS_CERT and BASTION_TLS_KEY")
+        return grpc.ssl_server_certificate_configuration([(key.read_bytes(), cert.read_bytes())])
+
+    def fetch() -> Any:
+        if listener.reloads == seen[0]:
+            return None  # unchanged
+        seen[0] = listener.reloads
+        return configuration()
+
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=False)
+
+
+async def start(state: GatewayState, listener: ServerTLS | None = None) -> list[grpc.aio.Server]:
+    """Serve the service on ``grpc_port`` of ``host`` (``ACCEPTORS`` servers; over TLS with
+    ``listener``); raise ``OSError`` when the port cannot be bound."""
     settings = state.settings
     service = InferenceService(state)
     where = address(settings.host, settings.grpc_port)
@@ -126,7 +147,10 @@ async def start(state: GatewayState) -> list[grpc.aio.Server]:
             )
             server.add_registered_method_handlers(SERVICE, methods(service))
             try:
-                server.add_insecure_port(where)
+                if listener is None:
+                    server.add_insecure_port(where)
+                else:
+                    server.add_secure_port(where, credentials(listener))
             except RuntimeError as exc:  # gRPC's word for a port it could not bind
                 log.error("grpc_port_in_use", address=where)
                 raise OSError(f"cannot listen for gRPC on {where}: is the port taken? (--grpc-port)") from exc
