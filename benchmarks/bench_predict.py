@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ class Target:
     port: int
     pid: int  # the server's root process: its CPU time and its descendants' are sampled
     headers: dict[str, str] = field(default_factory=dict)
+    cacert: Path | None = None  # HTTPS (bastion up --tls): the CA that verifies it
 
 
 # helpers --------------------------------------------------------------------------------------
@@ -84,9 +86,20 @@ def clean_env() -> dict[str, str]:
 
 
 def http_request(
-    port: int, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, timeout_s: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+    cacert: Path | None = None,
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    conn: http.client.HTTPConnection
+    if cacert is None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    else:
+        context = ssl.create_default_context(cafile=str(cacert))
+        conn = http.client.HTTPSConnection(HOST, port, timeout=timeout_s, context=context)
     try:
         conn.request(method, path, body=body or None, headers=headers or {})
         response = conn.getresponse()
@@ -95,14 +108,16 @@ def http_request(
         conn.close()
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes], what: str, timeout_s: float = 90.0) -> None:
+def wait_ready(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout_s: float = 90.0, cacert: Path | None = None
+) -> None:
     """Poll ``GET /readyz`` until it answers 200; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise BenchError(f"{what} exited with code {process.returncode} before it was ready")
         with contextlib.suppress(OSError, http.client.HTTPException):
-            if http_request(port, "GET", "/readyz", timeout_s=1.0)[0] == 200:
+            if http_request(port, "GET", "/readyz", timeout_s=1.0, cacert=cacert)[0] == 200:
                 return
         time.sleep(0.1)
     raise BenchError(f"{what} was not ready within {timeout_s:.0f} s")
@@ -111,7 +126,7 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], what: str, timeout_s
 def check_predict(target: Target, body: bytes) -> Any:
     """One request; the prediction it returns (so the servers can be compared)."""
     headers = {**target.headers, "Content-Type": "application/json"}
-    status, payload = http_request(target.port, "POST", PREDICT_PATH, body, headers)
+    status, payload = http_request(target.port, "POST", PREDICT_PATH, body, headers, cacert=target.cacert)
     if status != 200:
         raise BenchError(f"{target.name}: predict answered {status}: {payload[:300]!r}")
     return json.loads(payload)["outputs"]
@@ -143,6 +158,8 @@ def run_loadgen(
     ]
     for name, value in target.headers.items():
         argv += ["-H", f"{name}: {value}"]
+    if target.cacert is not None:
+        argv += ["--cacert", str(target.cacert)]
     limit = warmup_s + duration_s + 40
     try:
         done = subprocess.run(argv, capture_output=True, timeout=limit, check=False)
@@ -265,8 +282,9 @@ class BastionStack:
         stderr.close()
         threading.Thread(target=self._pump, daemon=True).start()
         key = self._read_key(timeout_s)
-        wait_ready(self.port, self.process, "bastion up")
-        return Target(self.name, self.port, self.process.pid, {"Authorization": f"Bearer {key}"})
+        cacert = self.data_dir / "tls" / "ca.pem" if "--tls" in self.extra else None
+        wait_ready(self.port, self.process, "bastion up", cacert=cacert)
+        return Target(self.name, self.port, self.process.pid, {"Authorization": f"Bearer {key}"}, cacert)
 
     @property
     def name(self) -> str:

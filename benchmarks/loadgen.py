@@ -29,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import ssl
 import sys
 import time
 from collections import Counter
@@ -264,14 +265,22 @@ class _Connection(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-async def _connection_loop(run: _Run, port: int) -> None:
-    """Keep one connection busy until the window ends, reconnecting after failures."""
+async def _connection_loop(run: _Run, port: int, tls: ssl.SSLContext | None = None) -> None:
+    """Keep one connection busy until the window ends, reconnecting after failures (over TLS
+    with ``tls``: one handshake per connection, as a keep-alive client)."""
     loop = asyncio.get_running_loop()
     while run.sending():
         lost: asyncio.Future[None] = loop.create_future()
         try:
             await asyncio.wait_for(
-                loop.create_connection(functools.partial(_Connection, run, lost), HOST, port), timeout=run.timeout_s
+                loop.create_connection(
+                    functools.partial(_Connection, run, lost),
+                    HOST,
+                    port,
+                    ssl=tls,
+                    server_hostname=HOST if tls is not None else None,
+                ),
+                timeout=run.timeout_s,
             )
         except (OSError, TimeoutError) as exc:
             run.error(f"connect_{type(exc).__name__}")
@@ -334,12 +343,15 @@ async def run_load(
     warmup_s: float = 1.0,
     timeout_s: float = 10.0,
     drain_s: float = 5.0,
+    cacert: Path | None = None,
 ) -> LoadResult:
-    """Drive ``concurrency`` keep-alive connections at 127.0.0.1:``port`` and measure the window."""
+    """Drive ``concurrency`` keep-alive connections at 127.0.0.1:``port`` and measure the window
+    (HTTPS verified against ``cacert`` when given)."""
+    tls = ssl.create_default_context(cafile=str(cacert)) if cacert is not None else None
     if concurrency < 1 or duration_s <= 0:
         raise ValueError("concurrency must be >= 1 and duration_s > 0")
     run = _Run(build_request(path, headers, body), concurrency, warmup_s, duration_s, timeout_s)
-    tasks = [asyncio.create_task(_connection_loop(run, port)) for _ in range(concurrency)]
+    tasks = [asyncio.create_task(_connection_loop(run, port, tls)) for _ in range(concurrency)]
     await asyncio.sleep(max(run.window_start - time.perf_counter(), 0))
     cpu_at_start = time.process_time()
     await asyncio.sleep(max(run.window_end - time.perf_counter(), 0))
@@ -408,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", "-w", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds (default 10)")
     parser.add_argument("--cpu", type=int, help="pin this process to this CPU before starting")
+    parser.add_argument("--cacert", type=Path, help="HTTPS: the CA that verifies the server (default: plain HTTP)")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -421,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration,
         warmup_s=args.warmup,
         timeout_s=args.timeout,
+        cacert=args.cacert,
     )
     out = asdict(result)
     out["cpu_affinity"] = sorted(os.sched_getaffinity(0))
