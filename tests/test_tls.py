@@ -235,6 +235,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         grpc_port=free_port(),
         admin_client_certs="optional",
         admin_cert_principals="admin=admin,auditor=audit",
+        header_timeout_s=3,
     ) as stack:
         yield stack
 
@@ -327,6 +328,16 @@ def test_grpc_serves_over_tls_and_refuses_plaintext(secure: Stack) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as refused:
         live(channel)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_tls_handshake_never_finished_is_closed_at_the_head_timeout(secure: Stack) -> None:
+    port = int(secure.gateway.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+        started = time.monotonic()
+        raw.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and then nothing
+        assert raw.recv(1024) == b""  # closed by the server
+        waited = time.monotonic() - started
+    assert 2.0 < waited < 8.0, waited  # header_timeout_s is 3 here (asyncio's own default is 60)
 
 
 def test_metrics_ports_ask_for_a_client_certificate(secure: Stack) -> None:

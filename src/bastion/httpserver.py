@@ -17,6 +17,9 @@ guarantees, per HTTP process:
 * **Head-read timeout.** A connection gets ``header_timeout_s`` from its opening, and each later
   request from its first byte, to complete its head; then it is answered 408 (nothing if it sent
   nothing) and closed. Idle keep-alive connections close after uvicorn's keep-alive timeout.
+* **TLS handshake timeout.** Over TLS, a handshake must finish within ``header_timeout_s`` too
+  (``EdgeLoop``; asyncio's default is 60 s), else the connection is closed; the head-read timeout
+  and the connection caps start once it has.
 * **Body deadline.** A body that does not arrive with its head must be complete within
   ``body_timeout_s`` plus one second per ``MIN_BODY_RATE`` bytes received after the head's packet
   (a floor on the rate, so large uploads on slow links still pass); else 408 and closed, and the
@@ -52,6 +55,7 @@ from typing import Any, ClassVar
 
 import httptools
 import uvicorn
+import uvloop
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from bastion import metrics, middleware, problems
@@ -408,6 +412,25 @@ def client_certificate(der: bytes | None) -> dict[str, Any] | None:
     }
 
 
+class EdgeLoop(uvloop.Loop):
+    """uvloop, whose TLS listeners give a handshake ``handshake_timeout_s`` (the head-read
+    timeout), not asyncio's 60 s: a connection that opens and never finishes its handshake is
+    closed as soon as one that never finishes its head (the caps count a connection once its
+    handshake is done, so this bounds how long an unfinished one is held)."""
+
+    handshake_timeout_s: ClassVar[float] = 10.0
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self.handshake_timeout_s)
+        return await super().create_server(*args, **kwargs)
+
+
+def edge_loop() -> asyncio.AbstractEventLoop:
+    """The loop factory uvicorn is given (``loop="bastion.httpserver:edge_loop"``)."""
+    return EdgeLoop()
+
+
 def protocol_class(limits: EdgeLimits) -> type[EdgeProtocol]:
     """``EdgeProtocol`` bound to ``limits``, with its own per-address connection counts."""
 
@@ -428,11 +451,12 @@ def config(
     limits = EdgeLimits.from_settings(settings)
     if tls is not None:
         options["ssl_context_factory"] = lambda _config, _default: tls.context
+    EdgeLoop.handshake_timeout_s = limits.header_timeout_s
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        loop="uvloop",
+        loop="bastion.httpserver:edge_loop",
         http=protocol_class(limits),
         ws="none",
         lifespan="on",
