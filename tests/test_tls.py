@@ -360,6 +360,7 @@ def test_metrics_ports_ask_for_a_client_certificate(secure: Stack) -> None:
             "sslmode=verify-full",
         ),
         ("up", {}, "pass --tls"),
+        ("up", {"BASTION_TLS": "true", "BASTION_REDIS_URL": "redis://127.0.0.1:6379/0"}, "must be rediss://"),
     ],
 )
 def test_require_tls_refuses_to_start_with_a_plaintext_hop(

@@ -154,7 +154,7 @@ def plaintext_hops(settings: Any, role: Role) -> list[str]:
     found: list[str] = []
     files = files_of(settings)
     url = settings.redis_url or ""
-    if role != "up" and not url.startswith("rediss://"):
+    if (role != "up" or url) and not url.startswith("rediss://"):  # up without a URL embeds a TLS Redis
         found.append(f"Redis: BASTION_REDIS_URL must be rediss:// (is {urlsplit(url).scheme or 'unset'}://)")
     if role == "up" and not settings.tls:
         found.append("bastion up: pass --tls (embedded Redis over TLS, HTTPS on the gateway and admin API)")
