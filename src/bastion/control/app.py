@@ -87,7 +87,8 @@ def create_app(settings: Settings, plane: ControlPlane | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         control: ControlPlane = plane if plane is not None else await run_in_threadpool(ControlPlane, settings)
         app.state.control = control
-        await run_in_threadpool(ensure_admin_key, control.registry, settings.admin_key_file)
+        if settings.environment != "production" or settings.admin_key is None:  # production: its own key only
+            await run_in_threadpool(ensure_admin_key, control.registry, settings.admin_key_file)
         await run_in_threadpool(control.publish)
         await run_in_threadpool(control.audit.start)
         app.state.memory = memory.MemoryWatch(control.redis, settings.redis_memory_alert)
