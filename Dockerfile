@@ -46,13 +46,12 @@ RUN python3.11 -m venv /opt/bastion \
     && /opt/bastion/bin/pip uninstall -y pip \
     && mkdir -p /var/lib/bastion /var/lib/bastion/artifacts
 # What the worker's sandbox (bastion.worker.confine) needs from the system and distroless lacks:
-# libseccomp.so.2, which its binding (pyseccomp) finds with ctypes.util.find_library, that is by
-# running `ldconfig -p` (a static binary) over /etc/ld.so.cache. Staged here, copied below.
-RUN mkdir -p /staging/sbin /staging/etc \
+# libseccomp.so.2, which it opens by its soname (dlopen finds Debian's multiarch directory through
+# /etc/ld.so.cache, so the builder's cache, which lists it, comes along). Staged here, copied below.
+RUN mkdir -p /staging/etc \
     && for lib in /usr/lib/*/libseccomp.so.2*; do \
          mkdir -p "/staging${lib%/*}" && cp -a "$lib" "/staging$lib"; \
        done \
-    && cp /sbin/ldconfig /staging/sbin/ldconfig \
     && cp /etc/ld.so.cache /staging/etc/ld.so.cache
 
 FROM ${RUNTIME_IMAGE} AS runtime

@@ -117,6 +117,24 @@ class Settings(BaseSettings):
     grpc_max_connection_idle_s: float = Field(
         default=300.0, gt=0, description="a gRPC connection with no call for this long is closed, seconds"
     )
+    worker_confine: bool = Field(
+        default=True,
+        description="confine the model-running processes (no new privileges, an unprivileged uid when started as "
+        "root, resource limits, seccomp, Landlock; docs/sandbox.md); false: none of it",
+    )
+    worker_uid: int = Field(
+        default=65532, ge=1, description="uid and gid a worker started as root switches to before it reads an artifact"
+    )
+    worker_memory_mb: int = Field(
+        default=4096, ge=256, description="address-space limit (RLIMIT_AS) of a worker process, MiB"
+    )
+    worker_max_files: int = Field(default=256, ge=32, description="open-file limit (RLIMIT_NOFILE) of a worker process")
+    worker_max_procs: int = Field(
+        default=256,
+        ge=16,
+        description="process limit (RLIMIT_NPROC, threads included, machine-wide) of the uid a root-started worker "
+        "switches to; not set for a worker started as an ordinary user",
+    )
     tls_cert: Path | None = Field(
         default=None,
         description="this process's certificate (PEM): its server certificate where it listens (HTTPS, gRPC, "

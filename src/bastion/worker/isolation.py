@@ -6,8 +6,9 @@ in native code. Run in the worker, it would cost a worker process (and a restart
 delivery. So a redelivered job runs in a child forked from the worker - models already loaded,
 memory shared copy-on-write, a fork is milliseconds. The child only computes and writes its
 answer to a pipe, touches nothing of the parent's (connections, locks, files) and ends with
-``os._exit``. If it dies, the worker lives: the job is released for redelivery, counted, and
-dead-lettered after ``max_deliveries``.
+``os._exit``; in a confined worker it is confined further first (``confine.confine_child``: no
+descriptor but its pipe, no socket, no process). If it dies, the worker lives: the job is released
+for redelivery, counted, and dead-lettered after ``max_deliveries``.
 
 onnxruntime is run with one intra-op and one inter-op thread (the defaults here), so the
 forked child has no thread pool of the parent's to miss.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from bastion.errors import InvalidInput
 from bastion.runtime.base import LoadedModel
 from bastion.worker.batching import run_each
+from bastion.worker.confine import confine_child
 
 _OK, _INPUT, _FAILED = b"0", b"1", b"2"
 
@@ -52,6 +54,7 @@ def run_isolated(loaded: LoadedModel, blob: bytes, started: Callable[[Child], No
     if pid == 0:  # the child: compute, answer, leave without running any of the parent's cleanup
         os.close(read_end)
         try:
+            confine_child(write_end)
             payload = _OK + run_each(loaded, blob)
         except InvalidInput as exc:
             payload = _INPUT + exc.detail.encode()
