@@ -65,7 +65,10 @@ def test_init_writes_a_ca_and_a_certificate_per_role_with_the_right_names_and_us
         assert set(sans.get_values_for_type(x509.DNSName)) == {role, "localhost", "bastion.example.com"}
         assert {str(a) for a in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.0.0.7"}
         uses = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        assert set(uses) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+        expected = {ExtendedKeyUsageOID.CLIENT_AUTH}
+        if role != "admin":  # the operator's certificate only connects
+            expected.add(ExtendedKeyUsageOID.SERVER_AUTH)
+        assert set(uses) == expected
         lifetime = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
         assert datetime.timedelta(days=2, hours=23) < lifetime <= datetime.timedelta(days=3)
         assert (tmp_path / f"{role}-key.pem").stat().st_mode & 0o777 == 0o600
@@ -223,6 +226,20 @@ def test_up_tls_every_process_holds_its_own_role_certificate_and_a_rediss_url(up
     assert demo.MODEL_NAME in listing.stdout
 
 
+@needs_tls_redis
+def test_up_tls_admin_api_on_its_inherited_socket_times_out_an_unfinished_handshake(up_tls: UpTLS) -> None:
+    """bastion up hands the admin API its listening socket: the handshake timeout holds there too."""
+    with socket.create_connection(("127.0.0.1", up_tls.control_port), timeout=30) as raw:
+        started = time.monotonic()
+        raw.sendall(b"\x16\x03\x01")
+        try:
+            assert raw.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        waited = time.monotonic() - started
+    assert 8.0 < waited < 14.0, waited  # header_timeout_s is 10 by default (uvloop's own would be 60)
+
+
 # a secure stack: reload, mTLS, gRPC --------------------------------------------------------
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -330,19 +347,29 @@ def test_grpc_serves_over_tls_and_refuses_plaintext(secure: Stack) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_a_tls_handshake_never_finished_is_closed_at_the_head_timeout(secure: Stack) -> None:
-    port = int(secure.gateway.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+@pytest.mark.parametrize("port_of", ["gateway", "admin", "grpc"])
+def test_a_tls_handshake_never_finished_is_closed_at_the_head_timeout(secure: Stack, port_of: str) -> None:
+    port = {
+        "gateway": int(secure.gateway.rsplit(":", 1)[1]),
+        "admin": secure.settings.control_port,
+        "grpc": secure.settings.grpc_port,
+    }[port_of]
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
         started = time.monotonic()
         raw.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and then nothing
-        assert raw.recv(1024) == b""  # closed by the server
+        try:
+            assert raw.recv(1024) == b""  # closed by the server
+        except ConnectionResetError:
+            pass
         waited = time.monotonic() - started
-    assert 2.0 < waited < 8.0, waited  # header_timeout_s is 3 here (asyncio's own default is 60)
+    assert 2.0 < waited < 8.0, waited  # header_timeout_s is 3 here (asyncio's default is 60, gRPC's 120)
 
 
 def test_metrics_ports_ask_for_a_client_certificate(secure: Stack) -> None:
     url = secure.gateway_metrics_url().replace("http://", "https://")
-    assert "bastion_" in httpx.get(url, verify=secure.verify, timeout=10).text
+    port = secure.gateway_metrics_ports[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=10):  # an idle connection, no handshake
+        assert "bastion_" in httpx.get(url, verify=secure.verify, timeout=10).text  # blocks no scrape
     ca_only = TLSFiles(ca=secure.certs / "ca.pem").client_context()
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, verify=ca_only, timeout=10)
@@ -360,6 +387,23 @@ def test_metrics_ports_ask_for_a_client_certificate(secure: Stack) -> None:
             "sslmode=verify-full",
         ),
         ("up", {}, "pass --tls"),
+        (
+            "gateway",
+            {"BASTION_REDIS_URL": "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none&ssl_check_hostname=false"},
+            "must not set ssl_cert_reqs, ssl_check_hostname",
+        ),
+        ("gateway", {"BASTION_REDIS_URL": "REDIS://127.0.0.1:6379/0"}, "must be rediss://"),
+        ("worker", {"BASTION_REDIS_URL": "rediss://r:6379/0", "OTEL_TRACES_EXPORTER": "otlp"}, "http://localhost:4318"),
+        (
+            "gateway",
+            {
+                "BASTION_REDIS_URL": "rediss://r:6379/0",
+                "BASTION_OIDC_ISSUER": "https://idp.example",
+                "BASTION_OIDC_AUDIENCE": "bastion",
+                "BASTION_OIDC_JWKS_URL": "http://idp.example/jwks",
+            },
+            "BASTION_OIDC_JWKS_URL must be https://",
+        ),
         ("up", {"BASTION_TLS": "true", "BASTION_REDIS_URL": "redis://127.0.0.1:6379/0"}, "must be rediss://"),
     ],
 )

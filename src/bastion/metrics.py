@@ -6,7 +6,10 @@ updates; the names are shared so dashboards join them.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +120,48 @@ def serve(port: int, host: str, cert: Path | None = None, key: Path | None = Non
     """Export this process's metrics on ``host:port`` (a thread); over HTTPS with ``cert``/``key``,
     and then only to clients with a certificate from ``ca`` when one is given (the scraper's). False
     when the port is taken (since the supervisor probed it): the caller logs it and runs on without."""
-    tls: dict[str, Any] = {}
-    if cert is not None and key is not None:
-        tls = {"certfile": str(cert), "keyfile": str(key), "tls_min_version": ssl.TLSVersion.TLSv1_2}
-        if ca is not None:
-            tls.update(client_cafile=str(ca), client_auth_required=True)
     try:
-        start_http_server(port, addr=host, **tls)
+        if cert is not None and key is not None:
+            _serve_https(port, host, cert, key, ca)
+        else:
+            start_http_server(port, addr=host)
     except OSError:
         return False
     return True
+
+
+HANDSHAKE_TIMEOUT_S = 5.0
+
+
+class _HTTPSMetrics(ThreadingHTTPServer):
+    """prometheus_client's handler over TLS, the handshake done in each connection's own thread
+    (bounded by ``HANDSHAKE_TIMEOUT_S``): prometheus_client's own TLS server shakes hands in its
+    accept loop, where one idle connection would stop every scrape."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+        from prometheus_client.exposition import MetricsHandler
+
+        self.context = context
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, MetricsHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            secured = self.context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return  # no handshake, a foreign certificate, or none where one is required
+        self.RequestHandlerClass(secured, client_address, self)  # type: ignore[arg-type]
+
+
+def _serve_https(port: int, host: str, cert: Path, key: Path, ca: Path | None) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    if ca is not None:  # only a scraper with a certificate from the CA
+        context.load_verify_locations(cafile=str(ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    server = _HTTPSMetrics((host, port), context)
+    threading.Thread(target=server.serve_forever, name="metrics-https", daemon=True).start()

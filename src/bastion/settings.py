@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         default="off",
         description="client certificates on the admin API (mTLS, signed by tls_ca): off, optional, or required",
     )
+    admin_client_ca: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) that signs admin client certificates; unset: tls_ca. A CA of their own keeps a "
+        "certificate issued for anything else (a shared issuer's) from being taken for an admin's",
+    )
     admin_cert_principals: str = Field(
         default="",
         description="client-certificate common names that are admin principals, as CN=scope[+scope],...  "

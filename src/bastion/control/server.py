@@ -22,11 +22,13 @@ def serve(settings: Settings, fd: int | None = None) -> None:
     logs.configure(settings.log_level, "control")
     tracing.configure("control")
     principals.cert_principals(settings.admin_cert_principals)  # a spec it cannot read stops the start
-    listener = tls.listener(settings, settings.admin_client_certs)
+    listener = tls.listener(settings, settings.admin_client_certs, settings.admin_client_ca)
     config = httpserver.config(
-        create_app(settings), settings, host=settings.control_host, port=settings.control_port, tls=listener, fd=fd
+        create_app(settings), settings, host=settings.control_host, port=settings.control_port, tls=listener
     )
-    _Server(config).run()
+    # An inherited socket is handed over as itself: uvicorn's fd= would take it for AF_UNIX, and
+    # uvloop then drops the TLS handshake timeout (EdgeLoop) of a unix listener.
+    _Server(config).run(sockets=None if fd is None else [socket.socket(fileno=fd)])
 
 
 class _Server(uvicorn.Server):

@@ -51,6 +51,7 @@ def _jwks(settings: Settings) -> JwksCache | None:
         jwks_url=settings.oidc_jwks_url,
         cache_s=settings.oidc_jwks_cache_s,
         min_refetch_s=min(10.0, settings.oidc_jwks_cache_s),
+        https_only=settings.require_tls,
     )
     return JwksCache(config, httpx.AsyncClient(timeout=5.0, follow_redirects=False))
 

@@ -4,7 +4,8 @@
 ``<role>.pem`` / ``<role>-key.pem``: EC P-256, both server and client authentication (a gateway
 serves HTTPS and is a Redis client), SANs ``DNS:<role>``, ``DNS:localhost``, ``IP:127.0.0.1`` and
 every extra host given, common name the role (the admin API maps a client certificate's common name
-to a principal). Leaves live ``days`` (30 by default), the CA ``CA_DAYS``. ``rotate(directory)``
+to a principal); ``admin`` only connects, so its certificate is a client certificate only. Leaves
+live ``days`` (30 by default), the CA ``CA_DAYS``. ``rotate(directory)``
 reissues every leaf under the same CA, each file replaced atomically (a process reloading on SIGHUP
 never reads half a file). Private keys are written 0600; nothing here reads the database, and in
 production the paths come from settings (``tls_cert``, ``tls_key``, ``tls_ca``).
@@ -27,6 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES = ("gateway", "worker", "control", "redis", "postgres", "admin")
+# The admin (an operator's CLI) only ever connects: its certificate is a client certificate only, so
+# its key cannot pose as a server. The others serve too (a worker its metrics port) and connect.
+CLIENT_ONLY = frozenset({"admin"})
 CA_DAYS = 365
 LEAF_DAYS = 30
 CA_NAME = "Bastion development CA"
@@ -120,9 +124,7 @@ def issue(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage(_uses(role)), critical=False)
         .add_extension(x509.SubjectAlternativeName([_general_name(s) for s in sans]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -178,6 +180,12 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey, start: datetime.datetime) -
     )
 
 
+def _uses(role: str) -> list[x509.ObjectIdentifier]:
+    if role in CLIENT_ONLY:
+        return [ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
 def _sans(role: str, hosts: tuple[str, ...]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for host in (role, "localhost", "127.0.0.1", *hosts):
@@ -199,7 +207,8 @@ def _now() -> datetime.datetime:
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """``data`` into ``path`` atomically (a temporary file beside it, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # never write into a file someone else made (or a link they planted)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.write(fd, data)
         os.fchmod(fd, mode)

@@ -41,6 +41,7 @@ class OidcConfig:
     jwks_url: str | None = None
     cache_s: float = 300.0
     min_refetch_s: float = 10.0
+    https_only: bool = False  # require_tls: a discovered jwks_uri in clear is refused (keys could be replaced)
 
 
 class JwksCache:
@@ -87,6 +88,8 @@ class JwksCache:
         url = response.json().get("jwks_uri")
         if not isinstance(url, str):
             raise ValueError("the issuer's discovery document has no jwks_uri")
+        if self.config.https_only and not url.lower().startswith("https://"):
+            raise ValueError("the issuer's jwks_uri is not https:// and BASTION_REQUIRE_TLS is set")
         self._jwks_url = url
         return url
 

@@ -135,11 +135,14 @@ class ServerTLS:
         signal.signal(signal.SIGHUP, handle)
 
 
-def listener(settings: Any, client_certs: ClientCerts = "off") -> ServerTLS | None:
-    """This process's reloading server context (SIGHUP reloads it), or None without ``tls_cert``."""
+def listener(settings: Any, client_certs: ClientCerts = "off", client_ca: Path | None = None) -> ServerTLS | None:
+    """This process's reloading server context (SIGHUP reloads it), or None without ``tls_cert``;
+    ``client_ca``: the CA of client certificates, when not ``tls_ca``."""
     files = files_of(settings)
     if not files.serving:
         return None
+    if client_ca is not None:
+        files = TLSFiles(files.cert, files.key, client_ca)
     server = ServerTLS(files, client_certs)
     server.reload_on_sighup()
     return server
@@ -154,8 +157,11 @@ def plaintext_hops(settings: Any, role: Role) -> list[str]:
     found: list[str] = []
     files = files_of(settings)
     url = settings.redis_url or ""
-    if (role != "up" or url) and not url.startswith("rediss://"):  # up without a URL embeds a TLS Redis
+    if (role != "up" or url) and urlsplit(url).scheme.lower() != "rediss":  # up without a URL embeds one
         found.append(f"Redis: BASTION_REDIS_URL must be rediss:// (is {urlsplit(url).scheme or 'unset'}://)")
+    weakened = {k.lower() for k in parse_qs(urlsplit(url).query)} & {"ssl_cert_reqs", "ssl_check_hostname", "ssl"}
+    if weakened:
+        found.append(f"Redis: BASTION_REDIS_URL must not set {', '.join(sorted(weakened))} (verification stays on)")
     if role == "up" and not settings.tls:
         found.append("bastion up: pass --tls (embedded Redis over TLS, HTTPS on the gateway and admin API)")
     if role in ("gateway", "worker", "control") and (files.cert is None or files.key is None or files.ca is None):
@@ -163,18 +169,24 @@ def plaintext_hops(settings: Any, role: Role) -> list[str]:
     if role == "control":
         found.extend(database_hops(settings.resolved_database_url))
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if endpoint and endpoint.startswith("http://"):
-        found.append("tracing: OTEL_EXPORTER_OTLP_ENDPOINT must be https://")
-    issuer = getattr(settings, "oidc_issuer", None)
-    if issuer and str(issuer).startswith("http://"):
-        found.append("OIDC: BASTION_OIDC_ISSUER must be https://")
+    exporting = os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "otlp" or endpoint
+    if exporting and not _https(endpoint or "http://localhost:4318"):  # the exporter's default is plaintext
+        found.append("tracing: OTEL_EXPORTER_OTLP_ENDPOINT must be https:// (the default is http://localhost:4318)")
+    for name in ("oidc_issuer", "oidc_jwks_url"):
+        value = getattr(settings, name, None)
+        if value and not _https(str(value)):
+            found.append(f"OIDC: BASTION_{name.upper()} must be https:// (keys fetched in clear could be replaced)")
     return found
+
+
+def _https(url: str) -> bool:
+    return urlsplit(url.strip()).scheme.lower() == "https"
 
 
 def database_hops(url: str) -> list[str]:
     """SQLite is a local file (no hop); PostgreSQL must verify the server (``sslmode=verify-full``)
     and present a client certificate (``sslcert``/``sslkey``)."""
-    scheme = urlsplit(url).scheme
+    scheme = urlsplit(url).scheme.lower()
     if scheme.startswith("sqlite"):
         return []
     if not scheme.startswith("postgresql"):

@@ -57,6 +57,8 @@ def options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
         ("grpc.so_reuseport", 1),
+        # a connection's handshake (TLS, then HTTP/2's preface) within the head-read timeout, not gRPC's 120 s
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
     ]
 
 
