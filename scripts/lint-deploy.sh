@@ -103,7 +103,7 @@ VALUE_SETS = {
         "namespace": {"create": True},
         "externalSecrets": {"enabled": True},
         "image": {"digest": "sha256:" + "0" * 64},
-        "control": {"ingressFrom": [{"podSelector": {"matchLabels": {"app": "ops"}}}]},
+        "control": {"ingressFrom": [{"podSelector": {"matchLabels": {"app": "ops"}}}], "adminClientCerts": "required"},
         "workers": {"pools": [
             {"name": "tabular", "models": ["demo", "credit"], "replicas": 1, "minReplicas": 0, "maxReplicas": 4, "lagCount": 5},
             {"name": "llm", "models": ["chat"], "replicas": 1, "minReplicas": 0, "maxReplicas": 2, "lagCount": 1,
