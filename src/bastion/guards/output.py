@@ -1,0 +1,114 @@
+"""Output validation: maximum length, blocked terms, and a JSON schema for structured answers.
+
+An :class:`OutputChecker` is built once from an :class:`OutputPolicy` (blocked terms normalised
+and compiled) and checks each answer; the result passes (``allow``) or refuses (``block``) with a
+reason that names the check, never the offending text. Blocked terms match on the normalised view
+(``bastion.guards.normalize``), so lookalike letters, zero-width characters and case do not hide
+them; a term matches whole words only.
+
+The JSON-schema check (``response_format: {"type": "json_schema", ...}``) uses the ``jsonschema``
+package (Draft 2020-12 unless the schema says otherwise); its reason gives the failing keyword and
+the JSON path, not the value. Whether to retry or refuse on failure is the caller's policy
+(:attr:`OutputPolicy.json_schema_retries`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.guards.normalize import normalize, skeleton, strip_invisible
+from bastion.guards.result import Decision, GuardResult
+
+GUARD = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPolicy:
+    """Limits on an answer; ``None`` or empty turns a check off."""
+
+    max_chars: int | None = None
+    max_tokens: int | None = None
+    blocked_terms: tuple[str, ...] = ()
+    json_schema_retries: int = 0
+
+
+class SchemaError(ValueError):
+    """The JSON schema itself is not valid."""
+
+
+def check_schema(schema: Mapping[str, Any]) -> None:
+    """Raise :class:`SchemaError` when ``schema`` is not a valid JSON schema (call at request time)."""
+    import jsonschema  # type: ignore[import-untyped]  # imported on first use: only JSON-schema answers need it
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        raise SchemaError(f"invalid JSON schema: {exc.message}") from None
+
+
+def schema_violation(answer: str, schema: Mapping[str, Any]) -> str | None:
+    """Why ``answer`` does not satisfy ``schema`` (keyword and path only), or ``None`` if it does."""
+    import jsonschema  # type: ignore[import-untyped]
+
+    try:
+        instance = json.loads(answer)
+    except (ValueError, RecursionError):
+        return "json_invalid: the answer is not JSON"
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    if error is None:
+        return None
+    return f"json_schema: {error.validator} failed at {error.json_path}"
+
+
+class OutputChecker:
+    """Checks answers against one :class:`OutputPolicy`."""
+
+    def __init__(self, policy: OutputPolicy) -> None:
+        self.policy = policy
+        terms = [skeleton(strip_invisible(t)[0]) for t in policy.blocked_terms]
+        terms = [t for t in terms if t]
+        self._terms = (
+            re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t).replace(r"\ ", r"[\W_]*") for t in terms) + r")(?!\w)")
+            if terms
+            else None
+        )
+
+    def blocked_term(self, answer: str) -> bool:
+        """Whether a blocked term appears in ``answer`` (normalised, whole words)."""
+        if self._terms is None:
+            return False
+        view = normalize(answer)
+        return any(self._terms.search(v) for v in (view.text, view.leet, view.smuggled) if v)
+
+    def violation(
+        self, answer: str, *, tokens: int | None = None, schema: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """The first failed check's reason, or ``None``. ``tokens`` is the answer's token count."""
+        p = self.policy
+        if p.max_chars is not None and len(answer) > p.max_chars:
+            return f"max_chars: {len(answer)} > {p.max_chars}"
+        if p.max_tokens is not None and tokens is not None and tokens > p.max_tokens:
+            return f"max_tokens: {tokens} > {p.max_tokens}"
+        if self.blocked_term(answer):
+            return "blocked_term: the answer contains a blocked term"
+        if schema is not None:
+            return schema_violation(answer, schema)
+        return None
+
+    def check(self, answer: str, *, tokens: int | None = None, schema: Mapping[str, Any] | None = None) -> GuardResult:
+        """Pass (``allow``) or refuse (``block``) one answer, with the reason."""
+        started = time.perf_counter_ns()
+        reason = self.violation(answer, tokens=tokens, schema=schema)
+        return GuardResult(
+            guard=GUARD,
+            decision=Decision.BLOCK if reason else Decision.ALLOW,
+            latency_us=(time.perf_counter_ns() - started) // 1000,
+            rules=(reason.split(":")[0],) if reason else (),
+            reason=reason,
+        )
