@@ -284,7 +284,10 @@ def running(root: Path, **settings: Any) -> Iterator[Stack]:
     stack = Stack(root, **settings)
     LIVE.append(stack)
     try:
-        stack.start()
+        try:
+            stack.start()
+        except Exception as exc:  # a stack that did not start: say what its processes logged
+            raise AssertionError(f"{exc}\n{stack.log_tails()}") from exc
         yield stack
     finally:
         LIVE.remove(stack)
