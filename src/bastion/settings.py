@@ -349,7 +349,7 @@ class Settings(BaseSettings):
     worker_prefork: bool = Field(
         default=True,
         description="a worker process is a master that forks its loop and forks it again when it dies "
-        "(a restart in milliseconds, not a fresh start)",
+        "(a restart in milliseconds, not a fresh start); always so while worker_confine is on",
     )
     isolate_redelivered: bool = Field(
         default=True,

@@ -105,6 +105,9 @@ def test_a_confined_process_is_refused_every_hostile_action(unit: Confinement, t
             "postgres": _outcome(lambda: socket.create_connection(("127.0.0.1", 5432), timeout=2).close()),
             "netlink": _outcome(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()),
             "udp": _outcome(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()),
+            # MPTCP: a stream socket Landlock's TCP rules do not see (the protocol is refused instead)
+            "mptcp": _outcome(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).close()),
+            "sctp": _outcome(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132).close()),
             "fork_bomb": _outcome(fork_bomb),
             "forks_before_refused": len(children),
             "artifact": (tmp_path / "artifacts" / "model").read_text(),
@@ -122,6 +125,7 @@ def test_a_confined_process_is_refused_every_hostile_action(unit: Confinement, t
     assert out["shadow"] == out["database"] == out["write_artifact"] == "PermissionError"
     assert out["postgres"] == "PermissionError"  # Landlock: TCP connect to the Redis port only
     assert out["netlink"] == out["udp"] == "PermissionError"  # seccomp: socket() EPERM
+    assert out["mptcp"] == out["sctp"] == "PermissionError"  # seccomp: only protocols 0, TCP, UDP
     assert out["fork_bomb"] == "BlockingIOError"  # RLIMIT_NPROC, per real uid
     assert out["forks_before_refused"] < unit.max_procs
     assert out["artifact"] == "weights" and out["import"] == "email"

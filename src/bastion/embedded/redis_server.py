@@ -3,7 +3,9 @@
 
 It listens on a unix socket inside the data directory (no TCP port, so it never clashes with
 a Redis the machine already runs), or on a free loopback port when the socket path would be
-too long. A random password is set through a 0600 config file, and AOF is on so accepted jobs
+too long or when started as root (the data directory is root's, 0700, so a worker that drops to
+its unprivileged uid could not reach a socket in it; on TCP, Landlock lets it connect to that
+port). A random password is set through a 0600 config file, and AOF is on so accepted jobs
 survive a restart: ``appendfsync everysec`` (every write reaches the file before its reply, so a
 killed Redis loses nothing; a machine crash loses up to a second) or, with durability
 ``always``, an fsync per write.
@@ -136,7 +138,7 @@ class EmbeddedRedis:
                 'tls-protocols "TLSv1.2 TLSv1.3"',
             ]
             self.url = f"rediss://:{quote(password)}@127.0.0.1:{port}/0"
-        elif len(str(sock)) < _MAX_SOCKET_PATH:
+        elif len(str(sock)) < _MAX_SOCKET_PATH and os.geteuid() != 0:
             lines += ["port 0", f"unixsocket {sock}", "unixsocketperm 700"]
             self.url = f"unix://{sock}?password={quote(password)}"
         else:

@@ -181,6 +181,11 @@ def _confine(c: Confinement) -> dict[str, object]:
         log.warning("landlock_unavailable", reason="the kernel has no Landlock (or it is disabled)")
     applied["landlock_abi"] = abi
     applied["seccomp"] = _seccomp_worker(c)
+    if not applied["seccomp"]:  # pyseccomp is a dependency: without it (or libseccomp) the install is broken
+        raise OSError(
+            "seccomp is unavailable (pyseccomp or libseccomp.so.2 missing): not running unconfined; "
+            "install libseccomp2, or set BASTION_WORKER_CONFINE=false to run without any sandbox"
+        )
     return applied
 
 
@@ -489,6 +494,13 @@ def _seccomp_worker(c: Confinement) -> bool:
     for kind in range(16):  # the type's low 4 bits (SOCK_NONBLOCK/CLOEXEC sit above)
         if kind not in kinds:
             _rule(f, refused, "socket", sc.Arg(1, sc.MASKED_EQ, 0xF, kind))
+    # The protocol: the default (0), TCP or UDP only. IPPROTO_MPTCP (262) makes a stream socket that
+    # Landlock's TCP port rules do not see; SCTP and the rest have no business here either.
+    protocols = {0, socket.IPPROTO_TCP, socket.IPPROTO_UDP}
+    for protocol in range(1, socket.IPPROTO_UDP):
+        if protocol not in protocols:
+            _rule(f, refused, "socket", sc.Arg(2, sc.EQ, protocol))
+    _rule(f, refused, "socket", sc.Arg(2, sc.GT, socket.IPPROTO_UDP))
     f.load()
     return True
 

@@ -39,7 +39,9 @@ def run(settings: Settings, runtime: Runtime | None = None) -> None:
     confinement = confine.Confinement.from_settings(settings)
     if confinement.enabled:
         confine.prepare()  # once, in the master: a confined loop could not load libseccomp
-    if settings.worker_prefork:
+    # Confined, the loop is always a fresh fork: the imports above start native threads (numpy's,
+    # onnxruntime's) that a confinement applied here would not reach; a fork has one thread.
+    if settings.worker_prefork or confinement.enabled:
         Prefork(lambda: serve(settings, name, runtime, confinement)).run()
     else:
         serve(settings, name, runtime, confinement)
