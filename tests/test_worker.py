@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -334,3 +336,29 @@ def test_a_job_run_in_a_child_process_answers_the_same_and_a_killed_child_is_rep
     with pytest.raises(ChildDied, match="signal 9"):
         run_isolated(runaway, hostile, lambda child: child.terminate())  # what the OOM killer does
     assert runaway.run({"x": np.ones((1, 30), np.float32)})["y"].tolist() == [[1.0]], "the worker's copy is unharmed"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true", reason="needs root for a pid namespace")
+def test_the_prefork_loop_runs_when_the_master_is_pid_1(tmp_path: Path) -> None:
+    """In a container the worker's master is PID 1: its forked loop must still run (it once took
+    "my parent is 1" for "my master died" and exited at once)."""
+    script = tmp_path / "master.py"
+    script.write_text(
+        "import os, sys\n"
+        "from bastion.worker.prefork import Prefork\n"
+        "marker = sys.argv[1]\n"
+        "def serve():\n"
+        "    open(marker, 'w').write(str(os.getppid()))\n"
+        "pid = Prefork(serve)._fork()\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.WEXITSTATUS(status))\n"
+    )
+    marker = tmp_path / "ran"
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "1"  # the loop ran, and its master was PID 1

@@ -55,6 +55,7 @@ class Prefork:
             time.sleep(backoff)
 
     def _fork(self) -> int:
+        master = os.getpid()
         pid = os.fork()
         if pid:
             self.forks += 1
@@ -64,8 +65,8 @@ class Prefork:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             die_with_parent(signal.SIGKILL)
-            if os.getppid() == 1:  # the master died before PDEATHSIG was set
-                os._exit(1)
+            if os.getppid() != master:  # the master died before PDEATHSIG was set (in a container
+                os._exit(1)  # the master is PID 1 itself, so "parent is 1" cannot be the test)
             self.serve()
             code = 0
         except BaseException as exc:
