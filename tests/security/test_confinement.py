@@ -262,6 +262,44 @@ def test_the_worker_confined_itself_to_its_unprivileged_uid(stack: Stack) -> Non
     assert confined[-1]["landlock_abi"] >= 4 and confined[-1]["seccomp"] is True
 
 
+def test_a_confined_loop_dies_with_its_master(tmp_path: Path) -> None:
+    """The uid drop clears the parent-death signal (a change of credentials does): it is set again,
+    so a master killed with SIGKILL takes its confined loop with it (no orphan serving on)."""
+    with running(tmp_path / "orphan", workers=1, gateways=0, worker_uid=WORKER_UID) as own:
+        master = own.procs["worker-0"].pid
+
+        def loops() -> list[int]:
+            found = []
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    except (OSError, ValueError, IndexError):
+                        continue
+                    if ppid == master:
+                        found.append(int(entry.name))
+            return found
+
+        def uid(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
+            except OSError:
+                return ""
+
+        wait_until(lambda: any(uid(p) == str(WORKER_UID) for p in loops()), 30, "the loop to drop to its uid")
+        (loop,) = loops()
+        os.kill(master, signal.SIGKILL)
+        own.procs["worker-0"].wait(10)
+        wait_until(lambda: not Path(f"/proc/{loop}").exists() or _zombie(loop), 10, "the loop to die with its master")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 SURVIVED = {
     "read_shadow": hostile.REFUSED,
     "read_database": hostile.REFUSED,

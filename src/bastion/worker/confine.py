@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bastion import logs
+from bastion import logs, procs
 
 log = logs.get("bastion.worker")
 
@@ -174,7 +174,12 @@ def _confine(c: Confinement) -> dict[str, object]:
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
     applied["no_new_privs"] = True
     if os.geteuid() == 0:
+        parent, deathsig = os.getppid(), procs.death_signal()
         _drop_uid(c, read, keep_read=abi > 0, applied=applied)
+        if deathsig:  # a change of credentials clears the parent-death signal: set it again
+            procs.die_with_parent(deathsig)
+            if os.getppid() != parent:  # the master died in between: no orphaned loop
+                os._exit(1)
     if ruleset is not None:
         ruleset.restrict(connect=c.connect_ports, bind=c.bind_ports)
     else:
