@@ -7,6 +7,7 @@ control plane are the real ``python -m bastion ...`` processes, talking over soc
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -273,6 +274,69 @@ class Stack:
             client.close()
         assert raw is not None, "no snapshot published"
         return bytes(raw)
+
+
+class Up:
+    """``bastion up`` as a child process (its banner read from stdout, stopped with Ctrl-C)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        gateway_port: int,
+        control_port: int,
+        env: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.gateway_port = gateway_port
+        self.control_port = control_port
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bastion",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--gateway-port",
+                str(gateway_port),
+                "--control-port",
+                str(control_port),
+                "--log-level",
+                "warning",
+                *(extra or []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.out = ""
+
+    def read_banner(self, timeout_s: float = 90) -> str:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while "Press Ctrl-C" not in self.out:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(
+                    f"bastion up exited: {self.out}\n{self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            self.out += line
+            assert time.monotonic() < deadline, self.out
+        return self.out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(60)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+    def pids(self) -> dict[str, int]:
+        return dict(json.loads((self.data_dir / "processes.json").read_text()))
 
 
 LIVE: list[Stack] = []  # the stacks running now: a failed test's report carries their log tails

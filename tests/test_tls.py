@@ -29,7 +29,7 @@ from bastion.errors import Unavailable
 from bastion.gateway.grpc import inference_pb2 as pb
 from bastion.security import certs
 from bastion.security.tls import TLSFiles
-from tests.support import Stack, running, wait_until
+from tests.support import Stack, Up, running, wait_until
 
 ROW = [0.1] * 30
 
@@ -108,69 +108,19 @@ def test_the_cli_makes_and_rotates_certificates(tmp_path: Path) -> None:
 
 
 # bastion up --tls -------------------------------------------------------------------------
-class UpTLS:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.gateway_port, self.control_port = free_port(), free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bastion",
-                "up",
-                "--tls",
-                "--data-dir",
-                str(data_dir),
-                "--gateway-port",
-                str(self.gateway_port),
-                "--control-port",
-                str(self.control_port),
-                "--workers",
-                "1",
-                "--gateways",
-                "1",
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.out = ""
-
-    def banner(self, timeout_s: float = 90) -> str:
-        deadline = time.monotonic() + timeout_s
-        assert self.proc.stdout is not None
-        while "Press Ctrl-C" not in self.out:
-            line = self.proc.stdout.readline()
-            if not line:
-                stderr = self.proc.stderr.read() if self.proc.stderr else ""
-                raise AssertionError(f"bastion up --tls exited: {self.out}\n{stderr}")
-            self.out += line
-            assert time.monotonic() < deadline, self.out
-        return self.out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(60)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
-
 @pytest.fixture(scope="module")
-def up_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpTLS]:
-    instance = UpTLS(tmp_path_factory.mktemp("uptls"))
+def up_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    extra = ["--tls", "--workers", "1", "--gateways", "1"]
+    instance = Up(tmp_path_factory.mktemp("uptls"), free_port(), free_port(), extra=extra)
     try:
-        instance.banner()
+        instance.read_banner()
         yield instance
     finally:
         instance.stop()
 
 
 @needs_tls_redis
-def test_up_tls_prints_a_curl_with_cacert_that_answers_over_https(up_tls: UpTLS) -> None:
+def test_up_tls_prints_a_curl_with_cacert_that_answers_over_https(up_tls: Up) -> None:
     start = up_tls.out.index("curl -s")
     command = shlex.split(up_tls.out[start:].split("\n\n")[0].replace("\\\n", " "))
     assert "--cacert" in command and command[command.index("--cacert") + 1] == str(up_tls.data_dir / "tls/ca.pem")
@@ -182,7 +132,7 @@ def test_up_tls_prints_a_curl_with_cacert_that_answers_over_https(up_tls: UpTLS)
 
 
 @needs_tls_redis
-def test_up_tls_refuses_plaintext_on_the_gateway_admin_and_redis_ports(up_tls: UpTLS) -> None:
+def test_up_tls_refuses_plaintext_on_the_gateway_admin_and_redis_ports(up_tls: Up) -> None:
     for port in (up_tls.gateway_port, up_tls.control_port):
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
@@ -206,7 +156,7 @@ def test_up_tls_refuses_plaintext_on_the_gateway_admin_and_redis_ports(up_tls: U
 
 
 @needs_tls_redis
-def test_up_tls_every_process_holds_its_own_role_certificate_and_a_rediss_url(up_tls: UpTLS) -> None:
+def test_up_tls_every_process_holds_its_own_role_certificate_and_a_rediss_url(up_tls: Up) -> None:
     import json
 
     pids = json.loads((up_tls.data_dir / "processes.json").read_text())
@@ -227,7 +177,7 @@ def test_up_tls_every_process_holds_its_own_role_certificate_and_a_rediss_url(up
 
 
 @needs_tls_redis
-def test_up_tls_admin_api_on_its_inherited_socket_times_out_an_unfinished_handshake(up_tls: UpTLS) -> None:
+def test_up_tls_admin_api_on_its_inherited_socket_times_out_an_unfinished_handshake(up_tls: Up) -> None:
     """bastion up hands the admin API its listening socket: the handshake timeout holds there too."""
     with socket.create_connection(("127.0.0.1", up_tls.control_port), timeout=30) as raw:
         started = time.monotonic()

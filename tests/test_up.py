@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from bastion.embedded.redis_server import free_port
-from tests.support import wait_until
+from tests.support import Up, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -30,66 +29,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-class Up:
-    def __init__(
-        self,
-        data_dir: Path,
-        gateway_port: int,
-        control_port: int,
-        env: dict[str, str] | None = None,
-        extra: list[str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.gateway_port = gateway_port
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bastion",
-                "up",
-                "--data-dir",
-                str(data_dir),
-                "--gateway-port",
-                str(gateway_port),
-                "--control-port",
-                str(control_port),
-                "--log-level",
-                "warning",
-                *(extra or []),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.out = ""
-
-    def read_banner(self, timeout_s: float = 90) -> str:
-        deadline = time.monotonic() + timeout_s
-        assert self.proc.stdout is not None
-        while "Press Ctrl-C" not in self.out:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(
-                    f"bastion up exited: {self.out}\n{self.proc.stderr.read() if self.proc.stderr else ''}"
-                )
-            self.out += line
-            assert time.monotonic() < deadline, self.out
-        return self.out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        code = self.proc.wait(60)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        return code
-
-    def pids(self) -> dict[str, int]:
-        return dict(json.loads((self.data_dir / "processes.json").read_text()))
 
 
 @pytest.fixture(scope="module")
