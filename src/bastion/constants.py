@@ -50,6 +50,13 @@ strike:{client}          a client's failures in the abuse window     strike.lua;
 ban:{client}             the client is banned                        strike.lua; TTL: the ban
 bans:{client}            bans of the client in the last day          strike.lua; TTL 1 day
 abuse:bans               pub/sub channel announcing a ban            -
+tok:{sha256}             a text version's tokenizer JSON (for        control plane: set at publish,
+                         gateways: token counts, chat templates)     deleted when no version in the
+                                                                     snapshot names it
+s:{job id}               a generation job's token chunks (the        worker appends; TTL
+                         gateway relays them as SSE)                 text_stream_ttl_s, refreshed
+x:{job id}               a generation job's cancel flag (the client  gateway sets; TTL
+                         went away)                                  text_stream_ttl_s
 abuse:banned             sorted set: live bans, client id scored by  strike.lua (trims ended ones);
                          the ban's end (epoch s, Redis clock)        TTL abuse_ban_max_s, renewed
 =======================  ==========================================  ==============================
@@ -66,6 +73,9 @@ GATEWAYS_KEY = "gateways"  # live gateways: id -> last beat (unix s); each adds,
 GATEWAY_BEAT_S = 20  # how often a gateway beats (and renews its reply stream's TTL)
 GATEWAY_STALE_S = 60  # a gateway silent this long is gone (its reply stream expires then too)
 JOB_PREFIX = "job:"
+TOKENIZER_PREFIX = "tok:"
+TEXT_STREAM_PREFIX = "s:"
+CANCEL_PREFIX = "x:"
 SHADOW_PREFIX = "shadow:"
 WARM_PREFIX = "warm:"
 TENANT_BUCKET_PREFIX = "rl:t:"

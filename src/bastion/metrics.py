@@ -113,6 +113,24 @@ LIVE_ACCURACY = Gauge(
 )
 LIVE_LABELS = Gauge("bastion_live_labels", "Feedback labels in the accuracy window", ["model", "version", "role"])
 FEEDBACK = Counter("bastion_feedback_total", "Feedback labels received, by result", ["result"])
+# text and LLM serving: guards (gateway: input; worker: output) and tokens
+_GUARD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+GUARD_DECISIONS = Counter(
+    "bastion_guard_decisions_total", "Guard decisions on text requests and answers", ["model", "guard", "decision"]
+)
+GUARD_SECONDS = Histogram(
+    "bastion_guard_seconds", "Time one guard took on one request", ["guard"], buckets=_GUARD_BUCKETS
+)
+PII_REDACTED = Counter(
+    "bastion_pii_redacted_total", "PII values redacted, by kind (never the values)", ["model", "guard", "kind"]
+)
+TEXT_TOKENS = Counter("bastion_text_tokens_total", "Tokens of text requests", ["model", "version", "kind"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "bastion_time_to_first_token_seconds",
+    "From enqueue to a generation's first chunk",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
 TRACE_SPANS = Counter("bastion_trace_spans_total", "Finished trace spans, exported or dropped", ["result"])
 
 

@@ -459,6 +459,28 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="how often payloads past their tenant's retention are destroyed, seconds"
     )
 
+    # text and LLM serving (bastion.text, the OpenAI-compatible routes, bastion.guards)
+    max_tokenizer_bytes: int = Field(
+        default=64 << 20, ge=1024, le=64 << 20, description="largest tokenizer JSON a text version may carry, bytes"
+    )
+    max_prompt_chars: int = Field(
+        default=262_144,
+        ge=1,
+        le=262_144,
+        description="longest text one OpenAI-route request may carry (all messages, or all inputs), characters",
+    )
+    max_messages: int = Field(default=256, ge=1, le=10_000, description="most messages in one chat request")
+    max_embedding_inputs: int = Field(default=256, ge=1, le=2048, description="most strings in one embeddings request")
+    stream_keepalive_s: float = Field(
+        default=10.0, gt=0, le=60, description="an SSE answer with nothing new for this long gets a keep-alive comment"
+    )
+    text_stream_ttl_s: int = Field(
+        default=300, ge=10, le=86_400, description="how long a generation's chunk stream s:{job} and cancel flag live"
+    )
+    generation_batch: int = Field(
+        default=16, ge=1, le=256, description="most generations a worker steps together (continuous batching)"
+    )
+
     # observability: tracing is configured by the standard OTEL_* variables (bastion.tracing)
     # model monitoring (bastion.monitoring): metrics per version, drift, feedback and live accuracy
     monitoring: bool = Field(

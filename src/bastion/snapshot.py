@@ -84,6 +84,26 @@ class TenantInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TextInfo:
+    """What a text version adds (``bastion.text``): its task, its tokenizer and its config.
+
+    ``tokenizer`` is the sha256 of the tokenizer JSON: the artifact store holds it for workers,
+    and the control plane keeps a copy in Redis under ``tok:{sha256}`` for gateways (which count
+    tokens and render chat templates before anything is queued). ``config`` is the task's config
+    as ``EmbeddingConfig.to_dict()`` or ``GenerationConfig.to_dict()`` gives it."""
+
+    task: str  # TASK_EMBEDDING or TASK_GENERATION (bastion.text.jobs)
+    tokenizer: str
+    config: dict[str, Any] = field(compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TextInfo | None:
+        if not data:
+            return None
+        return cls(str(data["task"]), str(data["tokenizer"]), dict(data.get("config") or {}))
+
+
+@dataclass(frozen=True, slots=True)
 class VersionInfo:
     model: str
     version: int
@@ -93,6 +113,7 @@ class VersionInfo:
     # drift bins and model-metric outputs (``bastion.monitoring.bins.spec``), shipped by the control
     # plane; workers compile it once per version (``bastion.monitoring.counting``)
     monitoring: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    text: TextInfo | None = None  # a text model's task, tokenizer and config; None: a tensor model
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +170,8 @@ class ModelRoutes:
     rules: tuple[Rule, ...] = ()
     preload: tuple[int, ...] = ()  # versions about to take traffic: workers load and warm them up now
     serving: Serving = DEFAULT_SERVING
+    # the model's guard policy as ``bastion.guards.parse_policy`` reads it (None: every guard off)
+    guards: dict[str, Any] | None = field(default=None, compare=False)
     shadows: tuple[Route, ...] = field(init=False, default=(), compare=False, repr=False)  # found once
 
     def __post_init__(self) -> None:
@@ -208,6 +231,7 @@ class Snapshot:
                     Signature.from_dict(v["signature"]),
                     v.get("postprocessing"),
                     v.get("monitoring"),
+                    TextInfo.from_dict(v.get("text")),
                 )
             routes = tuple(
                 Route(versions[(name, int(r["version"]))], int(r["weight"]), str(r["role"]))
@@ -230,6 +254,7 @@ class Snapshot:
                 ),
                 preload=tuple(int(v) for v in model.get("preload") or ()),
                 serving=Serving.from_dict(model.get("serving")),
+                guards=model.get("guards") or None,
             )
         tenants = {
             name: TenantInfo(

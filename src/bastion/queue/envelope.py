@@ -31,10 +31,13 @@ rows       input rows
 jur        the caller's tenant's jurisdiction ('' none), for the decision log
 cons       the tenant's consent flags when it asked, for the decision log
 ret        true when the tenant's decision log keeps inputs and outputs (encrypted)
+gen        a generation job's request (``bastion.text.jobs.GenerationRequest.to_member``:
+           max_tokens, sampling, stops, stream, canary marker); absent for every other job
 =========  ====================================================================================
 
 Fields that enqueue.lua adds to the entry: ``c``, the compute units reserved for the job
-(absent: none reserved), and ``q``, '1' when the job holds a slot of its tenant's in-flight cap.
+(absent: none reserved), ``q``, '1' when the job holds a slot of its tenant's in-flight cap, and
+``t``, the text tokens reserved (a text model's job: prompt tokens + ``max_tokens``; absent: none).
 Version 1 was a single ``h`` header (``id|tenant|model|version|deadline|reply|created``) and
 ``n``/``k`` fields; entries of it are still read.
 """
@@ -78,6 +81,7 @@ class Envelope:
     jurisdiction: str = ""
     consents: tuple[str, ...] = ()
     retain: bool = False
+    generation: dict[str, Any] = field(default_factory=dict)
     blob: bytes = b""
     compare: bytes = b""
     evaluation: bytes = b""
@@ -108,6 +112,8 @@ class Envelope:
             meta["cons"] = self.consents
         if self.retain:
             meta["ret"] = True
+        if self.generation:
+            meta["gen"] = self.generation
         found: list[str | bytes] = ["v", VERSION, "m", orjson.dumps(meta), "x", self.blob]
         if self.compare:
             found += ["p", self.compare]
@@ -125,6 +131,7 @@ class Job(Envelope):
     entry_id: str = ""
     cost: float = 0.0
     counted: bool = False
+    tokens: int = 0  # text tokens reserved by admission (settled with the real usage)
     raw: dict[bytes, bytes] = field(default_factory=dict)
 
     @property
@@ -167,6 +174,7 @@ class Job(Envelope):
             jurisdiction=_str(get("jur")),
             consents=_strs(get("cons")),
             retain=get("ret") is True,
+            generation=_dict(get("gen")),
             blob=fields.get(b"x", b""),
             compare=fields.get(b"p", b""),
             evaluation=fields.get(b"e", b""),
@@ -174,6 +182,7 @@ class Job(Envelope):
             entry_id=entry_id,
             cost=_float(fields.get(b"c")),
             counted=fields.get(b"q") == b"1",
+            tokens=_int(fields.get(b"t")),
             raw=fields,
         )
 
@@ -205,12 +214,17 @@ class Job(Envelope):
             entry_id=entry_id,
             cost=_float(fields.get(b"c")),
             counted=fields.get(b"q") == b"1",
+            tokens=_int(fields.get(b"t")),
             raw=fields,
         )
 
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _strs(value: Any) -> tuple[str, ...]:
