@@ -414,21 +414,29 @@ def _lm_tables(w: _Weights, vocab: int, lookup: bool) -> tuple[np.ndarray, np.nd
 
 
 @cache
-def causal_lm_onnx(seed: int = LM_SEED, lookup: bool = True) -> bytes:
+def causal_lm_onnx(
+    seed: int = LM_SEED, lookup: bool = True, *, context: int = LM_MAX_CONTEXT, endless: bool = False
+) -> bytes:
     """The demo GPT-2-style decoder with past key/values (see the module docstring).
 
     Inputs ``input_ids`` [b, s], ``attention_mask`` [b, past + s], ``position_ids`` [b, s] and
     ``past_key_values.{i}.key|value`` [b, heads, past, head_dim]; outputs ``logits`` [b, s, vocab]
     and ``present.{i}.key|value`` [b, heads, past + s, head_dim]. ``lookup=False`` keeps the random
     weights as drawn (a plain untrained GPT-2, for tests that need the attention to matter).
+    ``context`` is the longest sequence it takes (its position table); ``endless=True`` makes the
+    end tokens (``<|eos|>``, ``<|end|>``) all but impossible, so a completion runs to its
+    ``max_tokens`` (streaming, cancellation and token-budget tests and benchmarks need long ones).
     """
     vocab, hidden, heads = len(_vocab()), LM_HIDDEN, LM_HEADS
     head_dim = hidden // heads
     w, g = _Weights(seed), _Graph()
     embedding, head, head_bias = _lm_tables(w, vocab, lookup)
+    if endless:
+        head_bias = head_bias.copy()
+        head_bias[[SPECIAL_TOKENS.index(EOS), SPECIAL_TOKENS.index(END)]] = -1e4
     std = 0.02 if lookup else 0.3
     tokens = g.op("Gather", g.const("token_embedding", embedding), "input_ids", axis=0)
-    pos_table = g.const("position_embedding", w.normal((LM_MAX_CONTEXT, hidden), 0.01 if lookup else 0.5))
+    pos_table = g.const("position_embedding", w.normal((context, hidden), 0.01 if lookup else 0.5))
     h = g.op("Add", tokens, g.op("Gather", pos_table, "position_ids", axis=0))
     bias = _causal_bias(g)
     inputs = [
