@@ -33,6 +33,12 @@ shadow:{model}:{ver}     shadow comparison counters of one version   workers; TT
                                                                      on each comparison
 rl:t:{tenant}:{model}    compute-cost bucket of a tenant and model   enqueue.lua; TTL: time to refill
 rl:k:{key id}            compute-cost bucket of one API key          enqueue.lua; TTL: time to refill
+rl:tt:{tenant}:{model}   text-token bucket of a tenant and model     enqueue.lua; settle.lua gives
+                         (text jobs only)                            unused back; TTL: time to refill
+rl:tr:{tenant}:{model}   text-request bucket of a tenant and model   enqueue.lua; TTL: time to refill
+rl:kt:{key id}           text-token bucket of one API key            enqueue.lua; settle.lua gives
+                                                                     unused back; TTL: time to refill
+rl:kr:{key id}           text-request bucket of one API key          enqueue.lua; TTL: time to refill
 inflight:{tenant}        sorted set: job ids (and open event streams, enqueue.lua adds, the outcome
                          ``sse:...``) holding a slot of the tenant's (outcome.lua) removes;
                          in-flight cap, scored by when the slot      stream_slot.lua adds and removes
@@ -80,6 +86,10 @@ SHADOW_PREFIX = "shadow:"
 WARM_PREFIX = "warm:"
 TENANT_BUCKET_PREFIX = "rl:t:"
 KEY_BUCKET_PREFIX = "rl:k:"
+TENANT_TOKENS_PREFIX = "rl:tt:"
+TENANT_REQUESTS_PREFIX = "rl:tr:"
+KEY_TOKENS_PREFIX = "rl:kt:"
+KEY_REQUESTS_PREFIX = "rl:kr:"
 INFLIGHT_PREFIX = "inflight:"
 COST_PREFIX = "cost:"
 SHADOW_JOB_PREFIX = "sj:"

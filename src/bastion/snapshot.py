@@ -32,24 +32,46 @@ PUBLISH = Lua("publish_snapshot")
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A key's compute-cost budget (``bastion.registry.limits``); a burst of 0 means no bucket."""
+    """A key's budgets (``bastion.registry.limits``); a burst of 0 means no bucket.
+
+    Compute units: ``*_rate`` per second. Text jobs only: tokens and requests, ``*_per_min``
+    refilled per minute, ``*_burst`` the bucket size (resolved: the per-minute amount unless set)."""
 
     tenant_rate: float = 0.0
     tenant_burst: float = 0.0
     key_rate: float = 0.0
     key_burst: float = 0.0
     max_concurrency: int = 0
+    tenant_tokens_per_min: float = 0.0
+    tenant_tokens_burst: float = 0.0
+    tenant_requests_per_min: float = 0.0
+    tenant_requests_burst: float = 0.0
+    key_tokens_per_min: float = 0.0
+    key_tokens_burst: float = 0.0
+    key_requests_per_min: float = 0.0
+    key_requests_burst: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Limits:
+        """A snapshot's limits; a snapshot from before text budgets has none (no bucket)."""
         if not data:
             return NO_LIMITS
+        get = data.get
+
+        def per_min(name: str) -> tuple[float, float]:
+            rate = float(get(f"{name}_per_min") or 0.0)
+            return rate, float(get(f"{name}_burst", rate) or 0.0)
+
         return cls(
-            float(data.get("tenant_rate", 0.0)),
-            float(data.get("tenant_burst", 0.0)),
-            float(data.get("key_rate", 0.0)),
-            float(data.get("key_burst", 0.0)),
-            int(data.get("max_concurrency", 0)),
+            float(get("tenant_rate", 0.0)),
+            float(get("tenant_burst", 0.0)),
+            float(get("key_rate", 0.0)),
+            float(get("key_burst", 0.0)),
+            int(get("max_concurrency", 0)),
+            *per_min("tenant_tokens"),
+            *per_min("tenant_requests"),
+            *per_min("key_tokens"),
+            *per_min("key_requests"),
         )
 
 

@@ -63,6 +63,19 @@ def tenants_set(
     ] = None,
     burst: Annotated[float | None, typer.Option(help="limits: bucket size in compute units; unset: unlimited")] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="limits: jobs in flight at once; 0: no cap")] = None,
+    tokens_per_min: Annotated[
+        int | None,
+        typer.Option(min=0, help="limits: text tokens (prompt + max_tokens) per minute per model; unset: unlimited"),
+    ] = None,
+    tokens_burst: Annotated[
+        int | None, typer.Option(min=1, help="limits: text token bucket size; unset: --tokens-per-min")
+    ] = None,
+    requests_per_min: Annotated[
+        int | None, typer.Option(min=0, help="limits: text requests per minute per model; unset: unlimited")
+    ] = None,
+    requests_burst: Annotated[
+        int | None, typer.Option(min=1, help="limits: text request bucket size; unset: --requests-per-min")
+    ] = None,
     retain_payloads: Annotated[
         str | None,
         typer.Option(
@@ -82,7 +95,15 @@ def tenants_set(
     retain = retention(retain_payloads)
     client = connect(control_url, admin_key, data_dir)
     key = signing_key.read_text() if signing_key else None
-    given = {"units_per_s": units_per_s, "burst": burst, "max_concurrency": max_concurrency}
+    given = {
+        "units_per_s": units_per_s,
+        "burst": burst,
+        "max_concurrency": max_concurrency,
+        "tokens_per_min": tokens_per_min,
+        "tokens_burst": tokens_burst,
+        "requests_per_min": requests_per_min,
+        "requests_burst": requests_burst,
+    }
     limits = {k: v for k, v in given.items() if v is not None} or None
     result = call(lambda: client.set_tenant(name, jurisdiction, key, consent, limits, retain))
     show(result, as_json, lambda t: output.show_record(_fields(t)))

@@ -19,8 +19,12 @@ from bastion.constants import (
     IDEMPOTENCY_PREFIX,
     JOB_EVENTS_CHANNEL,
     JOB_PREFIX,
+    KEY_REQUESTS_PREFIX,
+    KEY_TOKENS_PREFIX,
     LANE_BATCH,
     SHADOW_RECORD_TTL_S,
+    TENANT_REQUESTS_PREFIX,
+    TENANT_TOKENS_PREFIX,
     cost_key,
     dead_letter_key,
     inflight_key,
@@ -44,6 +48,8 @@ START = Lua("start")
 PRUNE = Lua("prune")
 REPLAY = Lua("replay")
 CACHED = Lua("cached")
+
+# Text jobs' buckets (enqueue.lua takes, settle.lua gives tokens back; TTL: time to refill).
 
 NO_KEY = "-"  # a key id for calls without one (its bucket key is never given a budget)
 NO_RECORD = f"{IDEMPOTENCY_PREFIX}-"  # the record slot of a call without an Idempotency-Key (never written)
@@ -98,6 +104,7 @@ class Admit:
     idempotency: tuple[str, str] | None = None  # (record key, request fingerprint) of an Idempotency-Key
     idempotency_ttl_s: int = IDEMPOTENCY_TTL_S
     storage: Storage | None = None  # the tenant's stored-result ledger applies (async jobs of a tenant)
+    tokens: int = 0  # text tokens to reserve (prompt + max_tokens); 0: not a text job, no token bucket
 
 
 def state_key(job: Envelope) -> str:
@@ -132,6 +139,7 @@ def enqueue(env: Envelope, admit: Admit) -> Call:
     ]
     if storage is not None:
         keys += stored_keys(env.tenant)
+    tokens = admit.tokens
     args: list[Any] = [
         admit.max_queue,
         "1" if admit.keep_state else "0",
@@ -156,7 +164,35 @@ def enqueue(env: Envelope, admit: Admit) -> Call:
         storage.max_bytes if storage is not None else 0,
         *env.fields(),
     ]
+    if tokens > 0:  # a text job: its buckets, its tokens and their limits (ARGV[22..30])
+        keys += text_bucket_keys(env.tenant, env.model, env.key_id)
+        args[21:21] = _text_args(tokens, limits)
     return keys, args
+
+
+def text_bucket_keys(tenant: str, model: str, key_id: str) -> list[str]:
+    """The token and request buckets of a text job: the tenant's for the model, then the key's."""
+    key = key_id or NO_KEY
+    return [
+        f"{TENANT_TOKENS_PREFIX}{tenant}:{model}",
+        f"{TENANT_REQUESTS_PREFIX}{tenant}:{model}",
+        f"{KEY_TOKENS_PREFIX}{key}",
+        f"{KEY_REQUESTS_PREFIX}{key}",
+    ]
+
+
+def _text_args(tokens: int, limits: Limits) -> tuple[Any, ...]:
+    return (
+        tokens,
+        limits.tenant_tokens_per_min,
+        limits.tenant_tokens_burst,
+        limits.tenant_requests_per_min,
+        limits.tenant_requests_burst,
+        limits.key_tokens_per_min,
+        limits.key_tokens_burst,
+        limits.key_requests_per_min,
+        limits.key_requests_burst,
+    )
 
 
 def complete(
@@ -283,6 +319,26 @@ def settle(
 ) -> Call:
     keys = [tenant_bucket_key(tenant, model), key_bucket_key(key_id or NO_KEY), cost_key(model, version)]
     return keys, [reserved, measured_reserved, measured_ran, rows_ran, floor_per_row]
+
+
+def settle_text(job: Job, used_tokens: int) -> Call | None:
+    """Give back the tokens a text job reserved and did not use to its token buckets (settle.lua,
+    which learns nothing with 0 rows); None when there is nothing to give back."""
+    unused = job.tokens - max(used_tokens, 0)
+    if job.tokens <= 0 or unused <= 0:
+        return None
+    tenant_tokens, _, key_tokens, _ = text_bucket_keys(job.tenant, job.model, job.key_id)
+    return [tenant_tokens, key_tokens, ""], [job.tokens, job.tokens - unused, 0, 0, 0]
+
+
+def settle_tokens(client: Any, job: Job, used_tokens: int) -> None:
+    """Give back ``job.tokens - used_tokens`` to the job's token buckets (sync client; the worker's
+    call, once per finished generation, cancelled ones included). A bucket is never filled above
+    its burst, one that expired (full again) is left alone, and nothing is ever taken: a job that
+    used more than it reserved (it cannot, ``max_tokens`` bounds it) settles as having used all."""
+    call = settle_text(job, used_tokens)
+    if call is not None:
+        SETTLE.call(client, *call)
 
 
 def prune(stream: str, idle_ms: int, keep: str) -> Call:

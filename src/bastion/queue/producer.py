@@ -32,6 +32,11 @@ class Admission:
     counted: bool = False
     replayed_job: str | None = None  # the Idempotency-Key was used for this request before: its job
     cached: bool = False  # answered from the model's response cache: nothing was queued
+    tokens: int = 0  # text tokens reserved (a text job; 0: none)
+    tenant_tokens_left: float | None = None  # a text job's token and request buckets (None: no bucket)
+    tenant_requests_left: float | None = None
+    key_tokens_left: float | None = None
+    key_requests_left: float | None = None
 
 
 UNLIMITED = Limits()
@@ -68,6 +73,7 @@ class Producer:
         idempotency: tuple[str, str] | None = None,
         max_queue: int | None = None,
         storage: Storage | None = None,
+        tokens: int = 0,
     ) -> Admission:
         """Admit and queue a job, or raise ``RateLimited`` (a budget, the in-flight cap or, with
         ``storage``, the tenant's stored-result count or bytes is spent) or ``Overloaded`` (the
@@ -75,7 +81,13 @@ class Producer:
 
         ``idempotency`` is the (record key, request fingerprint) of an Idempotency-Key; a sync
         job's envelope also names the record (``env.idempotency``), where the worker stores its
-        outcome. ``storage`` applies only to a tenant's async job (``calls.in_ledger``)."""
+        outcome. ``storage`` applies only to a tenant's async job (``calls.in_ledger``).
+
+        ``tokens`` (a text job: prompt tokens + ``max_tokens`` for a generation, the prompt
+        tokens of an embedding) are taken from the caller's token buckets, and one request from
+        its request buckets, in the same atomic call (a refusal is ``RateLimited``); the entry
+        carries them as ``t`` and the worker gives back what the job did not use
+        (``calls.settle_tokens``). 0: not a text job; no token or request bucket is touched."""
         env.created_ms = now_ms = int(time.time() * 1000)
         slot_ms = env.deadline_ms - now_ms + SLOT_MARGIN_MS if env.deadline_ms else ASYNC_SLOT_MS
         admit = Admit(
@@ -87,6 +99,7 @@ class Producer:
             slot_ms=max(slot_ms, SLOT_MARGIN_MS),
             idempotency=idempotency,
             storage=storage if storage is not None and calls.in_ledger(env) else None,
+            tokens=tokens,
         )
         keys, args = calls.enqueue(env, admit)
         loop = asyncio.get_running_loop()
@@ -94,7 +107,7 @@ class Producer:
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((keys, args, future))
-        return admitted(await future, env.model, env.lane)
+        return admitted(await future, env.model, env.lane, tokens)
 
     async def abandon(self, env: Envelope, error: str, ttl_s: int, counted: bool = False) -> bool:
         """Record that the caller stopped waiting; False when the job already had an outcome.
@@ -172,9 +185,21 @@ def enqueue_evaluation(
     admitted(calls.ENQUEUE.call(client, keys, args), model, LANE_BATCH)
 
 
-def admitted(reply: Any, model: str, lane: str) -> Admission:
+def admitted(reply: Any, model: str, lane: str, tokens: int = 0) -> Admission:
     """Turn enqueue.lua's answer into an ``Admission`` or the error that says why it was refused."""
     if int(reply[0]) == 1:
+        if len(reply) > 6:  # a text job: its token and request buckets follow
+            return Admission(
+                float(reply[2]),
+                _number(reply[3]),
+                _number(reply[4]),
+                int(reply[5]) == 1,
+                tokens=tokens,
+                tenant_tokens_left=_number(reply[6]),
+                tenant_requests_left=_number(reply[7]),
+                key_tokens_left=_number(reply[8]),
+                key_requests_left=_number(reply[9]),
+            )
         return Admission(float(reply[2]), _number(reply[3]), _number(reply[4]), int(reply[5]) == 1)
     if int(reply[0]) == 2:
         return Admission(0.0, None, None, replayed_job=_text(reply[1]))
@@ -199,19 +224,109 @@ def admitted(reply: Any, model: str, lane: str) -> Admission:
         raise RateLimited(
             f"the tenant has {_text(reply[2])} jobs in flight, its limit; retry when one finishes", retry_after=1
         )
-    tokens, cost, rate, burst = (float(_text(v)) for v in reply[2:6])
+    level, cost, rate, burst = (float(_text(v)) for v in reply[2:6])
+    if reason in TEXT_BUCKETS:
+        raise text_refusal(reason, level, cost, rate, burst)
     name = "tenant-model" if reason == "tenant" else "key"
     window = refill_seconds(burst, rate)
     if cost > burst:
         wait = window
         detail = f"the request costs {cost:.4g} compute units, more than the {name} budget of {burst:.4g}"
     else:
-        wait = max(1, math.ceil((cost - tokens) / rate)) if rate > 0 else window
-        left = max(tokens, 0)
+        wait = max(1, math.ceil((cost - level) / rate)) if rate > 0 else window
+        left = max(level, 0)
         detail = f"the {name} budget is spent ({left:.4g} of {burst:.4g} units left; this request costs {cost:.4g})"
     raise RateLimited(
-        detail + f"; retry in {wait} s", retry_after=wait, headers=ratelimit_fields(name, tokens, burst, rate, wait)
+        detail + f"; retry in {wait} s", retry_after=wait, headers=ratelimit_fields(name, level, burst, rate, wait)
     )
+
+
+# enqueue.lua's refusal reason of a text bucket -> (RateLimit policy name, what it counts)
+TEXT_BUCKETS = {
+    "tenant_tokens": ("tenant-model-tokens", "token"),
+    "tenant_requests": ("tenant-model-requests", "request"),
+    "key_tokens": ("key-tokens", "token"),
+    "key_requests": ("key-requests", "request"),
+}
+
+
+def text_refusal(reason: str, level: float, need: float, per_min: float, burst: float) -> RateLimited:
+    """The 429 of a spent token or request bucket (refilled ``per_min``), with its RateLimit fields."""
+    name, unit = TEXT_BUCKETS[reason]
+    owner = "tenant-model" if reason.startswith("tenant") else "key"
+    window = minute_refill_seconds(burst, per_min)
+    if need > burst:
+        wait = window
+        detail = f"the request needs {need:.0f} {unit}s, more than the {owner} {unit} budget of {burst:.0f}"
+        if unit == "token":
+            detail += " (it counts the prompt + max_tokens); lower max_tokens or shorten the prompt"
+    else:
+        wait = max(1, minute_refill_seconds(need - level, per_min)) if per_min > 0 else window
+        detail = (
+            f"the {owner} {unit} budget is spent ({max(level, 0):.0f} of {burst:.0f} {unit}s left, "
+            f"{per_min:.0f} a minute; this request needs {need:.0f})"
+        )
+    return RateLimited(
+        detail + f"; retry in {wait} s",
+        retry_after=wait,
+        headers=text_fields(name, level, burst, per_min, wait),
+    )
+
+
+def text_ratelimit_fields(limits: Limits, admission: Admission) -> dict[str, str]:
+    """A queued text job's IETF ``RateLimit-Policy`` / ``RateLimit`` fields: the tighter of its
+    token buckets and the tighter of its request buckets (each list item one bucket; {}: none)."""
+    policies, levels = [], []
+    for pair in (
+        (
+            (admission.tenant_tokens_left, limits.tenant_tokens_burst, limits.tenant_tokens_per_min, "tenant_tokens"),
+            (admission.key_tokens_left, limits.key_tokens_burst, limits.key_tokens_per_min, "key_tokens"),
+        ),
+        (
+            (
+                admission.tenant_requests_left,
+                limits.tenant_requests_burst,
+                limits.tenant_requests_per_min,
+                "tenant_requests",
+            ),
+            (admission.key_requests_left, limits.key_requests_burst, limits.key_requests_per_min, "key_requests"),
+        ),
+    ):
+        found = [(left, burst, per_min, reason) for left, burst, per_min, reason in pair if left is not None]
+        if not found:
+            continue
+        left, burst, per_min, reason = min(found)
+        fields = text_fields(
+            TEXT_BUCKETS[reason][0], left, burst, per_min, minute_refill_seconds(burst - left, per_min)
+        )
+        policies.append(fields["RateLimit-Policy"])
+        levels.append(fields["RateLimit"])
+    if not policies:
+        return {}
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(levels)}
+
+
+def join_ratelimit_fields(*found: dict[str, str]) -> dict[str, str]:
+    """Several buckets' ``RateLimit-Policy`` / ``RateLimit`` fields as one list each (the IETF
+    fields are lists: a text job's compute bucket, then its token and request buckets)."""
+    joined: dict[str, str] = {}
+    for fields in found:
+        for name, value in fields.items():
+            joined[name] = f"{joined[name]}, {value}" if name in joined else value
+    return joined
+
+
+def minute_refill_seconds(units: float, per_min: float) -> int:
+    """Seconds for a bucket refilled ``per_min`` to regain ``units`` (a day when it never refills)."""
+    return max(math.ceil(units * 60 / per_min), 0) if per_min > 0 else 86_400
+
+
+def text_fields(name: str, left: float, burst: float, per_min: float, reset_s: int) -> dict[str, str]:
+    """``ratelimit_fields`` of a token or request bucket refilled per minute."""
+    return {
+        "RateLimit-Policy": f'"{name}";q={int(burst)};w={minute_refill_seconds(burst, per_min)}',
+        "RateLimit": f'"{name}";r={max(int(left), 0)};t={reset_s}',
+    }
 
 
 def refill_seconds(units: float, rate: float) -> int:

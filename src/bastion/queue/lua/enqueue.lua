@@ -37,11 +37,20 @@
 -- ARGV[19] version
 -- KEYS[8] stored-result ledger stored:{tenant}  KEYS[9] its bytes storedb:{tenant} (only with a ledger)
 -- ARGV[20] stored results cap (0: no ledger)  ARGV[21] stored result bytes cap
--- ARGV[22..] stream entry field/value pairs (the envelope)
--- Returns {1, entry-id, cost, tenant tokens left or '', key tokens left or '', 1 if it took a slot}
--- when queued, or
+-- A text job (embedding, generation) has four more KEYS, the last ones (so #KEYS >= 11): its
+-- buckets of tenant tokens rl:tt:{tenant}:{model}, tenant requests rl:tr:{tenant}:{model}, key
+-- tokens rl:kt:{key id} and key requests rl:kr:{key id}; and nine more ARGV before the envelope:
+-- ARGV[22] its text tokens (prompt + max_tokens), ARGV[23..30] each bucket's (refill per minute,
+-- burst (0: no bucket)) in that order. It takes the tokens from each token bucket and 1 from each
+-- request bucket, and its entry gets field 't' = the tokens (settle.lua gives back what it did
+-- not use). Any other job's call is exactly what it was before text jobs: no text bucket.
+-- ARGV[22..] (not a text job) or ARGV[31..] (a text job): stream entry field/value pairs (the envelope)
+-- Returns {1, entry-id, cost, tenant units left or '', key units left or '', 1 if it took a slot}
+-- when queued, a text job's followed by its four text buckets' levels left (or ''), or
 -- {0, reason, detail...}: {'queue', length}, {'concurrency', in flight},
--- {'tenant' | 'key', tokens, cost, rate, burst}, {'idempotency'} (the key was used for another
+-- {'tenant' | 'key', units, cost, rate per second, burst},
+-- {'tenant_tokens' | 'tenant_requests' | 'key_tokens' | 'key_requests', level, need, rate per
+-- minute, burst}, {'idempotency'} (the key was used for another
 -- request), {'stored' | 'stored_bytes', held, cap, seconds until the oldest stored result
 -- expires}, or {2, job id} when the key was already used for this request (nothing is queued).
 if ARGV[15] ~= '' then
@@ -123,6 +132,23 @@ for i, spec in ipairs({{KEYS[3], ARGV[8], ARGV[9], 'tenant'}, {KEYS[4], ARGV[10]
     buckets[i] = {spec[1], tokens, rate, burst}
   end
 end
+local text, first = 0, 22  -- tokens to reserve, and where the envelope starts
+local held_text
+if #KEYS >= 11 then  -- a text job: its four buckets are the last KEYS
+  text, first, held_text = tonumber(ARGV[22]), 31, {}
+  local base = #KEYS - 4
+  for i, name in ipairs({'tenant_tokens', 'tenant_requests', 'key_tokens', 'key_requests'}) do
+    local rate, burst = tonumber(ARGV[21 + 2 * i]) / 60, tonumber(ARGV[22 + 2 * i])
+    if burst > 0 then
+      local need = (i % 2 == 1) and text or 1
+      local tokens = level(KEYS[base + i], rate, burst)
+      if tokens < need then
+        return {0, name, tostring(tokens), tostring(need), ARGV[21 + 2 * i], tostring(burst)}
+      end
+      held_text[i] = {KEYS[base + i], tokens - need, rate, burst}
+    end
+  end
+end
 local cap = tonumber(ARGV[12])
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now_ms)  -- slots whose job never gave them back
@@ -132,19 +158,29 @@ if cap > 0 then
   end
 end
 
+local function take(key, left, rate, burst)  -- its TTL: the time it takes to refill
+  redis.call('HSET', key, 'tokens', tostring(left), 'ts', tostring(now), 'rate', tostring(rate), 'burst',
+             tostring(burst))
+  local ttl = 86400
+  if rate > 0 then ttl = math.min(86400, math.ceil(burst / rate) + 60) end
+  redis.call('EXPIRE', key, ttl)
+  return tostring(left)
+end
 local left = {'', ''}
 for i = 1, 2 do
   local b = buckets[i]
   if b then
-    redis.call('HSET', b[1], 'tokens', tostring(b[2] - cost), 'ts', tostring(now), 'rate', tostring(b[3]),
-               'burst', tostring(b[4]))
-    local ttl = 86400
-    if b[3] > 0 then ttl = math.min(86400, math.ceil(b[4] / b[3]) + 60) end
-    redis.call('EXPIRE', b[1], ttl)
-    left[i] = tostring(b[2] - cost)
+    left[i] = take(b[1], b[2] - cost, b[3], b[4])
   end
 end
 local fields = {'c', tostring(cost), 'q', '0'}
+if text > 0 then
+  for i = 1, 4 do
+    local b = held_text[i]
+    left[2 + i] = b and take(b[1], b[2], b[3], b[4]) or ''
+  end
+  fields[5], fields[6] = 't', tostring(text)
+end
 if cap > 0 then
   local lifetime = tonumber(ARGV[18])
   redis.call('ZADD', KEYS[5], now_ms + lifetime, ARGV[17])
@@ -153,7 +189,7 @@ if cap > 0 then
   end
   fields[4] = '1'  -- the outcome (the worker's or an abandoning gateway's) gives the slot back
 end
-for i = 22, #ARGV do
+for i = first, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 if ARGV[2] == '1' then
@@ -172,5 +208,8 @@ local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 if ARGV[15] ~= '' then
   redis.call('HSET', KEYS[7], 'fp', ARGV[15], 'job', ARGV[17])
   redis.call('EXPIRE', KEYS[7], tonumber(ARGV[16]))
+end
+if text > 0 then
+  return {1, id, tostring(cost), left[1], left[2], cap > 0 and 1 or 0, left[3], left[4], left[5], left[6]}
 end
 return {1, id, tostring(cost), left[1], left[2], cap > 0 and 1 or 0}

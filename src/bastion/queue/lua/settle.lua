@@ -8,6 +8,10 @@
 -- measured nothing and teaches nothing): it moves towards their measured units per row
 -- (exponentially weighted, alpha 0.2), never below the floor.
 --
+-- A text job's unused tokens go back the same way (``calls.settle_tokens``): KEYS[1], KEYS[2]
+-- are then its token buckets, ARGV[1] the tokens reserved, ARGV[2] those used (never more than
+-- reserved: nothing is taken), ARGV[4] 0 (no price is learned; KEYS[3] unused).
+--
 -- KEYS[1] tenant bucket  KEYS[2] key bucket  KEYS[3] version cost hash cost:{model}:{version}
 -- ARGV[1] reserved units  ARGV[2] measured units of the jobs that reserved
 -- ARGV[3] measured units of the jobs that ran  ARGV[4] rows of the jobs that ran (0: learn nothing)
