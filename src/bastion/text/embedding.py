@@ -52,13 +52,16 @@ class Encoder:
         )
 
     def embed_batch(self, batch: Batch) -> np.ndarray:
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        return self.embed_ids(batch.input_ids, batch.attention_mask)
+
+    def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, *, run_options: Any = None) -> np.ndarray:
+        """Pooled vectors of token ids already padded (``[n, s]`` int64 each); ``run_options`` an
+        ``onnxruntime.RunOptions`` (its ``terminate`` flag stops the call)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._token_types:
-            inputs["token_type_ids"] = np.zeros_like(batch.input_ids)
-        (hidden,) = self._session.run([self.config.output], inputs)
-        return pool(
-            np.asarray(hidden), batch.attention_mask, pooling=self.config.pooling, normalize=self.config.normalize
-        )
+            inputs["token_type_ids"] = np.zeros_like(input_ids)
+        (hidden,) = self._session.run([self.config.output], inputs, run_options)
+        return pool(np.asarray(hidden), attention_mask, pooling=self.config.pooling, normalize=self.config.normalize)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``[len(texts), dimensions]`` float32; each text truncated to ``config.max_length`` tokens."""

@@ -6,6 +6,10 @@ every output must have exactly one row per input row, or the jobs are run one by
 A model whose outputs mix rows (e.g. a softmax across the batch) cannot be detected from its
 shapes; such a model must not be served with batching (see ``Signature.batchable``).
 
+A loaded model with a ``pad_values`` attribute (input name → pad value: a text encoder's
+``input_ids`` and ``attention_mask``) has jobs of different widths batched by right-padding those
+inputs to the widest; every other model's inputs are concatenated as they are.
+
 ``observe`` (``bastion.monitoring.counting.Observation``) sees each model call's decoded inputs
 and outputs, and the rows of each job, once the call succeeded; an observer that fails never
 fails the batch.
@@ -13,7 +17,7 @@ fails the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -44,6 +48,9 @@ def run_batch(model: LoadedModel, blobs: list[bytes], observe: Observe | None = 
         return [codec.encode(single)]
     names = list(decoded[0])
     rows = [len(d[names[0]]) for d in decoded]
+    pad_values: Mapping[str, int | float] | None = getattr(model, "pad_values", None)
+    if pad_values:
+        decoded = pad_to_widest(decoded, pad_values)
     batch = {name: np.concatenate([d[name] for d in decoded], axis=0) for name in names}
     outputs = model.run(batch)
     total = sum(rows)
@@ -56,6 +63,23 @@ def run_batch(model: LoadedModel, blobs: list[bytes], observe: Observe | None = 
         codec.encode({name: value[bounds[i] : bounds[i + 1]] for name, value in outputs.items()})
         for i in range(len(decoded))
     ]
+
+
+def pad_to_widest(
+    decoded: list[dict[str, np.ndarray]], pad_values: Mapping[str, int | float]
+) -> list[dict[str, np.ndarray]]:
+    """Right-pad the inputs named in ``pad_values`` (rank 2, ``[rows, width]``) to the widest job's
+    width with their pad value; other inputs are left as they are (then they must agree)."""
+    out = [dict(d) for d in decoded]
+    for name, value in pad_values.items():
+        found = [d.get(name) for d in decoded]
+        if any(f is None or f.ndim != 2 for f in found):
+            continue  # not this model's layout: concatenation decides (and fails clearly)
+        widest = max(f.shape[1] for f in found if f is not None)
+        for d, f in zip(out, found, strict=True):
+            if f is not None and f.shape[1] < widest:
+                d[name] = np.pad(f, ((0, 0), (0, widest - f.shape[1])), constant_values=value)
+    return out
 
 
 def _observe(

@@ -2,9 +2,12 @@
 
 On every new snapshot the worker ``sync``s its cache with the deployments: versions that any
 route or fallback of its models uses, or is about to (``preload``), are loaded and warmed up
-with one inference on zeros (so the first real request does not pay for session start-up), and
+with one inference on zeros (so the first real request does not pay for session start-up; a text
+model on one token), and
 versions nothing routes to are unloaded. A job for another version (a job queued before a
-rollback, say) loads it on demand.
+rollback, say) loads it on demand. A text version (``VersionInfo.text``) loads as
+``worker.text``'s embedding or generation model, its tokenizer read from the artifact store and
+checked against its sha256 as the graph is.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from bastion import logs, metrics
 from bastion.artifacts.store import ArtifactStore
 from bastion.errors import IntegrityError, JobFailed, NotFound
 from bastion.runtime.base import LoadedModel, Runtime
-from bastion.snapshot import Snapshot
-from bastion.worker import postprocess
+from bastion.snapshot import Snapshot, VersionInfo
+from bastion.worker import postprocess, text
 
 log = logs.get("bastion.worker")
 
@@ -44,9 +47,7 @@ class ModelCache:
         if refused is not None and time.monotonic() - refused[0] < self.retry_s:
             raise JobFailed(refused[1])
         try:
-            loaded = postprocess.wrap(
-                self.runtime.load(self.store.open(info.sha256)), info.signature, info.postprocessing
-            )
+            loaded = self._open(info)
         except IntegrityError as exc:
             metrics.ERRORS.labels("worker", "artifact_integrity").inc()
             log.error("artifact_refused", model=model, version=version, sha256=info.sha256, reason=exc.detail)
@@ -62,6 +63,22 @@ class ModelCache:
         metrics.MODELS_LOADED.set(len(self._loaded))
         log.info("model_loaded", model=model, version=version, sha256=info.sha256)
         return loaded
+
+    def _open(self, info: VersionInfo) -> LoadedModel:
+        """The version's model; a text version's tokenizer is verified against its digest too."""
+        if info.text is None:
+            return postprocess.wrap(
+                self.runtime.load(self.store.open(info.sha256)), info.signature, info.postprocessing
+            )
+        graph = self.store.open(info.sha256)
+        tokenizer = self.store.open(info.text.tokenizer)
+        return text.load(
+            info.text,
+            graph,
+            tokenizer,
+            intra_threads=int(getattr(self.runtime, "intra_threads", 1)),
+            inter_threads=int(getattr(self.runtime, "inter_threads", 1)),
+        )
 
     def sync(self, snapshot: Snapshot, models: list[str]) -> None:
         """Load and warm up every routed version of ``models``; unload the versions nothing routes to."""
@@ -88,11 +105,17 @@ class ModelCache:
     def loaded_versions(self) -> set[tuple[str, int]]:
         return set(self._loaded)
 
+    def loaded_models(self) -> dict[tuple[str, int], LoadedModel]:
+        return dict(self._loaded)
+
     @staticmethod
     def _warm_up(snapshot: Snapshot, model: str, version: int, loaded: LoadedModel) -> None:
         signature = snapshot.versions[(model, version)].signature
-        inputs = {s.name: np.zeros([d or 1 for d in s.shape], dtype=s.dtype) for s in signature.inputs}
         try:
+            if isinstance(loaded, text.EmbeddingModel | text.GenerationModel):
+                loaded.warm_up()  # one pad token (one token of a prompt): what a text model accepts
+                return
+            inputs = {s.name: np.zeros([d or 1 for d in s.shape], dtype=s.dtype) for s in signature.inputs}
             loaded.run(inputs)
         except Exception as exc:  # a model may refuse zeros; real inputs will tell
             log.warning("warm_up_failed", model=model, version=version, error_type=type(exc).__name__)

@@ -6,6 +6,12 @@ in the stream for the next worker. When Redis refuses to store outcomes (out of 
 worker keeps them and tries again for up to ``STORE_FULL_HOLD_S``, its jobs' claim kept alive
 meanwhile; jobs still refused then stay pending and are redelivered later - never lost.
 
+Text versions: embedding jobs are batched like any other, padded to the widest
+(``worker.batching``); generation jobs are handed to ``worker.generate.Generations``, which the
+loop steps between its reads (continuous batching; no read blocks, and no batch is waited for,
+while a generation runs). Once a text job's outcome is stored, the tokens it reserved beyond
+what it used go back to its token budget (``bastion.queue.calls.settle_tokens``).
+
 With tracing on, each model version's batch has its spans (``worker.spans``): a batch span
 linked to each job's trace, a child span per job in that job's trace, model calls and the reply.
 """
@@ -18,10 +24,11 @@ from collections import defaultdict
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
-from bastion import holdout, logs, metrics, tracing
+from bastion import codec, holdout, logs, metrics, tracing
 from bastion.constants import (
     LANE_SHADOW,
     SNAPSHOT_CHANNEL,
@@ -34,23 +41,28 @@ from bastion.constants import (
 )
 from bastion.errors import BastionError, InvalidInput
 from bastion.monitoring.counting import Monitor
+from bastion.queue import calls
 from bastion.queue.calls import DeadLetters
 from bastion.queue.consumer import Consumer, Outcome, out_of_memory
 from bastion.queue.envelope import Job
 from bastion.runtime.base import LoadedModel
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
+from bastion.text.jobs import ATTENTION_MASK, TASK_GENERATION
 from bastion.worker import evaluation, shadow, spans
 from bastion.worker.batching import run_batch, run_each
+from bastion.worker.generate import Generations
 from bastion.worker.heartbeat import Heartbeat, TimeLimited
 from bastion.worker.isolation import Child, ChildDied, run_isolated
 from bastion.worker.models import ModelCache
 from bastion.worker.spans import BatchSpans
+from bastion.worker.text import EmbeddingModel, GenerationModel
 
 log = logs.get("bastion.worker")
 
 STORE_FULL_HOLD_S = 60.0  # how long refused outcomes are kept and retried before the jobs go back
 STORE_FULL_BACKOFF_S = (0.25, 5.0)  # first and longest wait between tries
+GENERATION_DRAIN_S = 30.0  # how long a stopping worker lets its running generations go on
 
 
 class Worker:
@@ -81,6 +93,8 @@ class Worker:
         self._next_reclaim = 0.0
         self._next_prune = 0.0
         self._reported_warm: set[tuple[str, int]] = set()
+        self.generations = Generations(client, settings, name)
+        self._generation_models: frozenset[str] = frozenset()  # models whose routed versions generate
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
 
     # lifecycle ---------------------------------------------------------------------------
@@ -117,6 +131,7 @@ class Worker:
                 metrics.ERRORS.labels("worker", "loop").inc()
                 log.error("worker_step_failed", worker=self.name, error_type=type(exc).__name__, exc_info=exc)
                 time.sleep(0.5)
+        self._drain_generations()
         self._pubsub.close()
         try:
             self.monitor.flush(force=True)
@@ -132,11 +147,37 @@ class Worker:
         if now >= self._next_reclaim:
             self._next_reclaim = now + max(self.settings.visibility_timeout_s / 4, 0.05)
             self.reclaim()
-        jobs = self.consumer.read(self.models, self.settings.max_batch, block_ms=100, shadowed=self.shadowed)
+        generating = self.generations.busy
+        models = self.models
+        if self.generations.full:  # at the bound: only other models' jobs are read meanwhile
+            models = [m for m in models if m not in self._generation_models]
+        jobs = self.consumer.read(
+            models, self.settings.max_batch, block_ms=None if generating else 100, shadowed=self.shadowed
+        )
         if jobs:
-            self._fill(jobs)
+            if not generating and not any(self._generates(j) for j in jobs):
+                self._fill(jobs)  # (never for a generation: its first token is not delayed)
             self.process(jobs)
+        if self.generations.busy:
+            self._finish(self.generations.step())
         self.monitor.flush()  # at most every monitoring_flush_s: one pipeline
+
+    def _generates(self, job: Job) -> bool:
+        info = self.snapshot.versions.get((job.model, job.version))
+        return info is not None and info.text is not None and info.text.task == TASK_GENERATION
+
+    def _drain_generations(self) -> None:
+        """Stopping: let running generations end (up to ``max_job_s``), then end the rest as cancelled."""
+        give_up = time.monotonic() + min(self.settings.max_job_s, GENERATION_DRAIN_S)
+        while self.generations.busy:
+            try:
+                if time.monotonic() > give_up:
+                    self._finish(self.generations.abandon())
+                    return
+                self._finish(self.generations.step())
+            except (redis.RedisError, OSError) as exc:  # unacknowledged: redelivered later
+                log.warning("generation_drain_failed", worker=self.name, error_type=type(exc).__name__)
+                return
 
     def _fill(self, jobs: list[Job]) -> None:
         """Wait up to ``max_wait_ms`` for more jobs to fill the batch.
@@ -183,6 +224,14 @@ class Worker:
             m for m in self.models if snapshot.models[m].shadows
         }
         self.cache.sync(snapshot, self.models)
+        self.generations.forget(self.cache.loaded_models())
+        self._generation_models = frozenset(
+            m
+            for m in self.models
+            if any(
+                r.version.text is not None and r.version.text.task == TASK_GENERATION for r in snapshot.models[m].routes
+            )
+        )
         self._report_warm()
         return True
 
@@ -255,7 +304,8 @@ class Worker:
         """Run and complete ``jobs``, keeping their claim alive while they run; jobs whose model
         call was stopped by the time limit, or whose process died, are released for redelivery
         (counted). ``suspect`` jobs (redelivered ones) run alone, each in a child process."""
-        with Heartbeat(self.consumer, jobs, self.settings.visibility_timeout_s, self.settings.max_job_s) as beat:
+        held = [*jobs, *self.generations.jobs()]  # generations running meanwhile keep their claim too
+        with Heartbeat(self.consumer, held, self.settings.visibility_timeout_s, self.settings.max_job_s) as beat:
             released = self._process(jobs, beat, suspect)
         if released:
             log.warning("jobs_released", reason="time_limit", job_ids=[j.job_id for j in released][:20])
@@ -283,6 +333,9 @@ class Worker:
         # Each model version's outcomes are stored as soon as it has run: if a later group kills
         # this worker, only that group's jobs come back.
         for (model, version), group in groups.items():
+            if self._generates(group[0]):
+                self._finish(self._start_generations(model, version, group))
+                continue
             if not tracing.ON:
                 self._finish(self._run_group(model, version, group, beat, released, suspect))
                 continue
@@ -298,6 +351,16 @@ class Worker:
             finally:
                 batch.end(done, released)
         return released
+
+    def _start_generations(self, model: str, version: int, jobs: list[Job]) -> list[Outcome]:
+        """Hand generation jobs to the engine (``step`` runs them); the outcomes of those that cannot start."""
+        try:
+            loaded = self._load(model, version)
+        except BastionError as exc:
+            return [Outcome(j, STATUS_FAILED, error=exc.detail, measured_units=0.0) for j in jobs]
+        if not isinstance(loaded, GenerationModel):
+            return [Outcome(j, STATUS_FAILED, error="the version is not a generation model") for j in jobs]
+        return self.generations.start(jobs, loaded, self.snapshot)
 
     def _mark_running(self, jobs: list[Job]) -> None:
         """'running' is only shown to the job's owner: a Redis out of memory does not stop the run."""
@@ -324,6 +387,7 @@ class Worker:
             self.monitor.finished([o for o in done if o.stored])
             try:
                 self.consumer.settle(done)
+                self._settle_tokens(done)
                 self._record_shadows(done)
             except redis.ResponseError as exc:  # stored and acknowledged: only the correction is lost
                 if not out_of_memory(exc):
@@ -341,6 +405,23 @@ class Worker:
             log.warning("job_store_full", action="outcomes kept, retrying", count=len(outcomes), retry_s=wait)
             time.sleep(wait)
             wait = min(wait * 2, STORE_FULL_BACKOFF_S[1])
+
+    def _settle_tokens(self, outcomes: list[Outcome]) -> None:
+        """Give back what text jobs reserved beyond what they used (their first outcome only)."""
+        settle = getattr(calls, "settle_tokens", None)  # (bastion.queue.calls; absent before token budgets)
+        for o in outcomes:
+            used = self.generations.used_tokens.pop(o.job.job_id, 0)
+            if o.status != STATUS_SUCCEEDED and not self._generates(o.job):
+                used = 0  # an embedding that failed was not served: all its tokens go back
+            if settle is None or not o.settles or o.job.tokens <= 0:
+                continue
+            try:
+                settle(self.client, o.job, used)
+            except redis.RedisError as exc:
+                if not isinstance(exc, redis.ResponseError) or not out_of_memory(exc):
+                    raise
+                metrics.ERRORS.labels("worker", "store_full").inc()
+                log.warning("job_store_full", action="tokens not settled", job_id=o.job.job_id)
 
     def _evaluate(self, job: Job) -> Outcome:
         """Run a version on a holdout set (read from the artifact store, verified) and report metrics."""
@@ -393,6 +474,8 @@ class Worker:
             loaded = self._load(model, version)
         except BastionError as exc:
             return [Outcome(j, STATUS_FAILED, error=exc.detail) for j in jobs]
+        if isinstance(loaded, EmbeddingModel):
+            self._count_embedding_tokens(model, version, jobs)
         if suspect:
             return self._run_alone(loaded, jobs, beat, released, isolated=True)
         info = self.snapshot.versions.get((model, version))
@@ -432,6 +515,18 @@ class Worker:
             metrics.INFERENCE_SECONDS.labels(model, str(version)).observe(elapsed)
             metrics.BATCH_JOBS.labels(model).observe(len(chunk))
         return outcomes
+
+    def _count_embedding_tokens(self, model: str, version: int, jobs: list[Job]) -> None:
+        """Each embedding job's tokens (its mask's ones): the usage its token budget settles."""
+        for job in jobs:
+            try:
+                mask = codec.decode(job.blob).get(ATTENTION_MASK)
+            except Exception:  # a malformed job fails when it runs; it used nothing
+                mask = None
+            if mask is not None and mask.dtype.kind in "iub":
+                used = int(np.count_nonzero(mask))
+                self.generations.used_tokens[job.job_id] = used
+                metrics.TEXT_TOKENS.labels(model, str(version), "prompt").inc(used)
 
     def _load(self, model: str, version: int) -> LoadedModel:
         if (model, version) not in self.snapshot.versions:
