@@ -129,7 +129,37 @@ def decision_doc(
         "consents": sorted(c for c in consents if isinstance(c, str)) if isinstance(consents, list) else [],
         "rows": as_int(get("rows")),
         "payload": "encrypted" if kept else "none",
+        **_guards(get("guards")),
     }
+
+
+_GUARD_MEMBERS = 16  # results kept per decision (a text request runs at most a handful of guards)
+
+
+def _guards(found: Any) -> dict[str, Any]:
+    """The guard results of a text decision, bounded and typed (no text: names, decisions,
+    latencies, counts, rule ids); nothing for a decision no guard looked at (so the leaves of
+    tensor models are as before)."""
+    if not isinstance(found, list) or not found:
+        return {}
+    kept = []
+    for item in found[:_GUARD_MEMBERS]:
+        if not isinstance(item, dict):
+            continue
+        counts = item.get("counts")
+        rules = item.get("rules")
+        kept.append(
+            {
+                "guard": column(text(item.get("guard")), 32),
+                "decision": column(text(item.get("decision")), 16),
+                "latency_us": as_int(item.get("latency_us")),
+                "counts": {str(k)[:32]: as_int(v) for k, v in list(counts.items())[:32] if isinstance(v, int)}
+                if isinstance(counts, dict)
+                else {},
+                "rules": [column(r, 64) for r in rules[:32] if isinstance(r, str)] if isinstance(rules, list) else [],
+            }
+        )
+    return {"guards": kept} if kept else {}
 
 
 def admin_doc(row: AdminChange) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -49,6 +49,7 @@ class Outcome:
     stored: bool = False  # set by ``complete``: this outcome is the job's (not a redelivery's repeat)
     settles: bool = False  # set by ``complete``: the first worker outcome, which settles the cost
     refused: bool = False  # set by ``complete``: Redis refused the write (out of memory); still pending
+    guards: list[dict[str, Any]] = field(default_factory=list)  # output guard results, for the decision log
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,7 @@ class Consumer:
             ttl = self._result_ttl_s if job.is_async else self._sync_ttl(job, now_ms)
             decision = b""
             if self._artifact_of is not None and o.status == STATUS_SUCCEEDED and decisions.is_decision(job):
-                decision = decisions.event(job, self._artifact_of(job.model, job.version), now_ms)
+                decision = decisions.event(job, self._artifact_of(job.model, job.version), now_ms, guards=o.guards)
             keys, args = calls.complete(
                 job,
                 o.status,

@@ -19,7 +19,9 @@ sha256), role (primary, canary, fallback), cache (answered from the response cac
 policy rule that applied), tp (the job's traceparent: with tracing on, the worker's job span,
 which the control plane's ``audit append`` span continues; the gateway's for a cache hit), rid
 (request id), input_sha256 (of the canonical encoded input tensors), latency_ms (queued or
-asked → final), jurisdiction, consents, rows, retain.
+asked → final), jurisdiction, consents, rows, retain, and for text models guards: each guard's
+result (the gateway's input guards, then the worker's output guards: name, decision, latency in
+microseconds, counts by kind, rule ids; never any text), absent when no guard ran.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ def is_decision(job: Envelope) -> bool:
     return job.role not in (ROLE_SHADOW, ROLE_EVALUATION) and job.tenant != EVALUATION_TENANT
 
 
-def event(job: Envelope, artifact: str, at_ms: int, *, cache: bool = False, latency_ms: float | None = None) -> bytes:
+def event(
+    job: Envelope,
+    artifact: str,
+    at_ms: int,
+    *,
+    cache: bool = False,
+    latency_ms: float | None = None,
+    guards: list[dict[str, Any]] | None = None,
+) -> bytes:
     """The ``e`` document of ``job``'s decision, final at ``at_ms``."""
     doc: dict[str, Any] = {
         "id": job.job_id,
@@ -64,4 +74,6 @@ def event(job: Envelope, artifact: str, at_ms: int, *, cache: bool = False, late
         "rows": job.rows,
         "retain": job.retain,
     }
+    if job.guards or guards:
+        doc["guards"] = [*job.guards, *(guards or ())]
     return orjson.dumps(doc)

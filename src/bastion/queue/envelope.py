@@ -31,6 +31,8 @@ rows       input rows
 jur        the caller's tenant's jurisdiction ('' none), for the decision log
 cons       the tenant's consent flags when it asked, for the decision log
 ret        true when the tenant's decision log keeps inputs and outputs (encrypted)
+grd        the gateway's input guard results (``GuardResult.to_dict()`` each: guard, decision,
+           latency, counts, rule ids; never text), for the decision log; absent: none ran
 gen        a generation job's request (``bastion.text.jobs.GenerationRequest.to_member``:
            max_tokens, sampling, stops, stream, canary marker); absent for every other job
 =========  ====================================================================================
@@ -82,6 +84,7 @@ class Envelope:
     consents: tuple[str, ...] = ()
     retain: bool = False
     generation: dict[str, Any] = field(default_factory=dict)
+    guards: list[dict[str, Any]] = field(default_factory=list)
     blob: bytes = b""
     compare: bytes = b""
     evaluation: bytes = b""
@@ -114,6 +117,8 @@ class Envelope:
             meta["ret"] = True
         if self.generation:
             meta["gen"] = self.generation
+        if self.guards:
+            meta["grd"] = self.guards
         found: list[str | bytes] = ["v", VERSION, "m", orjson.dumps(meta), "x", self.blob]
         if self.compare:
             found += ["p", self.compare]
@@ -175,6 +180,7 @@ class Job(Envelope):
             consents=_strs(get("cons")),
             retain=get("ret") is True,
             generation=_dict(get("gen")),
+            guards=_dicts(get("grd")),
             blob=fields.get(b"x", b""),
             compare=fields.get(b"p", b""),
             evaluation=fields.get(b"e", b""),
@@ -225,6 +231,10 @@ def _str(value: Any) -> str:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _strs(value: Any) -> tuple[str, ...]:

@@ -320,6 +320,7 @@ class Generations:
             completion = Completion(ending.text, r.prompt_tokens, r.completion_tokens, ending.finish)
             outcome = Outcome(job, STATUS_SUCCEEDED, result=codec.encode(outputs(completion)), measured_units=r.cost_ms)
         outcome.ran = True
+        outcome.guards = [result.to_dict() for result in ending.results]
         return outcome
 
     def _fail(self, pipe: Any, r: _Running, message: str) -> Outcome:
