@@ -477,6 +477,12 @@ class Settings(BaseSettings):
     text_stream_ttl_s: int = Field(
         default=300, ge=10, le=86_400, description="how long a generation's chunk stream s:{job} and cancel flag live"
     )
+    upstream_hosts: str = Field(
+        default="",
+        description="host:port pairs (comma-separated) of OpenAI-compatible servers a worker may forward "
+        "generation to (upstream versions); a version naming any other is refused by the worker, and a "
+        "confined worker can connect to no other",
+    )
     generation_batch: int = Field(
         default=16, ge=1, le=256, description="most generations a worker steps together (continuous batching)"
     )
