@@ -191,6 +191,7 @@ def _every_admin_action(stack: Stack, op: Operator, admin: Operator) -> list[Cal
     call(op, "POST", "/models/{name}/enable", "deployment.enable", f"/models/{MODEL}/enable")
     serving = _json({"cache_ttl_s": 5})
     call(op, "PUT", "/models/{name}/serving", "serving.set", f"/models/{MODEL}/serving", serving, chunked=True)
+    call(op, "PUT", "/models/{name}/guards", "guards.set", f"/models/{MODEL}/guards", _json({"injection": "flag"}))
     call(op, "DELETE", "/models/{name}/shadow", "shadow.reset", f"/models/{MODEL}/shadow")
     replay = "/models/{name}/dead-letters/replay"
     call(op, "POST", replay, "deadletters.replay", f"/models/{MODEL}/dead-letters/replay", _json({"ids": []}))

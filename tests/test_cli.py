@@ -358,7 +358,7 @@ def test_doctor_checks_every_process_of_a_real_bastion_up(tmp_path: Path) -> Non
         }, table
         details = {f["check"]: f["detail"] for f in findings}
         assert "control, gateway-0, redis, worker-0" in details["processes"]
-        assert str(ports["worker-metrics"]) in details["metrics"] and "1 model version loaded" in details["worker-0"]
+        assert str(ports["worker-metrics"]) in details["metrics"] and "3 model versions loaded" in details["worker-0"]
         key = (tmp_path / "admin.key").read_text().strip()
         assert key not in table and key not in json.dumps(findings)
     finally:

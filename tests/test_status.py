@@ -51,6 +51,12 @@ def _status(up: Up) -> dict[str, Any]:
     return found
 
 
+def _tabular(status: dict[str, Any]) -> dict[str, Any]:
+    """The demo tabular model's entry (bastion up registers the demo text models beside it)."""
+    found: dict[str, Any] = next(m for m in status["models"] if m["name"] == demo.MODEL_NAME)
+    return found
+
+
 def _admin(up: Up) -> httpx.Client:
     endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
     key = (up.data_dir / "admin.key").read_text().strip()
@@ -80,7 +86,7 @@ def test_status_json_counts_the_predictions_sent_per_version(up: Up) -> None:
     _predict(up, 20)
 
     def counted() -> bool:
-        versions = _status(up)["models"][0]["versions"]
+        versions = _tabular(_status(up))["versions"]
         return bool(versions) and versions[0]["jobs"] >= 20
 
     wait_until(counted, 30, "the status to count 20 jobs", interval_s=0.5)
@@ -90,8 +96,9 @@ def test_status_json_counts_the_predictions_sent_per_version(up: Up) -> None:
     [worker] = status["workers"]
     assert worker["name"] == "worker-0" and worker["alive"] and demo.MODEL_NAME in worker["models"]
     assert f"{demo.MODEL_NAME}:1" in worker["warm"]
-    [model] = status["models"]
-    assert model["name"] == demo.MODEL_NAME and model["enabled"]
+    model = _tabular(status)
+    assert model["enabled"]
+    assert {m["name"] for m in status["models"]} == {demo.MODEL_NAME, "demo-chat", "demo-embed"}  # bastion up's demos
     assert set(model["queue_depth"]) == {"sync", "batch", "shadow"}
     [version] = model["versions"]
     assert (version["version"], version["role"], version["weight_share"], version["traffic_share"]) == (
@@ -180,10 +187,10 @@ def test_live_accuracy_from_feedback_labels_is_shown_per_version(up: Up) -> None
             wait_until(recorded, 30, "the label to be recorded", interval_s=0.2)
 
     def graded() -> bool:
-        return bool(_status(up)["models"][0]["versions"][0]["labels"] >= 10)
+        return bool(_tabular(_status(up))["versions"][0]["labels"] >= 10)
 
     wait_until(graded, 45, "the status to count ten labels", interval_s=0.5)  # quality: read every 15 s
-    version = _status(up)["models"][0]["versions"][0]
+    version = _tabular(_status(up))["versions"][0]
     accuracy = version["live_accuracy"]
     assert version["labels"] == 10 and accuracy["value"] == 0.8
     assert accuracy["low"] < 0.8 < accuracy["high"]

@@ -59,6 +59,26 @@ def test_the_printed_curl_returns_a_prediction(up: Up) -> None:
     assert re.search(r"bst_[A-Za-z0-9]+_[A-Za-z0-9_-]+", up.out)
 
 
+def test_the_banner_prints_a_ready_openai_sdk_line_for_the_demo_chat_model(up: Up) -> None:
+    code = next(line.strip() for line in up.out.splitlines() if "from openai import OpenAI" in line)
+    compile(code, "<banner>", "exec")  # valid Python as printed
+    key = re.search(r"bst_[A-Za-z0-9]+_[A-Za-z0-9_-]+", up.out)
+    assert key is not None
+    assert f'OpenAI(base_url="http://127.0.0.1:{up.gateway_port}/v1", api_key="{key.group(0)}")' in code
+    assert 'model="demo-chat"' in code
+    probe = httpx.post(
+        f"http://127.0.0.1:{up.gateway_port}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key.group(0)}"},
+        json={"model": "demo-chat", "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=60,
+    )
+    if probe.status_code == 404 and "demo-chat" not in probe.text:
+        pytest.skip("this gateway has no OpenAI chat route yet")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Bastion" in done.stdout  # the demo model's one sentence
+
+
 def test_processes_are_sized_to_the_machine_and_the_banner_says_so(up: Up) -> None:
     cpus = len(os.sched_getaffinity(0))
     gateways, workers = min(8, cpus), max(1, min(8, cpus // 4))
@@ -83,7 +103,11 @@ def test_the_cli_finds_the_running_instance_from_its_data_directory_alone(up: Up
 
     listed = cli("models", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert [m["name"] for m in json.loads(listed.stdout)] == ["breast-cancer"]
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["breast-cancer", "demo-chat", "demo-embed"]
+    guards = cli("models", "guards", "demo-chat", "--json")
+    assert guards.returncode == 0, guards.stderr
+    policy = json.loads(guards.stdout)["guards"]
+    assert (policy["injection"], policy["canary"], policy["pii_out"]) == ("block", "block", "redact")
     doctor = cli("doctor", "--json")
     findings = json.loads(doctor.stdout)
     assert doctor.returncode == 0, findings

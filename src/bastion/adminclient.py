@@ -58,8 +58,14 @@ class AdminClient:
         metadata: dict[str, Any] | None = None,
         signature: str | None = None,
         signer: str | None = None,
+        tokenizer: bytes | None = None,
+        text: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Register a version; with metadata or a signature it is sent as a multipart form."""
+        """Register a version; with metadata, a signature or a tokenizer it is sent as a multipart
+        form. A text version sends its ``tokenizer`` (tokenizers JSON bytes) and ``text`` (``{"task":
+        "embedding"|"generation", "config": {...}}``, the metadata's ``text`` section)."""
+        if text is not None:
+            metadata = {**(metadata or {}), "text": text}
         params = {"description": description}
         for key, value in (("activate", activate), ("rows_independent", rows_independent)):
             if value is not None:
@@ -69,7 +75,7 @@ class AdminClient:
         if signer:
             params["signer"] = signer
         path = f"/admin/v1/models/{model}/versions"
-        if metadata is None and signature is None:
+        if metadata is None and signature is None and tokenizer is None:
             headers = {"Content-Type": "application/octet-stream"}
             result: dict[str, Any] = self._call("POST", path, params=params, content=data, headers=headers)
             return result
@@ -77,6 +83,8 @@ class AdminClient:
         if signature:
             form["signature"] = signature
         files = {"artifact": ("model.onnx", data, "application/octet-stream")}
+        if tokenizer is not None:
+            files["tokenizer"] = ("tokenizer.json", tokenizer, "application/json")
         result = self._call("POST", path, params=params, data=form, files=files)
         return result
 
@@ -98,6 +106,15 @@ class AdminClient:
 
     def set_serving(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/serving", json=options)
+        return result
+
+    def guards(self, model: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/admin/v1/models/{model}/guards")
+        return result
+
+    def set_guards(self, model: str, policy: dict[str, Any]) -> dict[str, Any]:
+        """Replace the model's guard policy (``bastion.guards.parse_policy`` reads it)."""
+        result: dict[str, Any] = self._call("PUT", f"/admin/v1/models/{model}/guards", json=policy)
         return result
 
     def set_holdout(self, model: str, holdout: dict[str, Any]) -> dict[str, Any]:

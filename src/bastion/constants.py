@@ -59,6 +59,7 @@ abuse:bans               pub/sub channel announcing a ban            -
 tok:{sha256}             a text version's tokenizer JSON (for        control plane: set at publish,
                          gateways: token counts, chat templates)     deleted when no version in the
                                                                      snapshot names it
+toks                     set: the digests kept under tok:{sha256}    control plane (pruned at publish)
 s:{job id}               a generation job's token chunks (the        worker appends; TTL
                          gateway relays them as SSE)                 text_stream_ttl_s, refreshed
 x:{job id}               a generation job's cancel flag (the client  gateway sets; TTL
@@ -80,6 +81,7 @@ GATEWAY_BEAT_S = 20  # how often a gateway beats (and renews its reply stream's 
 GATEWAY_STALE_S = 60  # a gateway silent this long is gone (its reply stream expires then too)
 JOB_PREFIX = "job:"
 TOKENIZER_PREFIX = "tok:"
+TOKENIZERS_KEY = "toks"  # set: the sha256 of every tokenizer the control plane keeps under tok:{sha256}
 TEXT_STREAM_PREFIX = "s:"
 CANCEL_PREFIX = "x:"
 SHADOW_PREFIX = "shadow:"

@@ -8,6 +8,10 @@ a few file descriptors, no file writes, no core dumps) before it reads the artif
 and writes its verdict as one JSON object on stdout: the signature, or the refusal's kind and
 message. A child that dies, runs out of memory or time, or answers anything else is refused with
 ``InvalidArtifact`` ("could not be checked within its memory/time bounds", 422), never a 500.
+``SandboxedCheck.text`` checks a text version's tokenizer in the same child, after the graph
+(``bastion.artifacts.text_check``: a hostile tokenizer's regex can panic the Rust parser): stdin
+then holds the artifact, the tokenizer and the JSON list of tokens its config names, one after
+the other (their lengths are arguments), and the verdict adds ``{"tokenizer": …}``.
 The parent holds only the upload's bytes; at most ``concurrency`` checks run at a time, and a
 check that cannot start within ``wait_s`` (the caller's thread waits: it is a threadpool thread the
 control plane's other requests need too) is refused with ``Overloaded`` (503, ``Retry-After``).
@@ -28,7 +32,7 @@ from typing import Any
 import orjson
 
 from bastion import logs
-from bastion.artifacts import onnx_check
+from bastion.artifacts import onnx_check, text_check
 from bastion.errors import BastionError, InvalidArtifact, Overloaded, PayloadTooLarge
 from bastion.signature import Signature
 
@@ -39,6 +43,7 @@ _REFUSALS: dict[str, type[InvalidArtifact | PayloadTooLarge]] = {
     "PayloadTooLarge": PayloadTooLarge,
 }
 _MAX_ANSWER_BYTES = 4 << 20
+_MAX_TOKEN_LIST_BYTES = 1 << 20
 
 log = logs.get("bastion.artifacts")
 
@@ -58,6 +63,26 @@ class SandboxedCheck:
 
     def __call__(self, data: bytes, max_bytes: int) -> Signature:
         onnx_check.precheck(data, max_bytes)  # cheap refusals without a child
+        return _signature(self._run(data, _arguments(max_bytes, self)))
+
+    def text(
+        self, data: bytes, max_bytes: int, tokenizer: bytes, max_tokenizer_bytes: int, tokens: list[str]
+    ) -> tuple[Signature, text_check.TokenizerReport]:
+        """The graph's signature and the tokenizer's report (``TextCheck``), both from one child."""
+        onnx_check.precheck(data, max_bytes)
+        if len(tokenizer) > max_tokenizer_bytes:
+            raise PayloadTooLarge(f"the tokenizer is {len(tokenizer)} bytes; the limit is {max_tokenizer_bytes}")
+        names = orjson.dumps(tokens)
+        if len(names) > _MAX_TOKEN_LIST_BYTES:
+            raise InvalidArtifact("the text config names too many tokens")
+        extra = [str(len(data)), str(len(tokenizer)), str(max_tokenizer_bytes)]
+        answer = self._run(data + tokenizer + names, [*_arguments(max_bytes, self), *extra])
+        signature = _signature(answer)
+        if not isinstance(answer.get("tokenizer"), dict):
+            raise InvalidArtifact(UNCHECKABLE)
+        return signature, text_check.TokenizerReport.from_dict(answer["tokenizer"])
+
+    def _run(self, stdin: bytes, arguments: list[str]) -> dict[str, Any]:
         if not self._slots.acquire(timeout=self.wait_s):
             log.warning("artifact_check_busy", concurrency=self.concurrency, waited_s=self.wait_s)
             raise Overloaded(BUSY, retry_after=max(1, math.ceil(self.wait_s)))
@@ -65,8 +90,8 @@ class SandboxedCheck:
             with tempfile.TemporaryDirectory(prefix="bastion-check-") as cwd:
                 try:
                     done = subprocess.run(  # noqa: S603 - our own module, no shell
-                        [sys.executable, "-I", "-B", "-m", "bastion.artifacts.sandbox", *_arguments(max_bytes, self)],
-                        input=data,
+                        [sys.executable, "-I", "-B", "-m", "bastion.artifacts.sandbox", *arguments],
+                        input=stdin,
                         capture_output=True,
                         cwd=cwd,
                         env=_environment(cwd),
@@ -88,12 +113,13 @@ def _arguments(max_bytes: int, check: SandboxedCheck) -> list[str]:
 def _environment(cwd: str) -> dict[str, str]:
     """A minimal environment: no secrets of the control plane's, one thread per library."""
     env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "LC_ALL": "C.UTF-8"}
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         env[name] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
     return env
 
 
-def _verdict(done: subprocess.CompletedProcess[bytes]) -> Signature:
+def _verdict(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
     answer: Any = None
     if done.returncode == 0 and len(done.stdout) <= _MAX_ANSWER_BYTES:
         try:
@@ -109,6 +135,11 @@ def _verdict(done: subprocess.CompletedProcess[bytes]) -> Signature:
             error=_error_name(done.stderr),
         )
         raise InvalidArtifact(UNCHECKABLE)
+    return answer
+
+
+def _signature(answer: dict[str, Any]) -> Signature:
+    """The signature of a verdict, or the refusal it carries."""
     if "signature" in answer:
         return Signature.from_dict(answer["signature"])
     refusal = _REFUSALS.get(str(answer.get("kind")), InvalidArtifact)
@@ -154,13 +185,27 @@ def main(argv: list[str]) -> int:
     """The child (everything it needs is imported before the limits apply): check the artifact
     on stdin; print ``{"signature": …}`` or ``{"kind": …, "detail": …}``."""
     max_bytes, memory_mb, cpu_s = (int(a) for a in argv[:3])
+    text = [int(a) for a in argv[3:6]]  # a text version: artifact, tokenizer and limit of the tokenizer
     _limit(memory_mb, cpu_s)
-    data = _read(max_bytes + 1)
+    if text:
+        data = _read(min(text[0], max_bytes + 1))
+        tokenizer = _read(min(text[1], text[2] + 1))
+        names = _read(_MAX_TOKEN_LIST_BYTES + 1)
+    else:
+        data = _read(max_bytes + 1)
     try:
         answer: dict[str, Any] = {"signature": onnx_check.inspect(data, max_bytes).to_dict()}
+        del data
+        if text:
+            tokens = orjson.loads(names) if len(names) <= _MAX_TOKEN_LIST_BYTES else None
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise InvalidArtifact("the tokens to look up are not a list of strings")
+            report = text_check.inspect_tokenizer(tokenizer, tokens, max_bytes=text[2])
+            answer["tokenizer"] = report.to_dict()
     except BastionError as exc:
         answer = {"kind": type(exc).__name__, "detail": exc.detail}
-    del data
+    except orjson.JSONDecodeError:
+        answer = {"kind": "InvalidArtifact", "detail": "the tokens to look up are not JSON"}
     sys.stdout.buffer.write(orjson.dumps(answer))
     sys.stdout.buffer.flush()
     return 0

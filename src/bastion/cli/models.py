@@ -130,19 +130,37 @@ def register(
         ),
     ] = None,
     signer: Annotated[str | None, typer.Option(help="tenant whose public key verifies the signature")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="a text version's tokenizers JSON"),
+    ] = None,
+    text_config: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help='JSON file {"task": "embedding"|"generation", "config": {...}} (with --tokenizer)',
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the new version number")] = False,
     as_json: Json = False,
     control_url: ControlUrl = None,
     admin_key: AdminKey = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Register FILE (ONNX) as the next version of model NAME."""
+    """Register FILE (ONNX) as the next version of model NAME; a text model (embeddings, chat)
+    also takes --tokenizer and --text-config."""
     client = connect(control_url, admin_key, data_dir)
     meta = json_file(metadata) if metadata else None
     sig = signature.read_text().strip() if signature else None
     data = file.read_bytes()
+    tok = tokenizer.read_bytes() if tokenizer else None
+    text = json_file(text_config) if text_config else None
     result = call(
-        lambda: client.register(name, data, description, activate, rows_independent, version, meta, sig, signer)
+        lambda: client.register(
+            name, data, description, activate, rows_independent, version, meta, sig, signer, tok, text
+        )
     )
     if quiet:
         output.line(str(result["version"]))
@@ -234,6 +252,77 @@ def serving(
     else:
         result = call(lambda: client.serving(name))
     show(result, as_json, lambda r: output.emit(output.record(_flat(r, "serving"))))
+
+
+def _guard_rows(result: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """A guard policy as rows, the output checks as ``output.*``."""
+    rows: list[tuple[str, Any]] = [("model", result.get("model"))]
+    for key, value in (result.get("guards") or {}).items():
+        if key == "output" and isinstance(value, Mapping):
+            rows.extend((f"output.{k}", v) for k, v in value.items())
+        elif key == "pii_kinds" and isinstance(value, list):
+            rows.append((key, ", ".join(map(str, value))))
+        else:
+            rows.append((key, value))
+    return rows
+
+
+GuardMode = Annotated[str | None, typer.Option(metavar="off|flag|block")]
+PiiMode = Annotated[str | None, typer.Option(metavar="off|flag|redact|block")]
+
+
+@app.command("guards")
+def guards(
+    name: str,
+    injection: GuardMode = None,
+    injection_threshold: Annotated[
+        float | None, typer.Option(help="classifier probability at which a prompt counts as an injection")
+    ] = None,
+    pii_in: PiiMode = None,
+    pii_out: PiiMode = None,
+    pii_kinds: Annotated[
+        str | None, typer.Option(metavar="KINDS", help="comma-separated: email,phone,card,iban,ip,national_id")
+    ] = None,
+    canary: GuardMode = None,
+    max_chars: Annotated[int | None, typer.Option(help="longest answer, characters")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="longest answer, tokens")] = None,
+    blocked_term: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--blocked-term", metavar="TERM", help="a term answers may not contain (repeat; replaces the list)"
+        ),
+    ] = None,
+    as_json: Json = False,
+    control_url: ControlUrl = None,
+    admin_key: AdminKey = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Show or set NAME's guards: prompt-injection screen, PII in and out, canary, output checks.
+    With no option it shows the policy; options change those guards and keep the others."""
+    client = connect(control_url, admin_key, data_dir)
+    top: dict[str, Any] = {
+        "injection": injection,
+        "injection_threshold": injection_threshold,
+        "pii_in": pii_in,
+        "pii_out": pii_out,
+        "pii_kinds": [k.strip() for k in pii_kinds.split(",") if k.strip()] if pii_kinds is not None else None,
+        "canary": canary,
+    }
+    out: dict[str, Any] = {"max_chars": max_chars, "max_tokens": max_tokens, "blocked_terms": blocked_term}
+    changed = {k: v for k, v in top.items() if v is not None}
+    changed_out = {k: v for k, v in out.items() if v is not None}
+    if not changed and not changed_out:
+        result = call(lambda: client.guards(name))
+    else:
+
+        def merge() -> Any:
+            policy = dict(client.guards(name)["guards"])
+            policy.update(changed)
+            policy["output"] = {**(policy.get("output") or {}), **changed_out}
+            return client.set_guards(name, policy)
+
+        result = call(merge)
+    show(result, as_json, lambda r: output.emit(output.record(_guard_rows(r))))
 
 
 @app.command("holdout")

@@ -23,6 +23,7 @@ from bastion.artifacts.sandbox import SandboxedCheck
 from bastion.artifacts.store import ArtifactStore
 from bastion.audit.service import AuditService
 from bastion.constants import TERMINAL_STATUSES, job_key, shadow_key, warm_key
+from bastion.control import tokenizers
 from bastion.errors import Overloaded, Unavailable
 from bastion.monitoring.service import MonitoringService
 from bastion.queue.producer import enqueue_evaluation
@@ -53,14 +54,17 @@ class ControlPlane:
         engine = db.engine_for(settings.resolved_database_url)
         db.migrate(engine)
         self.engine = engine
+        check = SandboxedCheck(settings.artifact_check_memory_mb, settings.artifact_check_timeout_s)
         self.registry = Registry(
             db.session_factory(engine),
             ArtifactStore(settings.resolved_artifact_dir),
             settings.max_upload_bytes,
             tiers=parse_tiers(settings.rate_tiers),
             default_tier=settings.default_tier,
-            check=SandboxedCheck(settings.artifact_check_memory_mb, settings.artifact_check_timeout_s),
+            check=check,
+            text_check=check.text,
             max_metadata_bytes=settings.max_metadata_bytes,
+            max_tokenizer_bytes=settings.max_tokenizer_bytes,
             # a version routed away keeps serving the jobs queued for it as long as their state lives
             routed_grace_s=max(ROUTED_GRACE_S, float(settings.result_ttl_s)),
         )
@@ -78,10 +82,17 @@ class ControlPlane:
     def publish_data(self, data: dict[str, Any]) -> int:
         """Publish a snapshot read by ``Registry.snapshot``; Redis keeps it only if no newer one
         is there already. Each version carries its monitoring spec (drift bins, ``MonitoringService.
-        annotate``). The serial Redis holds now."""
+        annotate``); the tokenizers of its text versions are in Redis before it is
+        (``bastion.control.tokenizers``), and those no longer named go once it is. The serial
+        Redis holds now."""
         data = self.monitoring.annotate(data)
+        named = tokenizers.named(data)
+        store = self.registry.store
         with redis_errors("the snapshot could not be published"):
+            tokenizers.before_publish(self.redis, store, named)
             stored, written = snapshot.publish(self.redis, data)
+            if written:
+                tokenizers.after_publish(self.redis, store, stored, named)
         if not written:
             log.info("snapshot_superseded", serial=data.get("serial"), stored=stored)
         return stored

@@ -45,8 +45,11 @@ from bastion.procs import die_with_parent
 from bastion.security import certs
 from bastion.security.tls import TLSFiles
 from bastion.settings import GATEWAYS_RULE, WORKERS_RULE, Settings, usable_cpus
+from bastion.text.jobs import TASK_EMBEDDING, TASK_GENERATION
 
 log = logs.get("bastion.up")
+DEMO_CHAT = "demo-chat"  # bastion.demo.text_models.CHAT_NAME
+DEMO_CHAT_GUARDS = {"injection": "block", "canary": "block", "pii_out": "redact"}
 RENEW_BEFORE = 7 * 86_400  # seconds: --tls reissues the role certificates when one has less left
 
 
@@ -124,6 +127,30 @@ def metrics_port(host: str, setting: str, base: int, i: int) -> int:
             )
             return 0
     return port
+
+
+def register_text_demos(client: AdminClient) -> None:
+    """Register the demo text models (``bastion.demo.text_models``, built in code in well under a
+    second): ``demo-embed`` (embeddings) and ``demo-chat`` (a chat LLM, guarded: injection screen
+    and canary block, PII in answers redacted)."""
+    from bastion.demo import text_models  # onnx and tokenizers: only on a first run
+
+    tokenizer = text_models.tokenizer_json()
+    client.register(
+        text_models.ENCODER_NAME,
+        text_models.encoder_onnx(),
+        description="demo embedding model (random weights, not semantically meaningful)",
+        tokenizer=tokenizer,
+        text={"task": TASK_EMBEDDING, "config": text_models.embedding_config()},
+    )
+    client.register(
+        DEMO_CHAT,
+        text_models.causal_lm_onnx(),
+        description="demo chat model (a lookup table: it always says the same sentence)",
+        tokenizer=tokenizer,
+        text={"task": TASK_GENERATION, "config": text_models.generation_config()},
+    )
+    client.set_guards(DEMO_CHAT, DEMO_CHAT_GUARDS)
 
 
 def cli_name() -> str:
@@ -362,6 +389,7 @@ class Supervisor:
                     f"API keys are shown only when created; make one with: {cli_name()} keys create --tenant demo\n"
                 )
             client.register(demo.MODEL_NAME, demo.model_bytes(), metadata=demo.metadata())
+            register_text_demos(client)
             key = client.create_key("demo", "first key")
         finally:
             client.close()
@@ -372,7 +400,22 @@ class Supervisor:
             f"    {key['key']}\n\n"
             "Try it:\n\n"
             f"curl -s{cacert} {url} \\\n  -H 'Authorization: Bearer {key['key']}' \\\n"
-            f"  -H 'Content-Type: application/json' \\\n  -d '{demo.sample_request()}'\n"
+            f"  -H 'Content-Type: application/json' \\\n  -d '{demo.sample_request()}'\n\n"
+            "Or chat with the demo LLM through the OpenAI SDK (pip install openai), in Python:\n\n"
+            f"{self._openai_snippet(key['key'])}\n"
+        )
+
+    def _openai_snippet(self, key: str) -> str:
+        """One line of Python, ready to paste: the OpenAI SDK asking ``demo-chat``."""
+        http = ""
+        if self.settings.tls:
+            http = f', http_client=httpx.Client(verify="{certs.cert_path(self.certs, "ca")}")'
+        imports = "import httpx; from openai import OpenAI" if http else "from openai import OpenAI"
+        return (
+            f"{imports}; "
+            f'client = OpenAI(base_url="{self._gateway_url()}/v1", api_key="{key}"{http}); '
+            f'print(client.chat.completions.create(model="{DEMO_CHAT}", '
+            'messages=[{"role": "user", "content": "Hi"}]).choices[0].message.content)'
         )
 
     # supervision -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,6 +82,16 @@ class PostProcessing(_Strict):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class TextSection(_Strict):
+    """A text version's task and config (``bastion.text.config``); it comes with a tokenizer. The
+    registry adds the tokenizer's ``tokenizer`` (sha256) and ``tokenizer_bytes`` when it stores them."""
+
+    task: Literal["embedding", "generation"]
+    config: dict[Annotated[str, Field(max_length=64)], Any] = Field(default_factory=dict, max_length=32)
+    tokenizer: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    tokenizer_bytes: int | None = Field(default=None, ge=0)
+
+
 class VersionMetadata(_Strict):
     description: str = Field(default="", max_length=4000)
     owner: str = Field(default="", max_length=128)
@@ -91,6 +101,7 @@ class VersionMetadata(_Strict):
     postprocessing: PostProcessing = Field(default_factory=PostProcessing)
     signature: SignatureRefinement = Field(default_factory=SignatureRefinement)
     rows_independent: bool = True
+    text: TextSection | None = None
     reference_sample: dict[Annotated[str, Field(max_length=512)], list[Any]] | None = Field(
         default=None, max_length=64, description="input name -> rows, kept as the drift baseline"
     )

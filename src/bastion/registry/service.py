@@ -18,10 +18,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore, sha256_hex
+from bastion.artifacts.text_check import inspect_text
 from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound, PayloadTooLarge
 from bastion.registry import db, serving
+from bastion.registry import text as text_versions
 from bastion.registry.deployments import Deployments
+from bastion.registry.guards import Guards
 from bastion.registry.lifecycle import Lifecycle, policy_of, record, with_iso_times
 from bastion.registry.limits import Budget, TenantLimits
 from bastion.registry.limits import resolve as resolve_limits
@@ -59,13 +62,18 @@ class Registry:
         default_tier: str = "",
         *,
         check: Check = onnx_check.inspect,
+        text_check: text_versions.TextCheck = inspect_text,
         max_metadata_bytes: int = 64 << 10,
+        max_tokenizer_bytes: int = 64 << 20,
         routed_grace_s: float = ROUTED_GRACE_S,
     ) -> None:
         """``check`` inspects an upload: in process by default; the control plane passes
-        ``bastion.artifacts.sandbox.SandboxedCheck`` (a child process with resource limits)."""
+        ``bastion.artifacts.sandbox.SandboxedCheck`` (a child process with resource limits), and
+        its ``text`` method as ``text_check`` (the graph and a text version's tokenizer)."""
         self.sessions = db.Sessions.of(sessions)
         self.check = check
+        self.text_check = text_check
+        self.max_tokenizer_bytes = max_tokenizer_bytes
         self.max_metadata_bytes = max_metadata_bytes
         self.routed_grace_s = routed_grace_s
         self.tiers = tiers or {}
@@ -75,6 +83,7 @@ class Registry:
         self.deployments = Deployments(self.sessions)
         self.lifecycle = Lifecycle(self.sessions, store, self.deployments)
         self.serving = serving.Serving(self.sessions)
+        self.guards = Guards(self.sessions)
         self.trail = Trail(self.sessions)
 
     # tenants and keys -------------------------------------------------------------------
@@ -250,6 +259,7 @@ class Registry:
         version: int | None = None,
         artifact_signature: str | None = None,
         signer: str | None = None,
+        tokenizer: bytes | None = None,
     ) -> PreparedVersion:
         """Check an upload and keep its artifact (content-addressed: harmless if the version is
         never recorded); nothing is recorded yet. Slow for a large model, so the control plane
@@ -261,7 +271,11 @@ class Registry:
         against tenant ``signer``'s public key; a valid one marks the version ``verified``.
         ``activate`` makes the version production; unset, it does so unless the model has
         promotion gates (then the version waits in ``registered``). ``rows_independent=False``
-        (an output depends on other rows) keeps workers from batching this version."""
+        (an output depends on other rows) keeps workers from batching this version.
+
+        A text version sends ``tokenizer`` (a Hugging Face tokenizers JSON) and the metadata's
+        ``text`` section (task and config) together; its stored signature is the queue's
+        (``bastion.registry.text``), and its tokenizer is kept in the artifact store."""
         check_name("model", model)
         if version is not None and version < 1:
             raise InvalidInput("version must be a positive integer")
@@ -278,7 +292,12 @@ class Registry:
                 "and promote the version"
             )
         limit = min(self.max_upload_bytes, policy.max_artifact_bytes or self.max_upload_bytes)
-        signature = self.check(data, limit)
+        if meta.text is None and tokenizer is None:
+            signature = self.check(data, limit)
+            text = None
+        else:
+            signature, text = self._check_text(meta, data, limit, tokenizer)
+            meta = meta.model_copy(update={"rows_independent": signature.rows_independent})
         signature = refine(replace(signature, rows_independent=meta.rows_independent), meta.signature)
         check_size({"signature": signature.to_dict()}, self.max_metadata_bytes, "the version's signature")
         check_postprocessing(signature, meta.postprocessing)
@@ -289,12 +308,38 @@ class Registry:
                 f"model {model!r} accepts only signed versions: send an Ed25519 signature over the artifact's "
                 "sha256 from a tenant with a signing key"
             )
-        stored_meta = meta.model_dump(exclude={"reference_sample"}, exclude_defaults=True)
+        stored_meta = meta.model_dump(exclude={"reference_sample", "text"}, exclude_defaults=True)
+        if text is not None and tokenizer is not None:
+            stored_meta["text"] = text_versions.stored_text(text[0], self.store.put(tokenizer), len(tokenizer), text[1])
         if meta.reference_sample is not None:
             stored_meta["reference"] = self._store_reference(signature, meta.reference_sample)
         self.store.put(data)
         row = _NewVersion(digest, len(data), signature.to_dict(), stored_meta, created_by, signed_by)
         return PreparedVersion(model, row, version, activate)
+
+    def _check_text(
+        self, meta: VersionMetadata, data: bytes, limit: int, tokenizer: bytes | None
+    ) -> tuple[Signature, tuple[str, text_versions.TextConfig]]:
+        """A text version's checks: the config, the tokenizer (with the graph, in the check's
+        child) and the tokens the config names, the graph against the task; the queue signature."""
+        if meta.text is None:
+            raise InvalidInput("a tokenizer comes with a 'text' section in the metadata (task and config)")
+        if tokenizer is None:
+            raise InvalidInput("a text version needs its tokenizer: send the tokenizer JSON as the 'tokenizer' file")
+        if meta.text.tokenizer is not None or meta.text.tokenizer_bytes is not None:
+            raise InvalidInput("the text section's tokenizer and tokenizer_bytes are set by the registry")
+        if len(tokenizer) > self.max_tokenizer_bytes:
+            raise PayloadTooLarge(
+                f"the tokenizer is {len(tokenizer)} bytes; the limit is {self.max_tokenizer_bytes} "
+                "(max_tokenizer_bytes)"
+            )
+        config = text_versions.parse_config(meta.text.task, meta.text.config)
+        graph, report = self.text_check(
+            data, limit, tokenizer, self.max_tokenizer_bytes, text_versions.named_tokens(config)
+        )
+        text_versions.check_tokens(report)
+        text_versions.check_graph(graph, config)
+        return text_versions.queue_signature(graph, config), (meta.text.task, config)
 
     def add_version(self, prepared: PreparedVersion) -> dict[str, Any]:
         """Record a prepared version, judged against the model's policy as it is now (it may have
@@ -473,6 +518,7 @@ class Registry:
                 "disabled": dep["disabled"],
                 "preload": (preload or {}).get(model["name"], []),
                 "serving": model["serving"],
+                "guards": model["guards"],
                 "versions": {
                     str(v["version"]): _snapshot_version(v)
                     for v in model["versions"]
@@ -564,6 +610,9 @@ def _snapshot_version(v: dict[str, Any]) -> dict[str, Any]:
     post = v["metadata"].get("postprocessing")
     if post and post.get("threshold") is not None:
         out["postprocessing"] = post
+    text = text_versions.snapshot_text(v["metadata"])
+    if text is not None:
+        out["text"] = text
     return out
 
 
@@ -587,6 +636,7 @@ def _model_view(s: Session, model: Model) -> dict[str, Any]:
         "policy": policy_of(model).model_dump(exclude_none=True),
         "holdout": with_iso_times(model.holdout),
         "serving": serving.of(model).model_dump(exclude_none=True),
+        "guards": model.guards or None,
         "deployment": {
             "routes": dep.routes if dep else [],
             "rules": (dep.rules or []) if dep else [],

@@ -58,6 +58,8 @@ class Model(Base):
     serving: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # the live-accuracy promotion gate (registry.lifecycle.LiveGate), apart from ``policy``
     live_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # the guard policy of a text model (``bastion.guards.GuardPolicy.to_dict()``; None: every guard off)
+    guards: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

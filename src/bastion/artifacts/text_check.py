@@ -1,0 +1,75 @@
+"""Check a text version's tokenizer (a Hugging Face ``tokenizers`` JSON) beside its ONNX graph.
+
+``inspect_tokenizer`` is the pure checker: ``bastion.text.tokenizer.check_tokenizer_json`` (size,
+JSON shape, model type, vocabulary bound, the Rust parser), then the tokens the version's config
+names are looked up, and a short sample is encoded both ways (special tokens as text and matched),
+so that a tokenizer whose pre-tokeniser regex panics on ordinary text is refused now, not at the
+first request. The Rust side raises ``pyo3_runtime.PanicException`` (a ``BaseException``) on odd
+input: anything but ``KeyboardInterrupt``/``SystemExit`` becomes ``InvalidArtifact``.
+
+Like the ONNX check, the control plane runs it in the sandboxed child
+(``bastion.artifacts.sandbox.SandboxedCheck.text``): a hostile tokenizer costs the child's bounded
+memory and time, never the control plane's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.artifacts import onnx_check
+from bastion.errors import BastionError, InvalidArtifact, PayloadTooLarge
+from bastion.signature import Signature
+from bastion.text.tokenizer import MAX_TOKENIZER_BYTES, load_tokenizer
+
+SAMPLE = "Hello, world! 123 <|end|> [SEP] naïve café 日本語 \u00a0\t\n"
+MAX_TOKENS = 256  # tokens a config may name (special and stop tokens), each at most MAX_TOKEN_CHARS
+MAX_TOKEN_CHARS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerReport:
+    """What the check found: the vocabulary size and which named tokens are not in it."""
+
+    vocab_size: int
+    missing: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "missing": list(self.missing)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenizerReport:
+        return cls(int(data["vocab_size"]), tuple(str(t) for t in data.get("missing") or ()))
+
+
+def inspect_tokenizer(
+    data: bytes, tokens: Sequence[str] = (), *, max_bytes: int = MAX_TOKENIZER_BYTES
+) -> TokenizerReport:
+    """Check ``data`` is a loadable tokenizer; report its vocabulary size and the ``tokens``
+    (special and stop tokens a config names) it lacks. ``InvalidArtifact`` for a bad tokenizer."""
+    if len(tokens) > MAX_TOKENS or any(len(t) > MAX_TOKEN_CHARS for t in tokens):
+        raise InvalidArtifact(f"a text config names at most {MAX_TOKENS} tokens of {MAX_TOKEN_CHARS} characters")
+    try:
+        tokenizer = load_tokenizer(data, max_bytes=max_bytes)
+        tokenizer.encode(SAMPLE)
+        tokenizer.encode(SAMPLE, split_special=True, add_special_tokens=True)
+        missing = tuple(t for t in dict.fromkeys(tokens) if tokenizer.token_to_id(t) is None)
+        return TokenizerReport(tokenizer.vocab_size, missing)
+    except BastionError:
+        raise
+    except BaseException as exc:  # pyo3 PanicException (a BaseException) and whatever else the parser raises
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise InvalidArtifact(f"the tokenizer fails on ordinary text ({type(exc).__name__})") from None
+
+
+def inspect_text(
+    data: bytes, max_bytes: int, tokenizer: bytes, max_tokenizer_bytes: int, tokens: list[str]
+) -> tuple[Signature, TokenizerReport]:
+    """The in-process text check (``SandboxedCheck.text`` runs the same in a child): the graph's
+    signature and the tokenizer's report."""
+    if len(tokenizer) > max_tokenizer_bytes:
+        raise PayloadTooLarge(f"the tokenizer is {len(tokenizer)} bytes; the limit is {max_tokenizer_bytes}")
+    signature = onnx_check.inspect(data, max_bytes)
+    return signature, inspect_tokenizer(tokenizer, tokens, max_bytes=max_tokenizer_bytes)
