@@ -49,10 +49,23 @@ def _key(up: Up) -> str:
     return found.group(1)
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def _client(up: Up, key: str | None = None) -> openai.OpenAI:
-    return openai.OpenAI(
+    """An SDK client, as a user makes one (closed when the module's tests end)."""
+    client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{up.gateway_port}/v1", api_key=key or _key(up), max_retries=0, timeout=30
     )
+    _CLIENTS.append(client)
+    return client
 
 
 def _admin(up: Up) -> httpx.Client:
@@ -62,8 +75,13 @@ def _admin(up: Up) -> httpx.Client:
 
 
 def _redis(up: Up) -> redis.Redis:
-    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
-    return redis.Redis.from_url(endpoints["redis_url"])
+    """The embedded Redis of ``bastion up`` (its socket or port, and its password, are in its config)."""
+    conf = dict(
+        line.split(" ", 1) for line in (up.data_dir / "redis" / "redis.conf").read_text().splitlines() if " " in line
+    )
+    if conf.get("unixsocket"):
+        return redis.Redis(unix_socket_path=conf["unixsocket"], password=conf["requirepass"])
+    return redis.Redis(port=int(conf["port"]), password=conf["requirepass"])
 
 
 def _local_encoder() -> Encoder:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from bastion import errors, metrics, oiperrors
+from bastion import errors, metrics, oiperrors, openaierrors
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -63,6 +63,8 @@ def respond(
     a problem (``path`` None: a problem). ``extra`` members are a problem's only."""
     if path is not None and oiperrors.covers(path):
         return oiperrors.error(status, detail, headers)
+    if path is not None and openaierrors.covers(path):
+        return openaierrors.error(status, detail, headers)
     return problem(status, title, detail, headers, instance=path, **extra)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bastion import openaierrors
 from bastion.constants import SCOPES
 from tests.support import Stack, running
 
@@ -77,6 +78,9 @@ def test_every_route_refuses_every_scope_it_should(stack: Stack) -> None:
                     if path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
                         assert r.headers["content-type"] == "application/json", where
                         assert set(r.json()) == {"error"}, where
+                    elif openaierrors.covers(path):  # the OpenAI routes' own error shape
+                        assert r.headers["content-type"] == "application/json", where
+                        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, where
                     else:
                         assert r.headers["content-type"] == "application/problem+json", where
                 checked += 1

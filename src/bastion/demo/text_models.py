@@ -408,8 +408,8 @@ def _lm_tables(w: _Weights, vocab: int, lookup: bool) -> tuple[np.ndarray, np.nd
     following = [*ids[1:], _vocab()[EOS]]
     for token, direction, nxt in zip(ids, directions, following, strict=True):
         embedding[token] = (direction * np.sqrt(hidden)).astype(np.float32)
-        head[:, nxt] += (2.5 * direction).astype(np.float32)
-    head_bias[ids[0]] = 10.0
+        head[:, nxt] += (5.0 * direction).astype(np.float32)
+    head_bias[ids[0]] = 16.0  # sampled at temperature 1 too, another first token has odds below 1e-4
     return embedding, head, head_bias
 
 

@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from bastion import logs, tracing
 from bastion.asgi import new_app
-from bastion.gateway import health, jobs, routes
+from bastion.gateway import health, jobs, openai, routes
 from bastion.gateway.abuse import AbuseGuard, AbuseMiddleware
 from bastion.gateway.breakers import Breakers, Policy
 from bastion.gateway.evidence import Backlog
@@ -29,6 +29,8 @@ from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
 from bastion.gateway.state import GatewayState
+from bastion.gateway.textmodels import TextModels
+from bastion.gateway.textstream import ChunkRouter
 from bastion.middleware import RequestId
 from bastion.queue.calls import Pricing
 from bastion.queue.durability import Durability
@@ -74,6 +76,7 @@ def create_app(settings: Settings, listener: tls.ServerTLS | None = None) -> Fas
         with contextlib.suppress(RedisError, OSError):  # Redis away at start: the check waits for the next start
             await durability.check(client)
         snapshots = SnapshotWatcher(client, settings.snapshot_refresh_s)
+        chunks = ChunkRouter(client, gateway_id)
         state = GatewayState(
             settings=settings,
             gateway_id=gateway_id,
@@ -94,10 +97,13 @@ def create_app(settings: Settings, listener: tls.ServerTLS | None = None) -> Fas
             abuse=AbuseGuard(client, settings),
             breakers=Breakers(Policy.from_settings(settings)),
             backlog=Backlog(client, settings.audit_max_backlog, enabled=settings.decision_log),
+            text=TextModels(settings.max_tokenizer_bytes),
+            chunks=chunks,
         )
         app.state.gateway = state
         await state.snapshots.start()
         await state.replies.start()
+        await chunks.start()
         await state.jobwatch.start()
         if state.backlog is not None:
             await state.backlog.start()
@@ -116,6 +122,7 @@ def create_app(settings: Settings, listener: tls.ServerTLS | None = None) -> Fas
             await state.jobwatch.stop()
             if state.backlog is not None:
                 await state.backlog.stop()
+            await chunks.stop()
             await state.replies.stop()
             if state.abuse is not None:
                 await state.abuse.stop()
@@ -151,6 +158,7 @@ def create_app(settings: Settings, listener: tls.ServerTLS | None = None) -> Fas
     if tracing.configure("gateway"):  # just inside RequestId: the trace id joins the request's log lines
         at = next(i for i, m in enumerate(app.user_middleware) if getattr(m, "cls", None) is RequestId) + 1
         app.user_middleware.insert(at, Middleware(tracing.TraceRequests))
+    app.router.routes.extend(openai.ROUTES)  # the OpenAI-compatible front door (plain routes too)
     app.router.routes.extend(routes.FAST_ROUTES)
     app.include_router(routes.router)
     app.include_router(jobs.router)
@@ -167,6 +175,7 @@ def _document(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()
             schema.setdefault("paths", {}).update(routes.OPENAPI_PATHS)
+            schema["paths"].update(openai.OPENAPI_PATHS)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "apiKey": {
                     "type": "http",

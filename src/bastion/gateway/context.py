@@ -15,6 +15,7 @@ named subject, never the subject itself (a caller's own identity is its key id, 
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from bastion.errors import InvalidInput
 from bastion.gateway.breakers import Permit
@@ -29,6 +30,7 @@ class Call:
     __slots__ = (
         "admission",
         "allowed",
+        "guards",
         "idem",
         "job_id",
         "model",
@@ -65,6 +67,7 @@ class Call:
         self.admission: Admission | None = None
         self.job_id = ""
         self.rows = 0
+        self.guards: list[dict[str, Any]] = []  # input guard results (GuardResult.to_dict()), for the decision log
         self.span: Span | None = None  # set only while tracing is on
 
     @property
@@ -138,6 +141,7 @@ class Call:
             jurisdiction=self.key.jurisdiction or "",
             consents=tuple(sorted(self.key.consents)),
             retain=self.key.retain_payloads,
+            guards=self.guards,
             blob=blob,
         )
 

@@ -48,7 +48,14 @@ from bastion.gateway.state import GatewayState
 from bastion.queue import calls, decisions
 from bastion.queue.calls import Storage
 from bastion.queue.envelope import ROLE_FALLBACK, ROLE_SHADOW
-from bastion.queue.producer import UNLIMITED, Admission, ratelimit_fields, refill_seconds
+from bastion.queue.producer import (
+    UNLIMITED,
+    Admission,
+    join_ratelimit_fields,
+    ratelimit_fields,
+    refill_seconds,
+    text_ratelimit_fields,
+)
 from bastion.snapshot import DEFAULT_SERVING, Limits, Serving, VersionInfo
 
 log = logs.get("bastion.gateway")
@@ -164,10 +171,12 @@ def _describe(span: tracing.Span, call: Call) -> None:
 
 
 @contextlib.contextmanager
-def breaker_call(state: GatewayState, call: Call) -> Iterator[None]:
+def breaker_call(state: GatewayState, call: Call, *, timed: bool = True) -> Iterator[None]:
     """Hand the permit back with what happened: the worker failed, the deadline passed, it
     answered - or it was refused before running, or answered without running (a cached answer,
-    an Idempotency-Key replay, whatever that replay says): not the version's doing, not counted."""
+    an Idempotency-Key replay, whatever that replay says): not the version's doing, not counted.
+    ``timed=False``: an answer's time says nothing of the version's health (a whole generation
+    takes as long as the tokens asked for), so an answer is never slow; failures still count."""
     outcome = Outcome.IGNORED
     try:
         yield
@@ -182,7 +191,7 @@ def breaker_call(state: GatewayState, call: Call) -> Iterator[None]:
         admission = call.admission
         if admission is None or admission.cached or admission.replayed_job is not None:
             outcome = Outcome.IGNORED  # nothing ran on the version now
-        state.breakers.record(call.permit, outcome)
+        state.breakers.record(call.permit, outcome, None if timed or outcome is not Outcome.OK else 0.0)
 
 
 def new_job_id() -> str:
@@ -258,38 +267,83 @@ def response_headers(call: Call) -> dict[str, str]:
             headers["Idempotent-Replayed"] = "true"
         if admission.cached:
             headers["X-Bastion-Cache"] = "hit"
+        fields = {}
         if admission.tenant_left is not None or admission.key_left is not None:
-            headers.update(ratelimit_headers(call.key.limits, admission))
+            fields = ratelimit_headers(call.key.limits, admission)
+        if admission.tokens:  # a text job: its token and request buckets too
+            fields = join_ratelimit_fields(fields, text_ratelimit_fields(call.key.limits, admission))
+        headers.update(fields)
     return headers
 
 
 # sync -------------------------------------------------------------------------------------
-async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarray], wait_s: float) -> dict[str, Any]:
-    """Admit and queue on the sync lane, await the reply; returns the outputs (``call.job_id``
-    and ``call.admission`` say which job answered and what was reserved).
+class Queued:
+    """A sync job admitted and queued, its reply awaited by ``outcome`` (``close`` always, after).
 
-    With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
-    request's outcome is returned (``admission.replayed_job``); the worker that completes a job
-    stores its outcome in the key's record, so that holds even when the gateway that waited for
-    it is gone. With the model's response cache on, an answer cached for this tenant, version and
-    input is returned before admission (``admission.cached``): it costs no compute, so it takes
-    nothing from the budgets."""
-    version = call.chosen
+    ``run_sync`` awaits it at once; a streaming front door relays the job's chunks meanwhile and
+    learns from ``future`` whether the job ended without them (failed, expired)."""
+
+    __slots__ = ("call", "closed", "env", "future", "own_id", "state", "wait_s", "waited_until")
+
+    def __init__(self, state: GatewayState, call: Call, env: Any, own_id: str, wait_s: float, until: float) -> None:
+        self.state, self.call, self.env, self.own_id = state, call, env, own_id
+        self.wait_s, self.waited_until = wait_s, until
+        self.future: asyncio.Future[Reply] = state.replies.expect(own_id)
+        self.closed = False
+        metrics.INFLIGHT_SYNC.inc()
+
+    @property
+    def left_s(self) -> float:
+        return max(0.001, self.waited_until - time.monotonic())
+
+    async def outcome(self) -> Reply:
+        """The job's reply: the first request's under a reused Idempotency-Key; the one the worker
+        stored if it crossed the deadline; else ``DeadlineExceeded`` (the job abandoned)."""
+        call, admission = self.call, self.call.admission
+        if admission is not None and admission.replayed_job is not None and call.idem is not None:
+            async with redis_errors():
+                return await idempotency.replay(self.state.redis, call.idem, admission.replayed_job, self.left_s)
+        try:
+            return await _await_reply(self.future, self.left_s, self.own_id, self.wait_s)
+        except DeadlineExceeded:
+            late = await self.abandon()
+            if late is None:
+                raise
+            return late
+
+    async def abandon(self) -> Reply | None:
+        """Give up on the job (its deadline passed): see ``_abandon``."""
+        admission = self.call.admission
+        return await _abandon(self.state, self.env, admission.counted if admission is not None else False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.state.replies.forget(self.own_id)
+            metrics.INFLIGHT_SYNC.dec()
+
+
+async def start_sync(
+    state: GatewayState,
+    call: Call,
+    blob: bytes,
+    wait_s: float,
+    *,
+    tokens: int = 0,
+    generation: dict[str, Any] | None = None,
+) -> Queued:
+    """Admit and queue an encoded job on the sync lane (``tokens``: the text tokens to reserve;
+    ``generation``: a generation job's ``gen`` member). The caller awaits ``outcome()`` and
+    ``close()``s it; on an admission error it is closed already."""
     waited_until = time.monotonic() + wait_s  # the enqueue's own time comes out of the wait
     own_id = state.replies.new_id()
     call.job_id = own_id
-    serving = serving_of(state, version.model)
-    blob = codec.encode(tensors)
-    cached_at = None
-    if serving.cache_ttl_s and call.idem is None:
-        cached_at = response_cache.key_for(call.key.tenant, version, blob)
-        hit = await _cached(state, call, cached_at, blob)
-        if hit is not None:
-            return hit
+    serving = serving_of(state, call.chosen.model)
     deadline_ms = int((time.time() + wait_s) * 1000)
     env = call.envelope(LANE_SYNC, own_id, blob, deadline_ms=deadline_ms, reply_to=state.gateway_id)
-    future = state.replies.expect(own_id)
-    metrics.INFLIGHT_SYNC.inc()
+    if generation:
+        env.generation = generation
+    queued = Queued(state, call, env, own_id, wait_s, waited_until)
     try:
         if call.permit is not None:
             call.permit.started = time.monotonic()  # the breaker times the model, not the upload
@@ -299,37 +353,69 @@ async def run_sync(state: GatewayState, call: Call, tensors: dict[str, np.ndarra
                 limits=call.key.limits,
                 idempotency=call.idem.pair if call.idem else None,
                 max_queue=serving.max_queue_sync,
+                tokens=tokens,
             )
-        call.admission = admission
-        if call.span is not None:
-            _enqueued(call.span, call, admission)
-        if admission.replayed_job is not None and call.idem is not None:
-            call.job_id = admission.replayed_job
-            async with redis_errors():
-                reply = await idempotency.replay(
-                    state.redis, call.idem, call.job_id, max(0.001, waited_until - time.monotonic())
-                )
-        else:
-            try:
-                reply = await _await_reply(future, max(0.001, waited_until - time.monotonic()), own_id, wait_s)
-            except DeadlineExceeded:
-                late = await _abandon(state, env, admission.counted)
-                if late is None:
-                    raise
-                reply = late
-    finally:
-        state.replies.forget(own_id)
-        metrics.INFLIGHT_SYNC.dec()
+    except BaseException:
+        queued.close()
+        raise
+    call.admission = admission
+    if admission.replayed_job is not None:
+        call.job_id = admission.replayed_job
+    if call.span is not None:
+        _enqueued(call.span, call, admission)
+    return queued
+
+
+def reply_outputs(call: Call, reply: Reply) -> dict[str, Any]:
+    """A job's outputs from its reply; ``DeadlineExceeded`` / ``JobFailed`` for the others."""
     if call.span is not None:
         call.span.event("replied", {"bastion.status": reply.status})
     if reply.status == STATUS_SUCCEEDED:
-        if cached_at is not None:
-            with contextlib.suppress(RedisError, OSError):  # an answer not cached is still the answer
-                await state.redis.set(cached_at, reply.blob, ex=serving.cache_ttl_s)
         return codec.decode(reply.blob)
     if reply.status == STATUS_EXPIRED:
         raise DeadlineExceeded(reply.error or "the deadline passed before the job ran", job_id=call.job_id)
     raise JobFailed(reply.error or f"the job ended with status {reply.status}", job_id=call.job_id)
+
+
+async def run_sync(
+    state: GatewayState,
+    call: Call,
+    tensors: dict[str, np.ndarray],
+    wait_s: float,
+    *,
+    tokens: int = 0,
+    generation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Admit and queue on the sync lane, await the reply; returns the outputs (``call.job_id``
+    and ``call.admission`` say which job answered and what was reserved).
+
+    With an ``Idempotency-Key`` already used for this request, nothing is queued: the first
+    request's outcome is returned (``admission.replayed_job``); the worker that completes a job
+    stores its outcome in the key's record, so that holds even when the gateway that waited for
+    it is gone. With the model's response cache on, an answer cached for this tenant, version and
+    input is returned before admission (``admission.cached``): it costs no compute, so it takes
+    nothing from the budgets. A generation job (``generation``, its ``gen`` member) is never
+    answered from the cache: its request is not in the input tensors, and sampling may differ."""
+    version = call.chosen
+    call.job_id = state.replies.new_id()
+    serving = serving_of(state, version.model)
+    blob = codec.encode(tensors)
+    cached_at = None
+    if serving.cache_ttl_s and call.idem is None and not generation:
+        cached_at = response_cache.key_for(call.key.tenant, version, blob)
+        hit = await _cached(state, call, cached_at, blob)
+        if hit is not None:
+            return hit
+    queued = await start_sync(state, call, blob, wait_s, tokens=tokens, generation=generation)
+    try:
+        reply = await queued.outcome()
+    finally:
+        queued.close()
+    outputs = reply_outputs(call, reply)
+    if cached_at is not None:
+        with contextlib.suppress(RedisError, OSError):  # an answer not cached is still the answer
+            await state.redis.set(cached_at, reply.blob, ex=serving.cache_ttl_s)
+    return outputs
 
 
 async def _cached(state: GatewayState, call: Call, cached_at: str, blob: bytes) -> dict[str, Any] | None:

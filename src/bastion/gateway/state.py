@@ -1,10 +1,11 @@
-"""What one gateway process holds: its Redis client, producer, reply router, snapshot and job watch."""
+"""What one gateway process holds: its Redis client, producer, reply router, snapshot, job watch
+and the text models' tokenizers and guards."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.gateway.abuse import AbuseGuard
 from bastion.gateway.breakers import Breakers, Policy
@@ -12,9 +13,14 @@ from bastion.gateway.evidence import Backlog
 from bastion.gateway.jobwatch import JobWatch
 from bastion.gateway.replies import ReplyRouter
 from bastion.gateway.snapshots import SnapshotWatcher
+from bastion.gateway.textmodels import TextModels
 from bastion.queue.producer import Producer
 from bastion.security.oidc import JwksCache
 from bastion.settings import Settings
+from bastion.text.tokenizer import MAX_TOKENIZER_BYTES
+
+if TYPE_CHECKING:  # it imports the pipeline, which imports this
+    from bastion.gateway.textstream import ChunkRouter
 
 
 @dataclass
@@ -30,6 +36,8 @@ class GatewayState:
     abuse: AbuseGuard | None = None
     breakers: Breakers = field(default_factory=lambda: Breakers(Policy()))
     backlog: Backlog | None = None  # the decision log's backlog (None: not watched)
+    text: TextModels = field(default_factory=lambda: TextModels(MAX_TOKENIZER_BYTES))  # tokenizers, configs, guards
+    chunks: ChunkRouter | None = None  # follows the generations this gateway streams (None: none can stream)
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)  # shadow copies in flight
 

@@ -134,6 +134,7 @@ class StreamEvent:
     finish: str | None = None  # set on the last entry of a finished generation
     prompt_tokens: int = 0
     error: str | None = None  # set on the last entry of a failed one
+    entry_id: str = ""  # the stream entry's id (Redis's time of production), '' when not from the stream
 
     @property
     def last(self) -> bool:
