@@ -82,6 +82,21 @@ class SandboxedCheck:
             raise InvalidArtifact(UNCHECKABLE)
         return signature, text_check.TokenizerReport.from_dict(answer["tokenizer"])
 
+    def tokenizer(self, tokenizer: bytes, max_tokenizer_bytes: int, tokens: list[str]) -> text_check.TokenizerReport:
+        """The tokenizer's report alone, from a child (a version whose artifact is no graph: an
+        upstream descriptor)."""
+        if len(tokenizer) > max_tokenizer_bytes:
+            raise PayloadTooLarge(f"the tokenizer is {len(tokenizer)} bytes; the limit is {max_tokenizer_bytes}")
+        names = orjson.dumps(tokens)
+        if len(names) > _MAX_TOKEN_LIST_BYTES:
+            raise InvalidArtifact("the text config names too many tokens")
+        extra = ["0", str(len(tokenizer)), str(max_tokenizer_bytes)]
+        answer = self._run(tokenizer + names, [*_arguments(0, self), *extra])
+        if not isinstance(answer.get("tokenizer"), dict):
+            _signature(answer)  # the refusal it carries
+            raise InvalidArtifact(UNCHECKABLE)
+        return text_check.TokenizerReport.from_dict(answer["tokenizer"])
+
     def _run(self, stdin: bytes, arguments: list[str]) -> dict[str, Any]:
         if not self._slots.acquire(timeout=self.wait_s):
             log.warning("artifact_check_busy", concurrency=self.concurrency, waited_s=self.wait_s)
@@ -194,7 +209,9 @@ def main(argv: list[str]) -> int:
     else:
         data = _read(max_bytes + 1)
     try:
-        answer: dict[str, Any] = {"signature": onnx_check.inspect(data, max_bytes).to_dict()}
+        answer: dict[str, Any] = {}
+        if not text or text[0] > 0:  # a tokenizer alone (text[0] == 0) has no graph to check
+            answer["signature"] = onnx_check.inspect(data, max_bytes).to_dict()
         del data
         if text:
             tokens = orjson.loads(names) if len(names) <= _MAX_TOKEN_LIST_BYTES else None

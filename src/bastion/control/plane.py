@@ -63,6 +63,7 @@ class ControlPlane:
             default_tier=settings.default_tier,
             check=check,
             text_check=check.text,
+            tokenizer_check=check.tokenizer,
             max_metadata_bytes=settings.max_metadata_bytes,
             max_tokenizer_bytes=settings.max_tokenizer_bytes,
             # a version routed away keeps serving the jobs queued for it as long as their state lives

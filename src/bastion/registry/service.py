@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore, sha256_hex
-from bastion.artifacts.text_check import inspect_text
+from bastion.artifacts.text_check import TokenizerReport, inspect_text, inspect_tokenizer
 from bastion.constants import SCOPES
 from bastion.errors import Conflict, InvalidArtifact, InvalidInput, NotFound, PayloadTooLarge
 from bastion.registry import db, serving
 from bastion.registry import text as text_versions
+from bastion.registry import upstream as upstream_versions
 from bastion.registry.deployments import Deployments
 from bastion.registry.guards import Guards
 from bastion.registry.lifecycle import Lifecycle, policy_of, record, with_iso_times
@@ -63,16 +64,19 @@ class Registry:
         *,
         check: Check = onnx_check.inspect,
         text_check: text_versions.TextCheck = inspect_text,
+        tokenizer_check: text_versions.TokenizerCheck | None = None,
         max_metadata_bytes: int = 64 << 10,
         max_tokenizer_bytes: int = 64 << 20,
         routed_grace_s: float = ROUTED_GRACE_S,
     ) -> None:
         """``check`` inspects an upload: in process by default; the control plane passes
         ``bastion.artifacts.sandbox.SandboxedCheck`` (a child process with resource limits), and
-        its ``text`` method as ``text_check`` (the graph and a text version's tokenizer)."""
+        its ``text`` method as ``text_check`` (the graph and a text version's tokenizer) and its
+        ``tokenizer`` method as ``tokenizer_check`` (a tokenizer alone: an upstream version's)."""
         self.sessions = db.Sessions.of(sessions)
         self.check = check
         self.text_check = text_check
+        self.tokenizer_check = tokenizer_check or _tokenizer_in_process
         self.max_tokenizer_bytes = max_tokenizer_bytes
         self.max_metadata_bytes = max_metadata_bytes
         self.routed_grace_s = routed_grace_s
@@ -334,6 +338,11 @@ class Registry:
                 "(max_tokenizer_bytes)"
             )
         config = text_versions.parse_config(meta.text.task, meta.text.config)
+        if upstream_versions.is_descriptor(data) or upstream_versions.is_upstream(config):
+            config = upstream_versions.check_upstream(config, data)  # the artifact is its descriptor
+            report = self.tokenizer_check(tokenizer, self.max_tokenizer_bytes, text_versions.named_tokens(config))
+            text_versions.check_tokens(report)
+            return upstream_versions.queue_signature(config), (meta.text.task, config)
         graph, report = self.text_check(
             data, limit, tokenizer, self.max_tokenizer_bytes, text_versions.named_tokens(config)
         )
@@ -536,6 +545,11 @@ class Registry:
             for t in tenants.values()
         }
         return {"serial": serial, "keys": keys, "models": models, "tenants": callers}
+
+
+def _tokenizer_in_process(data: bytes, max_bytes: int, tokens: list[str]) -> TokenizerReport:
+    """The in-process tokenizer check (``SandboxedCheck.tokenizer`` runs the same in a child)."""
+    return inspect_tokenizer(data, tokens, max_bytes=max_bytes)
 
 
 def _lock_serial(s: Session) -> None:

@@ -28,6 +28,7 @@ from bastion.text.generation import Decoder
 TextConfig = EmbeddingConfig | GenerationConfig
 # artifact, its size limit, tokenizer, the tokenizer's size limit, tokens to look up
 TextCheck = Callable[[bytes, int, bytes, int, list[str]], tuple[Signature, TokenizerReport]]
+TokenizerCheck = Callable[[bytes, int, list[str]], TokenizerReport]  # tokenizer, its byte limit, tokens named
 
 _ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "float64": "tensor(double)"}
 _FLOATS = ("float32", "float16", "float64")

@@ -9,7 +9,11 @@
 
     {"max_context": 256, "special_tokens": {"bos": null, "eos": "<|eos|>", "pad": "<|pad|>"},
      "stop_tokens": ["<|end|>"], "chat_template": {"message": "...", "generation_prompt": "...",
-     "pinned_system": null}}
+     "pinned_system": null},
+     "upstream": {"url": "http://10.0.0.7:8000/v1", "model": "...", "api_key_env": "...", "timeout_s": 60}}
+
+``upstream`` (optional) makes the version an upstream one: generation is forwarded to that
+OpenAI-compatible server (``bastion.text.upstream``; ``bastion.runtime.upstream`` at the worker).
 
 ``from_dict`` refuses unknown fields and wrong types with a ``ValueError`` whose message says which;
 the registry turns it into its own error.
@@ -23,6 +27,7 @@ from typing import Any
 
 from bastion.text.chat import ChatTemplate
 from bastion.text.tokenizer import SpecialTokens
+from bastion.text.upstream import UpstreamConfig
 
 POOLINGS = ("mean", "cls")
 MAX_CONTEXT_LIMIT = 1 << 20
@@ -111,10 +116,13 @@ class GenerationConfig:
     special: SpecialTokens = field(default_factory=SpecialTokens)
     stop_tokens: tuple[str, ...] = ()
     chat_template: ChatTemplate | None = None
+    upstream: UpstreamConfig | None = None  # set: an OpenAI-compatible server generates, not a graph
 
     @classmethod
     def from_dict(cls, found: Mapping[str, Any]) -> GenerationConfig:
-        _check_fields(found, {"max_context", "special_tokens", "stop_tokens", "chat_template"}, "generation")
+        _check_fields(
+            found, {"max_context", "special_tokens", "stop_tokens", "chat_template", "upstream"}, "generation"
+        )
         stops = found.get("stop_tokens", [])
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise ValueError("stop_tokens must be a list of token strings")
@@ -129,12 +137,16 @@ class GenerationConfig:
             special=special,
             stop_tokens=tuple(stops),
             chat_template=None if template is None else ChatTemplate.from_dict(template),
+            upstream=None if found.get("upstream") is None else UpstreamConfig.from_dict(found["upstream"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_context": self.max_context,
             "special_tokens": _special_dict(self.special),
             "stop_tokens": list(self.stop_tokens),
             "chat_template": None if self.chat_template is None else self.chat_template.to_dict(),
         }
+        if self.upstream is not None:
+            out["upstream"] = self.upstream.to_dict()
+        return out

@@ -73,12 +73,14 @@ class Usage:
 @dataclass(frozen=True)
 class Delta:
     """New text and the tokens that produced it; ``finish_reason`` and ``usage`` are set on the
-    last delta only."""
+    last delta only. ``error`` (with a ``finish_reason``): the generation failed, and this says why
+    in words fit for the client (an upstream server that could not be reached, say)."""
 
     text: str
     token_ids: tuple[int, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+    error: str | None = None
 
 
 class Decoder:

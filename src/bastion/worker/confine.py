@@ -18,8 +18,10 @@ adds a stricter step. Layers, each applied where the kernel has it (see docs/san
    plus ``AF_UNIX`` when Redis is a unix socket. The isolation child: any socket call or fork kills.
 5. Landlock: read-only files (the artifact store, the Python installation, shared libraries, TLS
    files, name-service files), ``/dev/null`` read-write, nothing else; TCP connect to the Redis
-   (and OTLP) ports only, TCP bind to the worker's metrics port only; no abstract unix sockets or
-   signals outside the process's own domain.
+   (and OTLP) ports only, and to the ports of the upstream servers ``upstream_hosts`` names (Landlock
+   rules name ports, not hosts: which host the worker forwards to is checked by the worker, see
+   ``bastion.runtime.upstream``); TCP bind to the worker's metrics port only; no abstract unix
+   sockets or signals outside the process's own domain.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion import logs, procs
+from bastion.text.upstream import host_ports
 
 log = logs.get("bastion.worker")
 
@@ -84,7 +87,7 @@ class Confinement:
     max_procs: int = 256
     read_paths: tuple[Path, ...] = ()  # the artifact store, TLS files: read-only
     tls_files: tuple[Path, ...] = ()  # among them: files a rotation replaces (see ``replaced``)
-    connect_ports: tuple[int, ...] = ()  # TCP connect allowed (Redis, OTLP)
+    connect_ports: tuple[int, ...] = ()  # TCP connect allowed (Redis, OTLP, upstream servers)
     bind_ports: tuple[int, ...] = ()  # TCP bind allowed (the worker's metrics port)
     unix_socket: Path | None = None  # Redis over a unix socket
     dns: bool = False  # a host is a name: UDP sockets for the resolver, TCP to port 53
@@ -113,6 +116,9 @@ class Confinement:
         elif environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "otlp":
             hosts.append("localhost")
             ports.append(4318)
+        for host, port in host_ports(getattr(settings, "upstream_hosts", "") or ""):  # ValueError: refused
+            hosts.append(host)
+            ports.append(port)
         for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
             for var in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
                 if environ.get(var):

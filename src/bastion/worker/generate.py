@@ -18,10 +18,19 @@ An ended generation comes back from ``step`` as an ``Outcome`` (``bastion.text.j
 which the worker completes like any prediction (stored once, reply, ack, decision log); its used
 tokens (prompt + completion) are in ``used_tokens`` for the token budget's settlement. The output
 guards are ``worker.outguard``'s. No text is logged: ids and counts only.
+
+An upstream version (``worker.text.UpstreamModel``) gets an ``UpstreamGeneration`` engine instead
+of a ``BatchedGeneration`` (``bastion.runtime.upstream``: one streaming request per generation to
+an OpenAI-compatible server, only one that ``upstream_hosts`` names), stepped the same way. While
+only such engines are busy and nothing has arrived from their servers, ``step`` waits up to
+``UPSTREAM_POLL_S`` for something to arrive (a chunk wakes it at once), so that the loop does not
+spin on Redis while the servers think. A request that fails upstream fails its job alone, with the
+engine's message.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -36,6 +45,7 @@ from bastion.errors import BastionError, InvalidInput
 from bastion.guards import Decision, GuardResult, Guards, parse_policy
 from bastion.queue.consumer import Outcome
 from bastion.queue.envelope import Job
+from bastion.runtime.upstream import UpstreamGeneration
 from bastion.settings import Settings
 from bastion.snapshot import Snapshot
 from bastion.text.batching import BatchedGeneration
@@ -52,13 +62,15 @@ from bastion.text.jobs import (
     outputs,
     stream_key,
 )
+from bastion.text.upstream import parse_hosts
 from bastion.worker.outguard import Ending, OutputGuard
-from bastion.worker.text import GenerationModel
+from bastion.worker.text import GenerationModel, UpstreamModel
 
 log = logs.get("bastion.worker")
 
 FAILED_MESSAGE = "the model failed while generating"
 INTERRUPTED = "the generation was interrupted (its worker stopped); please retry"
+UPSTREAM_POLL_S = 0.01  # longest wait for an upstream's next chunk while nothing else runs
 
 
 @dataclass
@@ -75,15 +87,45 @@ class _Running:
 
 
 class _Engine:
-    def __init__(self, model: GenerationModel, max_batch: int) -> None:
+    def __init__(
+        self,
+        model: GenerationModel | UpstreamModel,
+        max_batch: int,
+        allowed: frozenset[str],
+        arrived: threading.Event,
+        max_s: float,
+    ) -> None:
         self.model = model
         self.max_batch = max_batch
-        self.batch = BatchedGeneration(model.decoder, model.tokenizer, model.config, max_batch=max_batch)
+        self._allowed, self._arrived, self._max_s = allowed, arrived, max_s
+        self.batch = self._new()
+
+    def _new(self) -> BatchedGeneration | UpstreamGeneration:
+        model = self.model
+        if isinstance(model, UpstreamModel):
+            return UpstreamGeneration(
+                model.upstream,
+                model.tokenizer,
+                model.config,
+                allowed=self._allowed,
+                max_batch=self.max_batch,
+                arrived=self._arrived,
+                max_duration_s=self._max_s,
+            )
+        return BatchedGeneration(model.decoder, model.tokenizer, model.config, max_batch=self.max_batch)
+
+    @property
+    def waits(self) -> bool:
+        """Busy, but only waiting on a server with nothing arrived yet."""
+        return isinstance(self.batch, UpstreamGeneration) and not self.batch.ready
 
     def reset(self) -> None:
-        self.batch = BatchedGeneration(
-            self.model.decoder, self.model.tokenizer, self.model.config, max_batch=self.max_batch
-        )
+        self.close()
+        self.batch = self._new()
+
+    def close(self) -> None:
+        if isinstance(self.batch, UpstreamGeneration):
+            self.batch.close()
 
 
 class Generations:
@@ -98,6 +140,12 @@ class Generations:
         self._guards_serial = -1
         self._touch_every = max(settings.visibility_timeout_s / 3, 0.02)
         self._next_touch = 0.0
+        self._arrived = threading.Event()  # set by an upstream engine's threads when a chunk arrives
+        try:
+            self._upstreams = parse_hosts(settings.upstream_hosts)
+        except ValueError as exc:  # no upstream is reached on a setting that does not parse
+            log.error("upstream_hosts_invalid", reason=str(exc))
+            self._upstreams = frozenset()
 
     @property
     def busy(self) -> bool:
@@ -115,7 +163,7 @@ class Generations:
         return len(self._running) >= self.settings.generation_batch
 
     # joining ---------------------------------------------------------------------------------
-    def start(self, jobs: list[Job], model: GenerationModel, snapshot: Snapshot) -> list[Outcome]:
+    def start(self, jobs: list[Job], model: GenerationModel | UpstreamModel, snapshot: Snapshot) -> list[Outcome]:
         """Start the jobs' generations; the outcomes of those that cannot start.
 
         A streamed job whose stream exists already was started by a worker that died meanwhile
@@ -140,7 +188,7 @@ class Generations:
                 out.append(refused)
         return out
 
-    def add(self, job: Job, model: GenerationModel, snapshot: Snapshot) -> Outcome | None:
+    def add(self, job: Job, model: GenerationModel | UpstreamModel, snapshot: Snapshot) -> Outcome | None:
         """Start ``job``'s generation; an ``Outcome`` at once when it cannot start (a bad request)."""
         if job.job_id in self._running:
             return None  # a redelivery of a job this worker is generating: that run completes it
@@ -160,7 +208,9 @@ class Generations:
             key = (job.model, job.version, id(model))
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[key] = _Engine(model, self.settings.generation_batch)
+                engine = self._engines[key] = _Engine(
+                    model, self.settings.generation_batch, self._upstreams, self._arrived, self.settings.max_job_s
+                )
             running = _Running(job, key, request, len(prompt), OutputGuard(guards, request))
             engine.batch.add(job.job_id, prompt, params, cancelled=lambda: running.stop is not None)
         except BastionError as exc:
@@ -197,6 +247,7 @@ class Generations:
         for r in self._running.values():
             if r.stop is None and r.job.deadline_ms and r.job.deadline_ms < now_ms:
                 r.stop = FINISH_CANCELLED  # nobody waits for it any more
+        self._wait_upstream()
         pipe = self.client.pipeline(transaction=False)
         ended: list[Outcome] = []
         for key, engine in list(self._engines.items()):
@@ -204,6 +255,13 @@ class Generations:
                 ended += self._step_engine(pipe, key, engine)
         self._exchange(pipe)
         return ended
+
+    def _wait_upstream(self) -> None:
+        """While only upstream engines are busy and none has news, wait a little for a chunk."""
+        busy = [e for e in self._engines.values() if e.batch.busy]
+        if busy and all(e.waits for e in busy) and all(r.stop is None for r in self._running.values()):
+            self._arrived.wait(UPSTREAM_POLL_S)
+        self._arrived.clear()  # (before the engines drain: what arrives from now on sets it again)
 
     def _step_engine(self, pipe: Any, key: tuple[str, int, int], engine: _Engine) -> list[Outcome]:
         members = [r for r in self._running.values() if r.engine == key]
@@ -248,7 +306,7 @@ class Generations:
     def forget(self, loaded: Mapping[tuple[str, int], object]) -> None:
         """Drop the idle engines of models no longer loaded (unloaded, or loaded anew)."""
         for key in [k for k, e in self._engines.items() if not e.batch.busy and loaded.get(k[:2]) is not e.model]:
-            del self._engines[key]
+            self._engines.pop(key).close()
 
     def _touch(self, pipe: Any) -> None:
         streams: dict[str, list[str]] = {}
@@ -264,6 +322,8 @@ class Generations:
         r.completion_tokens += len(delta.token_ids)
         if delta.usage is not None:
             r.completion_tokens = delta.usage.completion_tokens
+        if delta.error is not None:  # this generation alone failed (an upstream's error)
+            return [self._fail(pipe, r, delta.error)]
         piece, verdict = r.guard.feed(delta.text)
         if piece and r.request.stream:
             self._chunk(pipe, r, piece)

@@ -7,7 +7,8 @@ model on one token), and
 versions nothing routes to are unloaded. A job for another version (a job queued before a
 rollback, say) loads it on demand. A text version (``VersionInfo.text``) loads as
 ``worker.text``'s embedding or generation model, its tokenizer read from the artifact store and
-checked against its sha256 as the graph is.
+checked against its sha256 as the graph is (an upstream version has no graph to read: its
+generation is forwarded, ``worker.text.UpstreamModel``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ModelCache:
             return postprocess.wrap(
                 self.runtime.load(self.store.open(info.sha256)), info.signature, info.postprocessing
             )
-        graph = self.store.open(info.sha256)
+        graph = None if text.is_upstream(info.text) else self.store.open(info.sha256)  # forwarded: no graph
         tokenizer = self.store.open(info.text.tokenizer)
         return text.load(
             info.text,
@@ -112,7 +113,7 @@ class ModelCache:
     def _warm_up(snapshot: Snapshot, model: str, version: int, loaded: LoadedModel) -> None:
         signature = snapshot.versions[(model, version)].signature
         try:
-            if isinstance(loaded, text.EmbeddingModel | text.GenerationModel):
+            if isinstance(loaded, text.EmbeddingModel | text.GenerationModel | text.UpstreamModel):
                 loaded.warm_up()  # one pad token (one token of a prompt): what a text model accepts
                 return
             inputs = {s.name: np.zeros([d or 1 for d in s.shape], dtype=s.dtype) for s in signature.inputs}

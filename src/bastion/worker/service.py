@@ -9,7 +9,8 @@ meanwhile; jobs still refused then stay pending and are redelivered later - neve
 Text versions: embedding jobs are batched like any other, padded to the widest
 (``worker.batching``); generation jobs are handed to ``worker.generate.Generations``, which the
 loop steps between its reads (continuous batching; no read blocks, and no batch is waited for,
-while a generation runs). Once a text job's outcome is stored, the tokens it reserved beyond
+while a generation runs); an upstream version's generations are forwarded to its server the same
+way (``bastion.runtime.upstream``). Once a text job's outcome is stored, the tokens it reserved beyond
 what it used go back to its token budget (``bastion.queue.calls.settle_tokens``).
 
 With tracing on, each model version's batch has its spans (``worker.spans``): a batch span
@@ -56,7 +57,7 @@ from bastion.worker.heartbeat import Heartbeat, TimeLimited
 from bastion.worker.isolation import Child, ChildDied, run_isolated
 from bastion.worker.models import ModelCache
 from bastion.worker.spans import BatchSpans
-from bastion.worker.text import EmbeddingModel, GenerationModel
+from bastion.worker.text import EmbeddingModel, GenerationModel, UpstreamModel
 
 log = logs.get("bastion.worker")
 
@@ -358,7 +359,7 @@ class Worker:
             loaded = self._load(model, version)
         except BastionError as exc:
             return [Outcome(j, STATUS_FAILED, error=exc.detail, measured_units=0.0) for j in jobs]
-        if not isinstance(loaded, GenerationModel):
+        if not isinstance(loaded, GenerationModel | UpstreamModel):
             return [Outcome(j, STATUS_FAILED, error="the version is not a generation model") for j in jobs]
         return self.generations.start(jobs, loaded, self.snapshot)
 

@@ -10,7 +10,10 @@ the snapshot). ``load`` returns:
   jobs of one batch to the widest (``bastion.text.jobs.PAD_VALUES``, the pad id filled in);
 - ``GenerationModel`` for ``generation``: the decoder, tokenizer and config a
   ``bastion.text.batching.BatchedGeneration`` steps; jobs of such a version never go through
-  ``run_batch`` (``run`` refuses).
+  ``run_batch`` (``run`` refuses);
+- ``UpstreamModel`` for a ``generation`` version whose config names an ``upstream`` server
+  (``bastion.text.upstream``): the tokenizer and config a ``bastion.runtime.upstream
+  .UpstreamGeneration`` forwards with. No ONNX graph is read or run for it (``is_upstream``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bastion.text.generation import Decoder
 from bastion.text.jobs import ATTENTION_MASK, EMBEDDING, INPUT_IDS, PAD_VALUES, TASK_EMBEDDING, TASK_GENERATION
 from bastion.text.session import open_session
 from bastion.text.tokenizer import TextTokenizer, load_tokenizer
+from bastion.text.upstream import UpstreamConfig
 
 
 class EmbeddingModel:
@@ -96,20 +100,46 @@ class GenerationModel:
         )
 
 
-TextModel = EmbeddingModel | GenerationModel
+class UpstreamModel:
+    """A generation version answered by an OpenAI-compatible server: its tokenizer and config."""
+
+    task = TASK_GENERATION
+
+    def __init__(self, tokenizer: TextTokenizer, config: GenerationConfig, upstream: UpstreamConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.upstream = upstream
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise JobFailed("a generation version answers generation jobs only")
+
+    def terminate(self) -> None:
+        return None
+
+    def warm_up(self) -> None:  # nothing is loaded; the server is reached when a job comes
+        return None
+
+
+TextModel = EmbeddingModel | GenerationModel | UpstreamModel
+
+
+def is_upstream(info: TextInfo) -> bool:
+    """Whether the version forwards to an upstream server (its graph is then never read)."""
+    return info.task == TASK_GENERATION and info.config.get("upstream") is not None
 
 
 def load(
-    info: TextInfo, graph: bytes, tokenizer: bytes, *, intra_threads: int = 1, inter_threads: int = 1
+    info: TextInfo, graph: bytes | None, tokenizer: bytes, *, intra_threads: int = 1, inter_threads: int = 1
 ) -> TextModel:
-    """The text model of one version; ``InvalidArtifact`` when its parts do not fit together."""
+    """The text model of one version; ``InvalidArtifact`` when its parts do not fit together
+    (``graph`` may be None for an upstream version only)."""
     if info.task == TASK_EMBEDDING:
         try:
             embedding = EmbeddingConfig.from_dict(info.config)
         except ValueError as exc:
             raise InvalidArtifact(f"the embedding config is invalid: {exc}") from None
         words = load_tokenizer(tokenizer, embedding.special)
-        session = _session(graph, intra_threads, inter_threads)
+        session = _session(_graph(graph), intra_threads, inter_threads)
         return EmbeddingModel(Encoder(session, words, embedding))
     if info.task == TASK_GENERATION:
         try:
@@ -117,8 +147,16 @@ def load(
         except ValueError as exc:
             raise InvalidArtifact(f"the generation config is invalid: {exc}") from None
         words = load_tokenizer(tokenizer, generation.special)
-        return GenerationModel(Decoder(_session(graph, intra_threads, inter_threads)), words, generation)
+        if generation.upstream is not None:
+            return UpstreamModel(words, generation, generation.upstream)
+        return GenerationModel(Decoder(_session(_graph(graph), intra_threads, inter_threads)), words, generation)
     raise InvalidArtifact(f"unknown text task {info.task!r}")
+
+
+def _graph(graph: bytes | None) -> bytes:
+    if graph is None:
+        raise InvalidArtifact("the version has no graph")
+    return graph
 
 
 def _session(graph: bytes, intra_threads: int, inter_threads: int) -> Any:
