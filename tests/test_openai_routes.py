@@ -118,11 +118,13 @@ def _stream(client: httpx.Client, body: dict[str, Any], path: str = "/v1/chat/co
 
 
 def _data(events: list[bytes]) -> list[Any]:
+    """The data of each event (an event may carry an ``id:`` line first: its stream entry)."""
     found: list[Any] = []
     for event in events:
-        if event.startswith(b"data: "):
-            payload = event[len(b"data: ") :]
-            found.append(payload if payload == b"[DONE]" else json.loads(payload))
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: "):
+                payload = line[len(b"data: ") :]
+                found.append(payload if payload == b"[DONE]" else json.loads(payload))
     return found
 
 
