@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -46,6 +47,7 @@ from bastion.text.session import open_session
 from bastion.text.tokenizer import load_tokenizer
 
 PROMPT = "How do I rotate an API key without downtime?"
+TEXT_CHUNK = re.compile(rb'"content":"[^"]')  # a chat chunk that carries text (the role chunk has none)
 SENTENCE = "Bastion serves machine learning models to untrusted clients."
 
 
@@ -71,9 +73,9 @@ def in_process_ttft(requests: int) -> list[float]:
     return times[5:]
 
 
-def gateway_ttfb(port: int, headers: dict[str, str], requests: int) -> list[float]:
+def gateway_ttfb(port: int, headers: dict[str, str], requests: int, model: str) -> list[float]:
     body = {
-        "model": demo.CHAT_NAME,
+        "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
         "temperature": 0,
         "stream": True,
@@ -81,18 +83,23 @@ def gateway_ttfb(port: int, headers: dict[str, str], requests: int) -> list[floa
     }
     times = []
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while client.post("/v1/chat/completions", json={**body, "stream": False}).status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{model} is not served")
+            time.sleep(0.5)
         for _ in range(requests + 5):
             start = time.perf_counter()
             first = None
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     raise SystemExit(f"streaming chat failed: {response.status_code} {response.read()[:300]!r}")
-                for line in response.iter_lines():
-                    if first is None and line.startswith("data:") and '"content":"' in line.replace(" ", ""):
-                        if '"content":""' not in line.replace(" ", ""):
+                seen = b""
+                for raw in response.iter_raw():  # bytes as they arrive: the first text chunk's time
+                    if first is None:
+                        seen += raw
+                        if TEXT_CHUNK.search(seen):
                             first = time.perf_counter() - start
-                for _rest in response.iter_bytes():
-                    pass
             if first is None:
                 raise SystemExit("a streamed answer carried no text")
             times.append(first)
@@ -123,24 +130,29 @@ def in_process_embeddings(threads: int, duration: float) -> tuple[int, float]:
     return best
 
 
-def register_bench_encoder(stack: BastionStack) -> None:
+def register(stack: BastionStack, name: str, artifact: bytes, task: str, config: dict[str, Any]) -> None:
+    """Register a text version of the demo tokenizer on the stack's admin API (no guard policy)."""
     endpoints = json.loads((stack.data_dir / "endpoints.json").read_text())
     admin_key = (stack.data_dir / "admin.key").read_text().strip()
-    config = {**demo.embedding_config(), "max_length": demo.MINILM_SHAPE.max_length}
-    metadata = {"text": {"task": "embedding", "config": config}}
+    metadata = {"text": {"task": task, "config": config}}
     with httpx.Client(
         base_url=endpoints["control_url"], headers={"Authorization": f"Bearer {admin_key}"}, timeout=120
     ) as admin:
         made = admin.post(
-            "/admin/v1/models/bench-embed/versions",
+            f"/admin/v1/models/{name}/versions",
             files={
-                "artifact": ("model.onnx", demo.encoder_onnx(shape=demo.MINILM_SHAPE)),
+                "artifact": ("model.onnx", artifact),
                 "tokenizer": ("tokenizer.json", demo.tokenizer_json()),
                 "metadata": (None, json.dumps(metadata)),
             },
         )
         if made.status_code not in (200, 201):
-            raise SystemExit(f"registering bench-embed failed: {made.status_code} {made.text[:300]}")
+            raise SystemExit(f"registering {name} failed: {made.status_code} {made.text[:300]}")
+
+
+def register_bench_encoder(stack: BastionStack) -> None:
+    config = {**demo.embedding_config(), "max_length": demo.MINILM_SHAPE.max_length}
+    register(stack, "bench-embed", demo.encoder_onnx(shape=demo.MINILM_SHAPE), "embedding", config)
 
 
 def gateway_embeddings(port: int, headers: dict[str, str], concurrency: int, duration: float) -> dict[str, Any]:
@@ -183,20 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     target = stack.start()
     try:
         if not args.skip_streaming:
+            register(stack, "bench-chat", demo.causal_lm_onnx(), "generation", demo.generation_config())
             local = in_process_ttft(args.requests)
-            served = gateway_ttfb(target.port, target.headers, args.requests)
-            p50_local, p50_served = statistics.median(local), statistics.median(served)
-            figures["ttft"] = {
-                "in_process_p50_ms": p50_local * 1000,
-                "gateway_p50_ms": p50_served * 1000,
-                "gateway_p90_ms": _percentile(served, 0.9) * 1000,
-                "difference_ms": (p50_served - p50_local) * 1000,
-            }
-            print(
-                f"time to first token: in process p50 {p50_local * 1000:.2f} ms; first SSE byte through the "
-                f"gateway p50 {p50_served * 1000:.2f} ms (p90 {_percentile(served, 0.9) * 1000:.2f}); "
-                f"difference {(p50_served - p50_local) * 1000:+.2f} ms (Done-when 2: <= +5 ms)"
-            )
+            p50_local = statistics.median(local)
+            figures["ttft"] = {"in_process_p50_ms": p50_local * 1000}
+            # bench-chat: the demo chat model without guards (the transport's cost alone);
+            # demo-chat: as bastion up registers it, whose PII-out guard holds back 48 characters
+            for model, what in (("bench-chat", "no guards"), (demo.CHAT_NAME, "demo-chat's guards")):
+                served = gateway_ttfb(target.port, target.headers, args.requests, model)
+                p50_served = statistics.median(served)
+                figures["ttft"][model] = {
+                    "gateway_p50_ms": p50_served * 1000,
+                    "gateway_p90_ms": _percentile(served, 0.9) * 1000,
+                    "difference_ms": (p50_served - p50_local) * 1000,
+                }
+                print(
+                    f"time to first token ({what}): in process p50 {p50_local * 1000:.2f} ms; first SSE text "
+                    f"through the gateway p50 {p50_served * 1000:.2f} ms (p90 {_percentile(served, 0.9) * 1000:.2f});"
+                    f" difference {(p50_served - p50_local) * 1000:+.2f} ms (Done-when 2: <= +5 ms)"
+                )
         if not args.skip_embeddings:
             register_bench_encoder(stack)
             served_load = gateway_embeddings(target.port, target.headers, args.concurrency, args.duration)
