@@ -265,6 +265,15 @@ def test_a_client_that_goes_away_stops_its_generation_within_100_ms_and_pays_for
     up: Up, long_model: str
 ) -> None:
     store = _redis(up)
+    burst = 10_000_000  # a token budget that never refills: what is left shows what was paid
+    with _admin(up) as admin:
+        made = admin.put("/admin/v1/tenants/streamer", json={"limits": {"tokens_per_min": 0, "tokens_burst": burst}})
+        assert made.status_code == 200, made.text
+        created = admin.post("/admin/v1/keys", json={"tenant": "streamer", "name": "sdk", "scopes": ["predict"]})
+        assert created.status_code in (200, 201), created.text
+    key_text = created.json()["key"]
+    with _client(up, key=key_text) as probe:
+        wait_until(lambda: _known(probe, long_model), 20, "the gateway to know the new key")
     body = {"model": long_model, "prompt": "Go", "max_tokens": 6000, "temperature": 0, "stream": True}
     job_id = None
     with (
@@ -273,7 +282,7 @@ def test_a_client_that_goes_away_stops_its_generation_within_100_ms_and_pays_for
             "POST",
             f"http://127.0.0.1:{up.gateway_port}/v1/completions",
             json=body,
-            headers={"Authorization": f"Bearer {_key(up)}"},
+            headers={"Authorization": f"Bearer {key_text}"},
         ) as response,
     ):
         assert response.status_code == 200
@@ -298,3 +307,18 @@ def test_a_client_that_goes_away_stops_its_generation_within_100_ms_and_pays_for
     assert stopped - gone < 0.1, f"the generation went on for {(stopped - gone) * 1000:.0f} ms"
     produced = int(fields[b"c"])
     assert 20 <= produced < 6000
+    # the reservation was the prompt + 6,000 tokens; the settlement gives back what was not produced
+    bucket = f"rl:tt:streamer:{long_model}"
+
+    def settled() -> bool:
+        return float(store.hget(bucket, "tokens") or 0) == burst - int(fields[b"p"]) - produced
+
+    wait_until(settled, 10, f"the budget to be settled (left: {store.hget(bucket, 'tokens')!r})")
+
+
+def _known(client: openai.OpenAI, model: str) -> bool:
+    try:
+        client.models.retrieve(model)
+    except openai.APIError:
+        return False
+    return True
