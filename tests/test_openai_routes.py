@@ -458,6 +458,16 @@ BAD_CHAT: list[tuple[str, Any, str | None]] = [
         _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}),
         "response_format",
     ),
+    (
+        "response_format schema with a regular expression",
+        _chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^(a+)+$"}},
+            }
+        ),
+        "response_format",
+    ),
     ("100,000 messages", _chat(messages=[{"role": "user", "content": ""}] * 100_000), "messages"),
     ("too much text", _chat(messages=[{"role": "user", "content": "a" * 300_000}]), "messages"),
 ]

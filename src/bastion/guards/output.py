@@ -41,10 +41,38 @@ class SchemaError(ValueError):
     """The JSON schema itself is not valid."""
 
 
+# Keywords whose value is a regular expression: Python's ``re`` backtracks, so a client's pattern
+# such as ``^(a+)+$`` could hold a worker for seconds per answer. A schema with one is refused.
+REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
+
+
+def _regex_keyword(found: Any, depth: int = 0) -> str | None:
+    if depth > 64:
+        return None  # (the nesting bound is the caller's; this walk just stops)
+    if isinstance(found, Mapping):
+        for key, value in found.items():
+            if key in REGEX_KEYWORDS:
+                return str(key)
+            inner = _regex_keyword(value, depth + 1)
+            if inner is not None:
+                return inner
+    elif isinstance(found, list):
+        for value in found:
+            inner = _regex_keyword(value, depth + 1)
+            if inner is not None:
+                return inner
+    return None
+
+
 def check_schema(schema: Mapping[str, Any]) -> None:
-    """Raise :class:`SchemaError` when ``schema`` is not a valid JSON schema (call at request time)."""
+    """Raise :class:`SchemaError` when ``schema`` is not a valid JSON schema, or uses a regular
+    expression keyword (``pattern``, ``patternProperties``: see ``REGEX_KEYWORDS``); call at
+    request time."""
     import jsonschema  # type: ignore[import-untyped]  # imported on first use: only JSON-schema answers need it
 
+    keyword = _regex_keyword(schema)
+    if keyword is not None:
+        raise SchemaError(f"JSON schemas with {keyword!r} are not accepted (regular expressions are not evaluated)")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
@@ -63,7 +91,8 @@ def schema_violation(answer: str, schema: Mapping[str, Any]) -> str | None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is None:
         return None
-    return f"json_schema: {error.validator} failed at {error.json_path}"
+    # the keyword and the depth only: a path would name keys of the answer, which is the model's text
+    return f"json_schema: {error.validator} failed at depth {len(error.absolute_path)}"
 
 
 class OutputChecker:

@@ -157,8 +157,9 @@ class OutputGuard:
             started = time.perf_counter_ns()
             reason = schema_violation(answer, schema)
             results.append(_schema_result(reason, (time.perf_counter_ns() - started) // 1000))
-            if reason is not None:
-                error = f"the answer does not match the requested JSON schema ({reason})"
+            # a refusal, not a failure: a client asking for a schema the model cannot meet must not
+            # open the version's circuit breaker for everyone (the answer ends content_filter, empty)
+            blocked = reason is not None
         if blocked:
             return Ending("".join(self.emitted), "", FINISH_FILTER, None, results)
         if not self.stream:
