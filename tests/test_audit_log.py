@@ -686,3 +686,35 @@ def test_a_live_log_whose_latest_checkpoints_were_deleted_does_not_verify(audit:
     report = audit.log.verify()
     assert not report.ok and report.findings[0].position == 0
     assert "no signed checkpoint" in report.findings[0].what
+
+
+def test_a_text_decisions_guard_results_reach_its_leaf_bounded_typed_and_without_text() -> None:
+    """The gateway's input guards ride in the envelope (``grd``), the worker's output guards on
+    the outcome; the event carries both and the leaf keeps them typed and bounded, never text."""
+    from bastion.audit.leaves import decision_doc
+    from bastion.queue import decisions
+    from bastion.queue.envelope import Envelope, Job
+
+    env = Envelope("job-g1", "acme", "demo-chat", 1, "sync", key_id="k1", rows=1, blob=b"x")
+    env.guards = [{"guard": "injection", "decision": "flag", "latency_us": 310, "rules": ["ign-prev"]}]
+    job = Job.from_entry(
+        "q", "1-0", dict(zip(*[iter(f if isinstance(f, bytes) else f.encode() for f in env.fields())] * 2, strict=True))
+    )
+    assert job.guards == env.guards
+    output = [{"guard": "pii_out", "decision": "redact", "latency_us": 42, "counts": {"email": 2}}]
+    event = orjson.loads(decisions.event(job, "sha", 1_000, guards=output))
+    assert [g["guard"] for g in event["guards"]] == ["injection", "pii_out"]
+    hostile = [
+        *event["guards"],
+        {"guard": "x" * 500, "decision": "block", "latency_us": "9", "counts": {"k": "text"}, "rules": [1, "r"]},
+        "not a result",
+        *({"guard": "g", "decision": "allow"} for _ in range(40)),
+    ]
+    leaf = decision_doc({**event, "guards": hostile}, None, "out", False)
+    kept = leaf["guards"]
+    assert len(kept) == 15  # 16 items looked at, one of them not a result
+    assert kept[0] == {"guard": "injection", "decision": "flag", "latency_us": 310, "counts": {}, "rules": ["ign-prev"]}
+    assert kept[1]["counts"] == {"email": 2}
+    assert kept[2]["guard"] == "x" * 32 and kept[2]["counts"] == {} and kept[2]["rules"] == ["r"]
+    assert "guards" not in decision_doc({**event, "guards": []}, None, "out", False)
+    assert "guards" not in decision_doc({k: v for k, v in event.items() if k != "guards"}, None, "out", False)
