@@ -17,7 +17,8 @@ could begin the marker. With none of these guards on, a chunk is passed on as it
 At the end (``finish``) the whole answer is checked once more (canary, output checks, PII, and
 for a non-streamed request with a ``schema``, the JSON schema): that is the decision recorded.
 A refused answer (``content_filter``) keeps only what was already streamed ('' when not
-streamed); an answer that does not match its schema fails the job, with the keyword and JSON path.
+streamed); so does an answer that does not match its schema (a refusal, not a failure: a client's
+impossible schema must not count against the version's circuit breaker).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Ending:
     text: str
     tail: str  # streamed answers: what is still to be written before the end entry
     finish: str
-    error: str | None = None  # the job fails with this message (a schema mismatch)
+    error: str | None = None  # the job fails with this message
     results: list[GuardResult] = field(default_factory=list)
 
 
