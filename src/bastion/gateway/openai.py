@@ -407,6 +407,15 @@ async def _prepare(state: GatewayState, call: Call, asked: ChatRequest | Complet
         prefix = tokenize(lambda: _pinned_prefix(tokenizer, template))
         ids = prefix + await tokenize_async(lambda: tokenizer.encode(prompt), asked.chars)
         param = "prompt"
+    if config.upstream is not None and not tokenize(lambda: tokenizer.markers_survive_as_text(ids)):
+        # the upstream gets the prompt as text and matches special tokens in it: a client's text
+        # that reads as a role marker there would forge a turn (here it is plain text)
+        raise InvalidInput(
+            "the text holds the model's control tokens (role markers or an end of sequence); they are not "
+            "accepted for this model",
+            param=param,
+            code="control_tokens",
+        )
     request = _generation_request(ids, asked.sampling, config, marker, param)
     call.rows = 1
     return Prepared({INPUT_IDS: np.asarray([ids], dtype=np.int64)}, request, len(ids))

@@ -182,10 +182,13 @@ class UpstreamGeneration:
         check_token_ids(prompt_ids, self._tokenizer)
         try:
             prompt = self._tokenizer.decode(list(prompt_ids), skip_special=False)
+            forged = not self._tokenizer.markers_survive_as_text(prompt_ids)
         except BaseException as exc:  # a hostile tokenizer's panic
             if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
                 raise
             raise InvalidInput("the prompt's token ids do not decode") from None
+        if forged:  # (the gateway refuses these first; this holds for a job queued otherwise)
+            raise InvalidInput("the prompt holds text the upstream would read as control tokens; it is not forwarded")
         self._waiting.append(_Request(key, list(prompt_ids), params, budget, cancelled or (lambda: False), prompt))
 
     def _key(self) -> str | None:

@@ -13,6 +13,7 @@ templates that come from the model's own configuration.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class TextTokenizer:
             inner.no_padding()
             inner.no_truncation()
         self.special = special
+        self._added = frozenset(int(i) for i in self._trusted.get_added_tokens_decoder())
         self.bos_id = self._special_id(special.bos, "bos")
         self.eos_id = self._special_id(special.eos, "eos")
         self.pad_id = self._special_id(special.pad, "pad")
@@ -90,6 +92,16 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return str(self._trusted.decode(list(ids), skip_special_tokens=skip_special))
+
+    def markers_survive_as_text(self, ids: Sequence[int]) -> bool:
+        """Whether ``ids``, sent as text (decoded with their special tokens) to a server that
+        matches special tokens when it tokenizes (vLLM, llama.cpp, Hugging Face), comes back
+        with the same added tokens, no more: False when a client's text would turn into role
+        markers or an end of sequence there (an upstream version must refuse such a prompt)."""
+        added = self._added
+        text = self.decode(ids, skip_special=False)
+        sent = Counter(i for i in self._trusted.encode(text, add_special_tokens=False).ids if i in added)
+        return sent == Counter(i for i in ids if i in added)
 
     def encode_batch(
         self, texts: Sequence[str], *, max_length: int, add_special_tokens: bool = True, pad_left: bool = False
