@@ -43,7 +43,8 @@ from .support import Stack, running, wait_until
 PLAIN, ENDLESS = "chat-plain", "chat-endless"  # on the upstream
 UP_CHAT, UP_ENDLESS, UP_GUARDED = "up-chat", "up-endless", "up-guarded"  # on the front, forwarding
 UP_FORBIDDEN, UP_DEAD, UP_NO_KEY, UP_BAD_KEY = "up-forbidden", "up-dead", "up-no-key", "up-bad-key"
-KEY_ENV, BAD_KEY_ENV, MISSING_ENV = "UPSTREAM_TEST_KEY", "UPSTREAM_TEST_WRONG_KEY", "UPSTREAM_TEST_ABSENT"
+KEY_ENV, BAD_KEY_ENV = "BASTION_UPSTREAM_KEY_TEST", "BASTION_UPSTREAM_KEY_WRONG"
+MISSING_ENV = "BASTION_UPSTREAM_KEY_ABSENT"
 WRONG_KEY = "bst_wrong_" + "x" * 40
 UPSTREAM_CONTEXT = 1024  # the upstream counts a decoded chat template's markers as plain text: longer
 
@@ -464,13 +465,13 @@ def test_a_silent_upstream_times_out_and_a_cancel_ends_a_stalled_one_at_once() -
 
 
 def test_the_engine_refuses_hosts_not_allowed_and_missing_keys() -> None:
-    config = GenerationConfig.from_dict(_config(url="http://10.1.2.3:8000/v1", model="m", api_key_env="NOPE_KEY"))
+    config = GenerationConfig.from_dict(_config(url="http://10.1.2.3:8000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_NOPE"))
     assert config.upstream is not None
     engine = UpstreamGeneration(config.upstream, _tokenizer(), config, allowed=frozenset(), environ={})
     with pytest.raises(JobFailed, match="BASTION_UPSTREAM_HOSTS"):
         engine.add("k", _prompt_ids(), SamplingParams())
     engine = UpstreamGeneration(config.upstream, _tokenizer(), config, allowed=parse_hosts("10.1.2.3:8000"), environ={})
-    with pytest.raises(JobFailed, match="NOPE_KEY is not set"):
+    with pytest.raises(JobFailed, match="BASTION_UPSTREAM_KEY_NOPE is not set"):
         engine.add("k", _prompt_ids(), SamplingParams())
     engine.close()
 
@@ -488,7 +489,9 @@ def test_the_engine_refuses_hosts_not_allowed_and_missing_keys() -> None:
         ({"url": "http://h:8000/v1", "model": ""}, "model"),
         ({"url": "http://h:8000/v1", "model": "m" * 300}, "model"),
         ({"url": "http://h:8000/v1", "model": "m", "api_key_env": "sk-live-123"}, "never the key"),
-        ({"url": "http://h:8000/v1", "model": "m", "api_key_env": "BASTION_ADMIN_KEY"}, "BASTION_"),
+        ({"url": "http://h:8000/v1", "model": "m", "api_key_env": "BASTION_ADMIN_KEY"}, "BASTION_UPSTREAM_KEY_"),
+        ({"url": "http://h:8000/v1", "model": "m", "api_key_env": "HOME"}, "BASTION_UPSTREAM_KEY_"),
+        ({"url": "http://h:8000/v1", "model": "m", "api_key_env": "UPSTREAM_VLLM_KEY"}, "BASTION_UPSTREAM_KEY_"),
         ({"url": "http://h:8000/v1", "model": "m", "timeout_s": 0}, "timeout_s"),
         ({"url": "http://h:8000/v1", "model": "m", "timeout_s": True}, "timeout_s"),
         ({"url": "http://h:8000/v1", "model": "m", "key": "sk"}, "unknown upstream fields"),
@@ -503,7 +506,7 @@ def test_a_bad_upstream_descriptor_is_refused(upstream: Any, message: str) -> No
 def test_the_descriptor_is_normalised_and_round_trips() -> None:
     found = UpstreamConfig.from_dict({"url": "HTTP://VLLM.internal:8000/v1/", "model": "llama"})
     assert (found.url, found.host, found.port) == ("http://vllm.internal:8000/v1", "vllm.internal:8000", 8000)
-    config = GenerationConfig.from_dict(_config(url="http://[::1]:9000/v1", model="m", api_key_env="K"))
+    config = GenerationConfig.from_dict(_config(url="http://[::1]:9000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_K"))
     assert config.upstream is not None and config.upstream.host == "[::1]:9000"
     assert GenerationConfig.from_dict(config.to_dict()) == config
     assert "upstream" not in GenerationConfig.from_dict(_config()).to_dict()  # a local model's config is as it was
@@ -524,10 +527,10 @@ def test_a_confined_worker_may_connect_to_the_upstream_ports(tmp_path: Path) -> 
 
 def test_the_registry_takes_the_descriptor_as_an_upstream_versions_artifact() -> None:
     config = GenerationConfig.from_dict(_config())
-    data = b'{"url": "http://10.0.0.7:8000/v1", "model": "llama", "api_key_env": "UPSTREAM_VLLM_KEY"}'
+    data = b'{"url": "http://10.0.0.7:8000/v1", "model": "llama", "api_key_env": "BASTION_UPSTREAM_KEY_VLLM"}'
     assert upstream_versions.is_descriptor(data) and not upstream_versions.is_descriptor(text_models.causal_lm_onnx())
     found = upstream_versions.check_upstream(config, data)
-    assert found.upstream == UpstreamConfig("http://10.0.0.7:8000/v1", "llama", "UPSTREAM_VLLM_KEY")
+    assert found.upstream == UpstreamConfig("http://10.0.0.7:8000/v1", "llama", "BASTION_UPSTREAM_KEY_VLLM")
     assert upstream_versions.is_upstream(found) and not upstream_versions.is_upstream(config)
     assert upstream_versions.check_upstream(found, upstream_versions.descriptor(found.upstream)) == found
     other = GenerationConfig.from_dict(_config(url="http://10.0.0.8:8000/v1", model="llama"))

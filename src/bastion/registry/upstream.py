@@ -5,7 +5,7 @@ tokens and renders the chat template with them), but no ONNX graph: its artifact
 *descriptor*, a small JSON object (``bastion.text.upstream.UpstreamConfig``)::
 
     {"url": "http://10.0.0.7:8000/v1", "model": "llama-3.1-8b-instruct",
-     "api_key_env": "UPSTREAM_VLLM_KEY", "timeout_s": 60}
+     "api_key_env": "BASTION_UPSTREAM_KEY_VLLM", "timeout_s": 60}
 
 so that the version's sha256 (immutable, in the decision log) pins where its answers come from.
 The descriptor is checked here (``parse_descriptor``: ``InvalidInput`` for a URL that is not plain

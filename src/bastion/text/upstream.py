@@ -3,7 +3,7 @@
 An upstream version is a generation version whose config carries ``upstream``::
 
     "upstream": {"url": "http://10.0.0.7:8000/v1", "model": "llama-3.1-8b-instruct",
-                 "api_key_env": "UPSTREAM_VLLM_KEY", "timeout_s": 60}
+                 "api_key_env": "BASTION_UPSTREAM_KEY_VLLM", "timeout_s": 60}
 
 Its tokenizer and the rest of its config still count prompt tokens, render the chat template and
 bound the context at the gateway; at the worker, generation is forwarded to the server
@@ -14,8 +14,9 @@ config is parsed (registry, gateway, worker):
   name or password, query or fragment: the address is data, never a place to smuggle a credential;
 - ``model``: 1 to ``MAX_MODEL_CHARS`` printable characters, the name the server knows the model by;
 - ``api_key_env``: the *name* of an environment variable on the workers that holds the key (the key
-  itself never enters the registry, the snapshot or a log); names of Bastion's and OpenTelemetry's
-  own settings are refused (they hold Bastion's secrets), except ``BASTION_UPSTREAM_KEY*``;
+  itself never enters the registry, the snapshot or a log); it must start with
+  ``BASTION_UPSTREAM_KEY_`` (an allowlist: no other variable of a worker's environment, Bastion's
+  own secrets included, is ever sent to an upstream);
 - ``timeout_s``: how long the server may stay silent (connecting, or between two chunks), 1 to 600.
 
 ``parse_hosts`` reads ``BASTION_UPSTREAM_HOSTS`` (``host:port,host:port``): a worker forwards only
@@ -39,8 +40,7 @@ MAX_TIMEOUT_S = 600.0
 DEFAULT_TIMEOUT_S = 60.0
 _FIELDS = frozenset({"url", "model", "api_key_env", "timeout_s"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-_RESERVED_ENV = ("BASTION_", "OTEL_")  # Bastion's own settings and secrets, the tracing exporter's headers
-_ALLOWED_ENV = ("BASTION_UPSTREAM_KEY",)
+KEY_ENV_PREFIX = "BASTION_UPSTREAM_KEY_"  # the only environment variables a worker sends upstream
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _PATH = re.compile(r"^(?:/[A-Za-z0-9._~-]+)*/?$")
@@ -135,11 +135,12 @@ def check_env_name(name: object) -> str:
             "upstream api_key_env must be the name of an environment variable on the workers "
             "(letters, digits and _, at most 128), never the key itself"
         )
-    upper = name.upper()
-    if upper.startswith(_RESERVED_ENV) and not upper.startswith(_ALLOWED_ENV):
+    if not name.startswith(KEY_ENV_PREFIX):
+        # an allowlist: only variables the operator made for upstream keys may be sent upstream
+        # (anything else in a worker's environment, Bastion's own secrets included, never is)
         raise ValueError(
-            "upstream api_key_env must not name one of Bastion's or OpenTelemetry's own settings "
-            "(BASTION_*, OTEL_*); use e.g. UPSTREAM_VLLM_KEY or BASTION_UPSTREAM_KEY_VLLM"
+            f"upstream api_key_env must name a variable starting with {KEY_ENV_PREFIX} "
+            f"(e.g. {KEY_ENV_PREFIX}VLLM): only those are ever sent to an upstream"
         )
     return name
 
