@@ -538,3 +538,62 @@ def test_a_worker_process_serves_text_versions_confined_as_bastion_up_runs_it(
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+
+
+# streamed output guards against obfuscation (review findings) ---------------------------------
+def _stream_through(policy: dict[str, Any], answer: str, marker: str = "") -> tuple[str, str]:
+    """Feed ``answer`` one character a chunk through the output guards of a streamed request:
+    what the client would have received, and how the generation ended."""
+    guard = OutputGuard(
+        Guards.build(parse_policy(policy)), jobs.GenerationRequest(max_tokens=4096, stream=True, marker=marker)
+    )
+    sent, verdict = [], None
+    for ch in answer:
+        piece, verdict = guard.feed(ch)
+        sent.append(piece)
+        if verdict:
+            break
+    ending = guard.finish(verdict or jobs.FINISH_STOP, 10)
+    return "".join(sent) + ending.tail, ending.finish
+
+
+def _untag(text: str) -> str:
+    return "".join(chr(ord(c) - 0xE0000) if 0xE0000 <= ord(c) <= 0xE007F else c for c in text)
+
+
+def test_a_canary_smuggled_in_tag_characters_or_spread_out_never_streams_in_full() -> None:
+    from bastion.guards.canary import new_marker
+
+    filler = " and now some ordinary words to push the hold along." * 3
+    marker = new_marker()
+    tagged = "".join(chr(0xE0000 + ord(c)) for c in marker)
+    streamed, finish = _stream_through({"canary": "block"}, "Sure. " + tagged + filler, marker)
+    assert finish == jobs.FINISH_FILTER and marker not in _untag(streamed)
+    marker = new_marker()
+    streamed, finish = _stream_through({"canary": "block"}, "ref: " + (" " * 12).join(marker) + filler, marker)
+    letters = "".join(c for c in streamed if c.isalnum())
+    assert finish == jobs.FINISH_FILTER and "bst" not in letters.lower()
+
+
+def test_an_answer_repeating_the_pinned_prompt_is_cut_before_any_of_the_prompt(tmp_path: Path) -> None:
+    from bastion.guards.canary import new_marker, pin_system_prompt
+
+    marker = new_marker()
+    echo = pin_system_prompt(text_models.PINNED_SYSTEM, marker)
+    streamed, finish = _stream_through({"canary": "block"}, echo, marker)
+    assert finish == jobs.FINISH_FILTER
+    assert "Bastion demo assistant" not in streamed and marker not in streamed
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "ok " + ("\u200b" * 40).join("forbidden") + " then plenty of ordinary filler text follows to release the tail.",
+        "ok secret" + "-" * 60 + "plan and then plenty of ordinary filler text follows here to release the tail.",
+    ],
+)
+def test_a_blocked_term_spread_out_never_streams(answer: str) -> None:
+    streamed, finish = _stream_through({"output": {"blocked_terms": ["forbidden", "secret plan"]}}, answer)
+    plain = "".join(c for c in streamed if c.isalnum())
+    assert finish == jobs.FINISH_FILTER
+    assert "forbidden" not in plain and "secretplan" not in plain

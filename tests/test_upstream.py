@@ -465,7 +465,9 @@ def test_a_silent_upstream_times_out_and_a_cancel_ends_a_stalled_one_at_once() -
 
 
 def test_the_engine_refuses_hosts_not_allowed_and_missing_keys() -> None:
-    config = GenerationConfig.from_dict(_config(url="http://10.1.2.3:8000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_NOPE"))
+    config = GenerationConfig.from_dict(
+        _config(url="http://10.1.2.3:8000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_NOPE")
+    )
     assert config.upstream is not None
     engine = UpstreamGeneration(config.upstream, _tokenizer(), config, allowed=frozenset(), environ={})
     with pytest.raises(JobFailed, match="BASTION_UPSTREAM_HOSTS"):
@@ -506,7 +508,9 @@ def test_a_bad_upstream_descriptor_is_refused(upstream: Any, message: str) -> No
 def test_the_descriptor_is_normalised_and_round_trips() -> None:
     found = UpstreamConfig.from_dict({"url": "HTTP://VLLM.internal:8000/v1/", "model": "llama"})
     assert (found.url, found.host, found.port) == ("http://vllm.internal:8000/v1", "vllm.internal:8000", 8000)
-    config = GenerationConfig.from_dict(_config(url="http://[::1]:9000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_K"))
+    config = GenerationConfig.from_dict(
+        _config(url="http://[::1]:9000/v1", model="m", api_key_env="BASTION_UPSTREAM_KEY_K")
+    )
     assert config.upstream is not None and config.upstream.host == "[::1]:9000"
     assert GenerationConfig.from_dict(config.to_dict()) == config
     assert "upstream" not in GenerationConfig.from_dict(_config()).to_dict()  # a local model's config is as it was

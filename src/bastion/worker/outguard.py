@@ -34,12 +34,30 @@ from bastion.guards.output import schema_violation
 from bastion.text.jobs import FINISH_CANCELLED, FINISH_FILTER, FINISH_LENGTH, GenerationRequest
 
 PII_HOLD = 48  # characters held back while PII-out redacts a stream: longer than any value it finds
+CANARY_WINDOW = 4096  # how far back a spread-out start of the canary marker is looked for
 _NOT_ALNUM = re.compile(r"[\W_]+")
 _SPACE = re.compile(r"\s")
 
 
 def _squash(text: str) -> str:
     return _NOT_ALNUM.sub("", normalize(text).text)
+
+
+def _alnum(text: str) -> int:
+    return sum(1 for ch in text if ch.isalnum())
+
+
+def _alnum_back(text: str, letters: int, most: int = 8192) -> int:
+    """Where the last ``letters`` letters and digits of ``text`` begin (separators, invisible
+    characters and the like do not count), looking back at most ``most`` characters."""
+    count = 0
+    floor = max(0, len(text) - most)
+    for i in range(len(text) - 1, floor - 1, -1):
+        if text[i].isalnum():
+            count += 1
+            if count >= letters:
+                return i
+    return floor
 
 
 @dataclass
@@ -86,7 +104,9 @@ class OutputGuard:
         if self.watch is not None and self.watch.feed(text):
             return "", FINISH_FILTER
         if self.term_chars and self.guards is not None:
-            start = max(0, len(self.raw) - len(text) - 2 * self.term_chars - 8)  # the new text, and before it
+            # the new text and, before it, enough letters and digits for any term however spread
+            # out (separators and invisible characters do not count)
+            start = _alnum_back(self.raw, _alnum(text) + 2 * self.term_chars + 8)
             if self.guards.output.blocked_term(self.raw[start:]):
                 return "", FINISH_FILTER
         if not self.stream:
@@ -99,17 +119,7 @@ class OutputGuard:
     def _release(self, *, final: bool) -> str | None:
         """The next piece to stream (redacted), '' for none yet; None when PII-out blocks it."""
         unsent = self.raw[self.sent :]
-        end = len(unsent)
-        if not final:
-            if self.hold:
-                end = max(0, end - self.hold)
-                cut = max((m.start() for m in _SPACE.finditer(unsent, 0, end)), default=-1)
-                if cut >= 0:
-                    end = cut + 1
-                elif len(unsent) < 4 * max(self.hold, 1):
-                    end = 0  # one long word so far: wait for its end (or for enough of it)
-            if self.watch is not None:
-                end = min(end, self._canary_hold(unsent))
+        end = len(unsent) if final else self._held_end(unsent)
         findings = find_pii(unsent, self.guards.pii_out.kinds) if self.pii and self.guards is not None else []
         if not final:
             for f in findings:
@@ -125,17 +135,38 @@ class OutputGuard:
             self.emitted.append(piece)
         return piece
 
+    def _held_end(self, unsent: str) -> int:
+        """How much of ``unsent`` may be streamed now: not what might still turn out to be PII,
+        a blocked term (by letters: its letters may be spread out) or the start of the marker."""
+        end = len(unsent)
+        if self.term_chars:
+            end = _alnum_back(unsent, self.term_chars + 8)
+        if self.pii:
+            end = max(0, end - PII_HOLD)
+        if self.term_chars or self.pii:
+            cut = max((m.start() for m in _SPACE.finditer(unsent, 0, end)), default=-1)
+            if cut >= 0:
+                end = cut + 1
+            elif len(unsent) < 4 * max(self.hold, 1):
+                end = 0  # one long word so far: wait for its end (or for enough of it)
+        if self.watch is not None:
+            end = min(end, self._canary_hold(unsent))
+        return end
+
     def _canary_hold(self, unsent: str) -> int:
-        """Where a tail that might be the start of the marker begins (``len(unsent)``: none).
-        One normalisation per chunk; the tail is looked for only when there is one."""
-        start = max(0, len(unsent) - 2 * len(self.marker) - 8)
+        """Where a tail that might be the start of the marker begins (``len(unsent)``: none),
+        however far apart its characters are spread (within ``CANARY_WINDOW`` characters). One
+        normalisation per chunk; the tail is looked for only when there is one."""
+        start = max(0, len(unsent) - CANARY_WINDOW)
         squashed = _squash(unsent[start:])
         longest = min(len(squashed), len(self._needle))
         held = next((k for k in range(longest, 0, -1) if self._needle.startswith(squashed[-k:])), 0)
         if not held:
             return len(unsent)
+        count = 0
         for i in range(len(unsent) - 1, start - 1, -1):  # the shortest tail that squashes to those characters
-            if len(_squash(unsent[i:])) >= held:
+            count += len(_squash(unsent[i]))
+            if count >= held:
                 return i
         return start
 
