@@ -484,3 +484,22 @@ def test_a_form_sending_a_part_twice_is_refused(stack: Stack) -> None:
         timeout=60,
     )
     _problem(response, 400, "more than once")
+
+
+def test_a_tokenizer_whose_regular_expression_backtracks_is_refused_as_too_slow() -> None:
+    """Its regex runs on every request's text at the gateway: one that backtracks on a run of a
+    character would stall a gateway per request, so registration times it on such runs."""
+    import json as _json
+
+    from bastion.artifacts.text_check import inspect_tokenizer
+    from bastion.errors import InvalidArtifact
+
+    def tokenizer(pattern: str) -> bytes:
+        split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+        model = {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1}, "unk_token": "[UNK]"}
+        doc = {"version": "1.0", "added_tokens": [], "pre_tokenizer": split, "model": model}
+        return _json.dumps(doc).encode()
+
+    assert inspect_tokenizer(tokenizer(r"\w+|[^\w\s]+"), []).vocab_size == 2  # an ordinary split passes
+    with pytest.raises(InvalidArtifact, match="too slow"):
+        inspect_tokenizer(tokenizer("(?:a|a){15}(?!a)"), [])

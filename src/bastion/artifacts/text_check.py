@@ -14,6 +14,7 @@ memory and time, never the control plane's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,37 @@ class TokenizerReport:
         return cls(int(data["vocab_size"]), tuple(str(t) for t in data.get("missing") or ()))
 
 
+# A tokenizer's regular expressions (pre-tokenizer splits, normalizer replacements) run on every
+# request's text at the gateway, holding the interpreter while they do: one that backtracks on
+# some input (``(?:a|a){18}(?!a)`` on a run of ``a``) would stall a gateway for seconds per
+# request. Registration times the tokenizer on runs of each kind of character and on mixed text
+# and refuses one that is far slower than tokenizers are (about 1 µs a character).
+PROBE_CHARS = 2048  # characters per probe
+PROBE_LIMIT_S = 0.2  # one probe taking longer (about 100 µs a character) refuses the tokenizer
+_PROBE_ALPHABET = [chr(c) for c in range(0x20, 0x7F)] + list("\t\nàéßøΩжא中日한🙂\u0301\u200b\u00a0")
+
+
+def _probes() -> list[str]:
+    runs = [ch * PROBE_CHARS for ch in _PROBE_ALPHABET]
+    pairs = [(a + b) * (PROBE_CHARS // 2) for a, b in ("ab", "a ", "1,", "a'", "'s", ". ", "aA", "a1", "\r\n")]
+    mixed = [(SAMPLE + " ") * (PROBE_CHARS // (len(SAMPLE) + 1))]
+    return [*runs, *pairs, *mixed]
+
+
+def _probe_speed(tokenizer: Any) -> None:
+    """``InvalidArtifact`` when encoding one probe takes longer than ``PROBE_LIMIT_S``."""
+    for probe in _probes():
+        started = time.perf_counter()
+        tokenizer.encode(probe)
+        elapsed = time.perf_counter() - started
+        if elapsed > PROBE_LIMIT_S:
+            kind = f"U+{ord(probe[0]):04X}" if len(set(probe)) == 1 else "mixed text"
+            raise InvalidArtifact(
+                f"the tokenizer is too slow: {elapsed * 1e6 / len(probe):.0f} µs a character on a run of {kind} "
+                f"(at most {PROBE_LIMIT_S * 1e6 / PROBE_CHARS:.0f}); its regular expressions backtrack"
+            )
+
+
 def inspect_tokenizer(
     data: bytes, tokens: Sequence[str] = (), *, max_bytes: int = MAX_TOKENIZER_BYTES
 ) -> TokenizerReport:
@@ -54,6 +86,7 @@ def inspect_tokenizer(
         tokenizer = load_tokenizer(data, max_bytes=max_bytes)
         tokenizer.encode(SAMPLE)
         tokenizer.encode(SAMPLE, split_special=True, add_special_tokens=True)
+        _probe_speed(tokenizer)
         missing = tuple(t for t in dict.fromkeys(tokens) if tokenizer.token_to_id(t) is None)
         return TokenizerReport(tokenizer.vocab_size, missing)
     except BastionError:
