@@ -377,6 +377,24 @@ def test_an_injection_is_refused_before_it_is_queued(client: httpx.Client, stack
     assert 'guard="injection"' in stack.gateway_metrics() and "bastion_guard_seconds" in stack.gateway_metrics()
 
 
+def test_refusals_of_content_are_no_abuse_strikes_and_name_no_rule(client: httpx.Client) -> None:
+    """A guard's block refuses what a text says, not how it was sent: a tenant relaying its users'
+    prompts is never tarpitted or banned for them (30 failures a minute ban a client), and the
+    message names the guard, not the rules an attacker could tune an obfuscation against."""
+    started = time.monotonic()
+    for _ in range(35):
+        error = _error(
+            client.post(
+                "/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": INJECTION}]}
+            ),
+            400,
+            code="injection",
+        )
+        assert "INJ-" not in error["message"] and "matched" not in error["message"]
+    assert time.monotonic() - started < 20  # not tarpitted (each strike past 10 would add 100 ms and more)
+    assert client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO}).status_code == 200
+
+
 def test_pii_is_refused_or_redacted_per_policy(client: httpx.Client, stack: Stack) -> None:
     message = "Mail me at jane.doe@example.com or call +44 20 7946 0958."
     asked = [{"role": "user", "content": message}]

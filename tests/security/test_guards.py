@@ -48,6 +48,7 @@ from bastion.guards import (
     redact,
 )
 from bastion.guards.decode import DecodeLimits, decode_runs
+from bastion.guards.output import schema_violation
 
 CORPUS = Path(__file__).parent / "guard_corpus"
 
@@ -573,15 +574,34 @@ def test_results_merge_to_the_strictest_decision() -> None:
     }
 
 
+def _nested(inner: dict[str, Any], depth: int) -> dict[str, Any]:
+    for _ in range(depth):
+        inner = {"type": "object", "properties": {"x": inner}}
+    return inner
+
+
 @pytest.mark.parametrize(
     "schema",
     [
         {"type": "string", "pattern": "^(a+)+$"},
         {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
         {"type": "object", "properties": {"inner": {"anyOf": [{"type": "string", "pattern": "(x+x+)+y"}]}}},
+        {"$ref": "#/nope"},
+        {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        {"$ref": "https://example.com/schema.json"},
+        _nested({"type": "string", "pattern": "^(a+)+$"}, 70),
     ],
 )
-def test_a_schema_with_a_regular_expression_is_refused_at_request_time(schema: dict[str, Any]) -> None:
-    """Python's re backtracks: a client's pattern such as ^(a+)+$ could hold a worker for seconds."""
+def test_a_schema_with_a_regular_expression_or_a_reference_is_refused_at_request_time(schema: dict[str, Any]) -> None:
+    """Python's re backtracks (``^(a+)+$`` could hold a worker for seconds); a reference fails or
+    recurses when an answer is checked; a keyword could hide below any depth a walk stops at."""
     with pytest.raises(SchemaError, match="not accepted"):
         check_schema(schema)
+
+
+def test_a_property_named_pattern_is_a_name_not_a_regular_expression() -> None:
+    check_schema({"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]})
+
+
+def test_a_schema_the_validator_cannot_use_refuses_the_answer_instead_of_failing() -> None:
+    assert schema_violation('{"a": 1}', {"$ref": "#/nope"}) == "json_schema: the schema could not be evaluated"

@@ -182,7 +182,11 @@ class AbuseMiddleware:
             return
 
         async def counted_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in FAILURES:
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] in FAILURES
+                and not scope.get("state", {}).get("no_strike")  # a refusal of content (bastion.gateway.openai)
+            ):
                 clients = [address]
                 key_id = scope.get("state", {}).get("key_id")
                 if key_id:

@@ -77,6 +77,8 @@ from bastion.text.tokenizer import TextTokenizer
 log = logs.get("bastion.gateway.openai")
 
 OWNED_BY = "bastion"
+# codes of 400s that refuse what a text says (a guard's block, a prompt too long), not how it was sent
+CONTENT_REFUSALS = frozenset({"injection", "pii_in", "context_length_exceeded", "control_tokens"})
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 # how a generation's finish reads in OpenAI's vocabulary: a cancelled one (the client left, the
@@ -116,6 +118,10 @@ def shaped(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
             return await handler(request)
         except BastionError as exc:
             metrics.ERRORS.labels("http", type(exc).__name__).inc()
+            if exc.extra.get("code") in CONTENT_REFUSALS:
+                # a decision on the text, not a broken or hostile request: no abuse strike (a tenant
+                # relaying its users' prompts would otherwise be banned for what one of them wrote)
+                request.state.no_strike = True
             return error_response(exc)
         except ClientDisconnect:
             raise
@@ -202,10 +208,9 @@ async def screen(
         log.info("guard_flagged", model=call.model, guards=flagged)
     if blocked is not None:
         log.info("guard_blocked", model=call.model, guard=blocked.guard, rules=list(blocked.rules)[:8])
-        reason = f": {blocked.reason}" if blocked.reason else ""
-        raise InvalidInput(
-            f"the request was refused by the {blocked.guard} guard{reason}", param=param, code=blocked.guard
-        )
+        # the guard's name, not the rules that matched: those would tell an attacker which
+        # obfuscation to try next (they are in the log and the metrics)
+        raise InvalidInput(f"the request was refused by the {blocked.guard} guard", param=param, code=blocked.guard)
     return out, guards
 
 

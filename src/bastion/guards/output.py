@@ -41,17 +41,24 @@ class SchemaError(ValueError):
     """The JSON schema itself is not valid."""
 
 
-# Keywords whose value is a regular expression: Python's ``re`` backtracks, so a client's pattern
-# such as ``^(a+)+$`` could hold a worker for seconds per answer. A schema with one is refused.
+# Keywords a client's schema may not use: those whose value is a regular expression (Python's
+# ``re`` backtracks, so ``^(a+)+$`` could hold a worker for seconds per answer), and references
+# (``$ref`` to another document, or to itself, fails or recurses when the answer is checked). A
+# schema nested deeper than ``MAX_SCHEMA_DEPTH`` is refused too (a keyword could hide below).
 REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
+REFERENCE_KEYWORDS = frozenset({"$ref", "$dynamicRef", "$recursiveRef"})
+MAX_SCHEMA_DEPTH = 32
 
 
 def _regex_keyword(found: Any, depth: int = 0) -> str | None:
-    if depth > 64:
-        return None  # (the nesting bound is the caller's; this walk just stops)
+    """The first keyword of a schema that is not accepted (see above), or None."""
+    if depth > MAX_SCHEMA_DEPTH:
+        return f"nesting deeper than {MAX_SCHEMA_DEPTH}"
     if isinstance(found, Mapping):
         for key, value in found.items():
-            if key in REGEX_KEYWORDS:
+            if (key == "pattern" and isinstance(value, str)) or (
+                key in REGEX_KEYWORDS - {"pattern"} or key in REFERENCE_KEYWORDS
+            ):
                 return str(key)
             inner = _regex_keyword(value, depth + 1)
             if inner is not None:
@@ -72,7 +79,10 @@ def check_schema(schema: Mapping[str, Any]) -> None:
 
     keyword = _regex_keyword(schema)
     if keyword is not None:
-        raise SchemaError(f"JSON schemas with {keyword!r} are not accepted (regular expressions are not evaluated)")
+        raise SchemaError(
+            f"JSON schemas with {keyword!r} are not accepted (regular expressions and references are not "
+            "evaluated; nesting is bounded)"
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
@@ -87,8 +97,11 @@ def schema_violation(answer: str, schema: Mapping[str, Any]) -> str | None:
         instance = json.loads(answer)
     except (ValueError, RecursionError):
         return "json_invalid: the answer is not JSON"
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    try:
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
+    except Exception:  # (RecursionError too) a schema the validator cannot use: the answer is refused
+        return "json_schema: the schema could not be evaluated"
     if error is None:
         return None
     # the keyword and the depth only: a path would name keys of the answer, which is the model's text

@@ -20,6 +20,7 @@ Placeholders: ``[EMAIL]``, ``[PHONE]``, ``[CARD]``, ``[IBAN]``, ``[IP]``,
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 import time
@@ -209,13 +210,19 @@ def find_pii(text: str, kinds: Iterable[PiiKind] = ALL_KINDS) -> list[Finding]:
     if _DIGIT.search(text) is None:  # every kind but email has digits
         wanted &= {PiiKind.EMAIL}
     taken: list[Finding] = []
+    starts: list[int] = []  # of ``taken``, sorted: an overlap check is a bisection, not a scan
+    ends: list[int] = []
     for kind, finder in _FINDERS:
         if kind not in wanted:
             continue
         for f in finder(text):
-            if all(f.end <= t.start or f.start >= t.end for t in taken):
-                taken.append(f)
-    return sorted(taken, key=lambda f: f.start)
+            i = bisect.bisect_right(starts, f.start)
+            if (i and ends[i - 1] > f.start) or (i < len(starts) and starts[i] < f.end):
+                continue  # overlaps a finding of a more specific kind (findings never overlap each other)
+            starts.insert(i, f.start)
+            ends.insert(i, f.end)
+            taken.insert(i, f)
+    return taken
 
 
 @dataclass(frozen=True, slots=True)

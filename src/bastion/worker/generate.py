@@ -69,6 +69,7 @@ from bastion.worker.text import GenerationModel, UpstreamModel
 log = logs.get("bastion.worker")
 
 FAILED_MESSAGE = "the model failed while generating"
+GUARD_FAILED = "the answer could not be checked by the model's output guards; it is not given"
 INTERRUPTED = "the generation was interrupted (its worker stopped); please retry"
 UPSTREAM_POLL_S = 0.01  # longest wait for an upstream's next chunk while nothing else runs
 
@@ -280,7 +281,15 @@ class Generations:
             r.cost_ms += share
         ended: list[Outcome] = []
         for job_id, delta in deltas:
-            ended += self._apply(pipe, job_id, delta)
+            try:
+                ended += self._apply(pipe, job_id, delta)
+            except Exception as exc:  # a guard failed on this answer: this generation alone fails
+                failing = self._running.get(str(job_id))
+                metrics.ERRORS.labels("worker", "output_guard").inc()
+                log.warning("output_guard_failed", job_id=str(job_id), error_type=type(exc).__name__)
+                if failing is not None:
+                    failing.stop = FINISH_CANCELLED  # the engine drops its row at the next step
+                    ended.append(self._fail(pipe, failing, GUARD_FAILED))
         return ended
 
     def _exchange(self, pipe: Any) -> None:
