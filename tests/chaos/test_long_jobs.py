@@ -52,7 +52,8 @@ def _runs(stack: Stack) -> float:
 
 
 def test_a_job_three_times_longer_than_the_visibility_timeout_runs_once(stack: Stack) -> None:
-    stack.admin.register("slow", slow_model(), rows_independent=False)
+    # 80 products: over 3 visibility timeouts (1.5 s) even on a fast, idle core (about 30 ms a product)
+    stack.admin.register("slow", slow_model(steps=80), rows_independent=False)
     with stack.client(timeout=60) as http:
         job = http.post("/v1/models/slow/jobs", json={"inputs": [[1.0] * 30]}).json()["id"]
         wait_until(lambda: http.get(f"/v1/jobs/{job}").json()["status"] == "succeeded", 60, "the slow job")
