@@ -564,3 +564,41 @@ def test_an_upstream_versions_tokenizer_is_checked_in_the_sandboxed_child_alone(
         check.tokenizer(b'{"model": {"type": "BPE", "vocab": 5}}', 1 << 20, [])
     with pytest.raises(PayloadTooLarge):
         check.tokenizer(text_models.tokenizer_json(), 1024, [])
+
+
+@pytest.mark.parametrize(("reported", "expected"), [(0, "counted"), (10**6, "budget"), (None, "counted")])
+def test_a_servers_reported_usage_is_bounded_by_the_answer_and_the_reservation(
+    reported: int | None, expected: str
+) -> None:
+    """Settlement refunds what was not used: a server reporting 0 completion tokens must not get
+    the reservation back for an answer it did give, nor charge past what was reserved."""
+    text = "one two three four five"
+    events = [b'data: {"choices": [{"text": "one two three"}]}\n\n', b'data: {"choices": [{"text": " four five"}]}\n\n']
+    if reported is not None:
+        events.append(b'data: {"choices": [], "usage": {"completion_tokens": ' + str(reported).encode() + b"}}\n\n")
+    host, done = _serve(_SSE + b"".join(events) + b"data: [DONE]\n\n")
+    deltas = _run(_engine(host))
+    done.set()
+    last = deltas[-1]
+    assert last.usage is not None and "".join(d.text for d in deltas) == text
+    counted = len(_tokenizer().encode(text))
+    assert last.usage.completion_tokens == {"counted": counted, "budget": 20}[expected]
+
+
+def test_the_worker_forwards_only_to_the_upstream_of_the_verified_descriptor() -> None:
+    """The artifact (verified by sha256 at load) names the server; a snapshot whose config names
+    another one is refused, so whoever can write the snapshot cannot redirect answers."""
+    from bastion.errors import InvalidArtifact
+    from bastion.snapshot import TextInfo
+    from bastion.worker import text as worker_text
+
+    named = _config(url="http://10.0.0.7:8000/v1", model="llama")
+    recorded = upstream_versions.descriptor(
+        UpstreamConfig.from_dict({"url": "http://10.0.0.7:8000/v1", "model": "llama"})
+    )
+    info = TextInfo("generation", "sha", GenerationConfig.from_dict(named).to_dict())
+    loaded = worker_text.load(info, recorded, text_models.tokenizer_json())
+    assert isinstance(loaded, worker_text.UpstreamModel) and loaded.upstream.host == "10.0.0.7:8000"
+    other = upstream_versions.descriptor(UpstreamConfig.from_dict({"url": "http://10.6.6.6:8000/v1", "model": "llama"}))
+    with pytest.raises(InvalidArtifact, match="verified descriptor"):
+        worker_text.load(info, other, text_models.tokenizer_json())

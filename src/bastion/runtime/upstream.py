@@ -18,8 +18,9 @@ still closing), with:
 The thread parses the server-sent events and queues what they say; ``step`` never waits for the
 network: it drains what has arrived into one ``Delta`` per request. A request runs at most
 ``max_duration_s`` (the worker's ``max_job_s``), keep-alives or not. Usage is the server's last chunk's
-when it sends one (completion tokens; prompt tokens are the worker's own count, the one the budget
-reserved), else the completion's tokens counted with the version's tokenizer. A cancelled request
+when it sends one (completion tokens, but never fewer than the answer's text counts with the
+version's tokenizer, nor more than were reserved; prompt tokens are the worker's own count, the one
+the budget reserved), else the completion's tokens counted with that tokenizer. A cancelled request
 (its ``cancelled()`` turned true) ends at once, and its connection is shut down, which is how the
 server learns that its client went away. A failure (refused connection, an HTTP error status, a
 timeout, a malformed or oversized stream) ends that request alone, with a ``Delta.error`` that says
@@ -283,10 +284,12 @@ class UpstreamGeneration:
 
     def _usage(self, request: _Request, *, final: bool) -> Usage:
         completion = request.tokens
-        if final and request.server_tokens is not None:
-            completion = request.server_tokens
-        elif final and request.text:
+        if final and request.text:
             completion = len(self._ids(request.text))
+        if final and request.server_tokens is not None:
+            # the server's count, but never below what the answer's own text counts here, nor above
+            # the budget reserved: a server reporting 0 cannot get the reservation refunded
+            completion = min(max(request.server_tokens, completion), request.budget)
         return Usage(len(request.prompt_ids), completion)
 
     def _ids(self, text: str) -> tuple[int, ...]:

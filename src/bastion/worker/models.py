@@ -7,8 +7,9 @@ model on one token), and
 versions nothing routes to are unloaded. A job for another version (a job queued before a
 rollback, say) loads it on demand. A text version (``VersionInfo.text``) loads as
 ``worker.text``'s embedding or generation model, its tokenizer read from the artifact store and
-checked against its sha256 as the graph is (an upstream version has no graph to read: its
-generation is forwarded, ``worker.text.UpstreamModel``).
+checked against its sha256 as the graph is (an upstream version's artifact is its descriptor,
+checked the same way: the server its generation is forwarded to is the descriptor's,
+``worker.text.UpstreamModel``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ModelCache:
             return postprocess.wrap(
                 self.runtime.load(self.store.open(info.sha256)), info.signature, info.postprocessing
             )
-        graph = None if text.is_upstream(info.text) else self.store.open(info.sha256)  # forwarded: no graph
+        graph = self.store.open(info.sha256)  # (an upstream version's: its descriptor, verified all the same)
         tokenizer = self.store.open(info.text.tokenizer)
         return text.load(
             info.text,

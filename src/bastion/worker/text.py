@@ -13,7 +13,8 @@ the snapshot). ``load`` returns:
   ``run_batch`` (``run`` refuses);
 - ``UpstreamModel`` for a ``generation`` version whose config names an ``upstream`` server
   (``bastion.text.upstream``): the tokenizer and config a ``bastion.runtime.upstream
-  .UpstreamGeneration`` forwards with. No ONNX graph is read or run for it (``is_upstream``).
+  .UpstreamGeneration`` forwards with. No ONNX graph is read or run for it: its artifact is its
+  descriptor, verified by sha256 like a graph, and the server forwarded to is the descriptor's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 
 from bastion.errors import InvalidArtifact, InvalidInput, JobFailed
 from bastion.snapshot import TextInfo
@@ -123,11 +125,6 @@ class UpstreamModel:
 TextModel = EmbeddingModel | GenerationModel | UpstreamModel
 
 
-def is_upstream(info: TextInfo) -> bool:
-    """Whether the version forwards to an upstream server (its graph is then never read)."""
-    return info.task == TASK_GENERATION and info.config.get("upstream") is not None
-
-
 def load(
     info: TextInfo, graph: bytes | None, tokenizer: bytes, *, intra_threads: int = 1, inter_threads: int = 1
 ) -> TextModel:
@@ -148,9 +145,23 @@ def load(
             raise InvalidArtifact(f"the generation config is invalid: {exc}") from None
         words = load_tokenizer(tokenizer, generation.special)
         if generation.upstream is not None:
-            return UpstreamModel(words, generation, generation.upstream)
+            return UpstreamModel(words, generation, _verified_upstream(generation.upstream, _graph(graph)))
         return GenerationModel(Decoder(_session(_graph(graph), intra_threads, inter_threads)), words, generation)
     raise InvalidArtifact(f"unknown text task {info.task!r}")
+
+
+def _verified_upstream(named: UpstreamConfig, descriptor: bytes) -> UpstreamConfig:
+    """The upstream of the version's artifact (its descriptor, verified by sha256 at load), which
+    the snapshot's config must name too: the server answers come from is the one the registry
+    recorded, whatever a snapshot says."""
+    try:
+        found = orjson.loads(descriptor)
+        upstream = UpstreamConfig.from_dict(found) if isinstance(found, dict) else None
+    except (orjson.JSONDecodeError, ValueError):
+        upstream = None
+    if upstream is None or upstream != named:
+        raise InvalidArtifact("the version's config names another upstream than its verified descriptor")
+    return upstream
 
 
 def _graph(graph: bytes | None) -> bytes:
