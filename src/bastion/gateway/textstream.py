@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,6 +41,7 @@ from bastion.text.jobs import Completion, StreamEvent, read_entry, read_outputs,
 log = logs.get("bastion.gateway.stream")
 
 BLOCK_MS = 1000  # the reader's XREAD BLOCK (under the client's socket timeout)
+FIRST_BLOCK_MS = 50  # a relay's own first read waits this long at most (it holds a pooled connection)
 READ_COUNT = 512
 _WAKE_MAXLEN = 64
 
@@ -144,11 +146,15 @@ async def relay(
     seen: Any = "0-0"  # the last entry handed on
     queued.future.add_done_callback(lambda _f: sub.event.set())
     try:
+        # the first chunks are read here, on a connection of the pool, as soon as the worker writes
+        # them: the shared reader is woken for this stream meanwhile, one round trip later (what
+        # both read is handed on once)
+        sub.entries.extendleft(reversed(await _first(queued)))
         quiet_since = time.monotonic()
         while True:
             if sub.entries:
-                while sub.entries:
-                    entry_id, fields = sub.entries.popleft()
+                while (item := _next_after(sub.entries, seen)) is not None:
+                    entry_id, fields = item
                     seen = entry_id
                     event = _event(fields, shown, queued, entry_id)
                     yield event
@@ -182,6 +188,35 @@ async def relay(
                     await sub.event.wait()
     finally:
         router.unsubscribe(queued.own_id)
+
+
+async def _first(queued: pipeline.Queued) -> list[tuple[Any, Any]]:
+    """The job's first entries, waiting at most ``FIRST_BLOCK_MS`` for one; [] when none came (or
+    Redis failed: the shared reader carries on and says so)."""
+    try:
+        found = await queued.state.redis.xread(
+            {stream_key(queued.own_id): "0-0"}, count=READ_COUNT, block=FIRST_BLOCK_MS
+        )
+    except (RedisError, OSError):
+        return []
+    return list(found[0][1]) if found else []
+
+
+def _next_after(entries: deque[tuple[Any, Any]], seen: Any) -> tuple[Any, Any] | None:
+    """The next of ``entries`` that comes after entry ``seen`` (the ones before it are dropped:
+    the relay's first read and the shared reader may both have read them), or None."""
+    while entries:
+        item = entries.popleft()
+        if _order(item[0]) > _order(seen):
+            return item
+    return None
+
+
+def _order(entry_id: Any) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a sortable pair."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _event(fields: Any, shown: list[str], queued: pipeline.Queued, entry_id: Any = b"") -> StreamEvent:
