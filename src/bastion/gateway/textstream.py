@@ -65,6 +65,7 @@ class ChunkRouter:
         self._wake_raw = self.wake_key.encode()
         self._subs: dict[bytes, Subscription] = {}
         self._task: asyncio.Task[None] | None = None
+        self._waking: set[asyncio.Task[None]] = set()  # wakes in flight (held: a task needs a reference)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._read_loop())
@@ -78,16 +79,21 @@ class ChunkRouter:
             await self.redis.delete(self.wake_key)
 
     async def subscribe(self, job_id: str) -> Subscription:
-        """Follow ``s:{job_id}`` from its first entry; the reader is woken to include it now."""
+        """Follow ``s:{job_id}`` from its first entry; the reader is woken to include it now, in
+        the background (the relay's own first read does not wait for it; should the wake fail,
+        the reader's next read, within ``BLOCK_MS``, includes the stream all the same)."""
         found = Subscription()
-        key = stream_key(job_id).encode()
-        self._subs[key] = found
+        self._subs[stream_key(job_id).encode()] = found
+        task = asyncio.get_running_loop().create_task(self._wake_quietly())
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
+        return found
+
+    async def _wake_quietly(self) -> None:
         try:
             await self._wake()
-        except BaseException:
-            self._subs.pop(key, None)
-            raise
-        return found
+        except Exception as exc:
+            log.warning("chunk_wake_failed", error_type=type(exc).__name__)
 
     def unsubscribe(self, job_id: str) -> None:
         self._subs.pop(stream_key(job_id).encode(), None)
