@@ -5,6 +5,7 @@ produces them; a client that goes away stops its generation and pays only for wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -206,6 +208,21 @@ def long_model(up: Up) -> str:
     return LONG
 
 
+@contextlib.contextmanager
+def _streamed(up: Up, key: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+    """A streamed ``/v1/completions`` answer, read as it arrives (raw SSE: the SDK hides the ids)."""
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST",
+            f"http://127.0.0.1:{up.gateway_port}/v1/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response,
+    ):
+        yield response
+
+
 def _sse(response: httpx.Response) -> Iterator[tuple[float, str | None, str]]:
     """(arrival time, SSE id, data) for each event as its bytes arrive."""
     event_id: str | None = None
@@ -234,15 +251,7 @@ def test_chunks_are_relayed_as_the_worker_produces_them(up: Up, long_model: str)
     body = {"model": long_model, "prompt": "Go", "max_tokens": 3000, "temperature": 0, "stream": True}
     lags: list[float] = []
     arrivals: list[float] = []
-    with (
-        httpx.Client(timeout=60) as client,
-        client.stream(
-            "POST",
-            f"http://127.0.0.1:{up.gateway_port}/v1/completions",
-            json=body,
-            headers={"Authorization": f"Bearer {_key(up)}"},
-        ) as response,
-    ):
+    with _streamed(up, _key(up), body) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         for arrived, event_id, data in _sse(response):
@@ -276,15 +285,7 @@ def test_a_client_that_goes_away_stops_its_generation_within_100_ms_and_pays_for
         wait_until(lambda: _known(probe, long_model), 20, "the gateway to know the new key")
     body = {"model": long_model, "prompt": "Go", "max_tokens": 6000, "temperature": 0, "stream": True}
     job_id = None
-    with (
-        httpx.Client(timeout=60) as client,
-        client.stream(
-            "POST",
-            f"http://127.0.0.1:{up.gateway_port}/v1/completions",
-            json=body,
-            headers={"Authorization": f"Bearer {key_text}"},
-        ) as response,
-    ):
+    with _streamed(up, key_text, body) as response:
         assert response.status_code == 200
         job_id = response.headers.get("x-bastion-job-id")
         seen = 0
