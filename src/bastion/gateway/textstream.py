@@ -41,7 +41,9 @@ from bastion.text.jobs import Completion, StreamEvent, read_entry, read_outputs,
 log = logs.get("bastion.gateway.stream")
 
 BLOCK_MS = 1000  # the reader's XREAD BLOCK (under the client's socket timeout)
-FIRST_BLOCK_MS = 50  # a relay's own first read waits this long at most (it holds a pooled connection)
+# a relay's own first read waits this long at most: it holds a connection of the gateway's shared
+# pool meanwhile, so it is kept short (a job still queued past it is followed by the shared reader)
+FIRST_BLOCK_MS = 10
 READ_COUNT = 512
 _WAKE_MAXLEN = 64
 

@@ -370,24 +370,18 @@ class Generations:
         if r.request.stream:
             if ending.tail:
                 self._chunk(pipe, r, ending.tail)
-            if ending.error is not None:
-                self._write(pipe, job.job_id, error_fields(ending.error), maxlen)
-            else:
-                self._write(pipe, job.job_id, end_fields(ending.finish, r.prompt_tokens, r.completion_tokens), maxlen)
+            self._write(pipe, job.job_id, end_fields(ending.finish, r.prompt_tokens, r.completion_tokens), maxlen)
         log.info(
             "generation_done",
             job_id=job.job_id,
             model=job.model,
             version=job.version,
-            finish=ending.finish if ending.error is None else "failed",
+            finish=ending.finish,
             prompt_tokens=r.prompt_tokens,
             completion_tokens=r.completion_tokens,
         )
-        if ending.error is not None:
-            outcome = Outcome(job, STATUS_FAILED, error=ending.error, measured_units=r.cost_ms)
-        else:
-            completion = Completion(ending.text, r.prompt_tokens, r.completion_tokens, ending.finish)
-            outcome = Outcome(job, STATUS_SUCCEEDED, result=codec.encode(outputs(completion)), measured_units=r.cost_ms)
+        completion = Completion(ending.text, r.prompt_tokens, r.completion_tokens, ending.finish)
+        outcome = Outcome(job, STATUS_SUCCEEDED, result=codec.encode(outputs(completion)), measured_units=r.cost_ms)
         outcome.ran = True
         outcome.guards = [result.to_dict() for result in ending.results]
         return outcome

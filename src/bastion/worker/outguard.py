@@ -67,7 +67,6 @@ class Ending:
     text: str
     tail: str  # streamed answers: what is still to be written before the end entry
     finish: str
-    error: str | None = None  # the job fails with this message
     results: list[GuardResult] = field(default_factory=list)
 
 
@@ -175,7 +174,6 @@ class OutputGuard:
         guards, answer = self.guards, self.raw
         results: list[GuardResult] = []
         blocked = finish == FINISH_FILTER
-        error = None
         if guards is not None:
             if guards.canary_action is not None and self.marker:
                 results.append(check_canary(answer, self.marker, guards.canary_action))
@@ -193,13 +191,13 @@ class OutputGuard:
             # open the version's circuit breaker for everyone (the answer ends content_filter, empty)
             blocked = reason is not None
         if blocked:
-            return Ending("".join(self.emitted), "", FINISH_FILTER, None, results)
+            return Ending("".join(self.emitted), "", FINISH_FILTER, results)
         if not self.stream:
-            return Ending(answer, "", finish, error, results)
+            return Ending(answer, "", finish, results)
         tail = self._release(final=True)
         if tail is None:  # (PII-out block found a value only now: refused, nothing more sent)
-            return Ending("".join(self.emitted), "", FINISH_FILTER, None, results)
-        return Ending("".join(self.emitted), tail, finish, None, results)
+            return Ending("".join(self.emitted), "", FINISH_FILTER, results)
+        return Ending("".join(self.emitted), tail, finish, results)
 
 
 def _schema_result(reason: str | None, latency_us: int) -> GuardResult:
