@@ -503,3 +503,6 @@ def test_a_tokenizer_whose_regular_expression_backtracks_is_refused_as_too_slow(
     assert inspect_tokenizer(tokenizer(r"\w+|[^\w\s]+"), []).vocab_size == 2  # an ordinary split passes
     with pytest.raises(InvalidArtifact, match="too slow"):
         inspect_tokenizer(tokenizer("(?:a|a){15}(?!a)"), [])
+    # quadratic: fast on short runs, so the dearest probes run again at 8 times the length
+    with pytest.raises(InvalidArtifact, match="times the cost"):
+        inspect_tokenizer(tokenizer(r"\w+(?=\d)"), [])

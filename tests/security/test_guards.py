@@ -590,6 +590,8 @@ def _nested(inner: dict[str, Any], depth: int) -> dict[str, Any]:
         {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
         {"$ref": "https://example.com/schema.json"},
         _nested({"type": "string", "pattern": "^(a+)+$"}, 70),
+        {"type": "array", "uniqueItems": True},
+        {"type": "array", "items": {"anyOf": [{"const": i} for i in range(300)]}},
     ],
 )
 def test_a_schema_with_a_regular_expression_or_a_reference_is_refused_at_request_time(schema: dict[str, Any]) -> None:

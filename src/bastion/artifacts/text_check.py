@@ -61,18 +61,42 @@ def _probes() -> list[str]:
     return [*runs, *pairs, *mixed]
 
 
+LONG_PROBE_FACTOR = 8  # the same probes again at 8 times the length, to see how the cost grows
+LONG_PROBE_LIMIT_S = 0.5  # one long probe taking longer (about 30 µs a character) refuses it
+LONG_PROBE_GROWTH = 24  # a long probe costing this many times its short one: super-linear
+
+
+def _timed(tokenizer: Any, probe: str) -> float:
+    started = time.perf_counter()
+    tokenizer.encode(probe)
+    return time.perf_counter() - started
+
+
+def _slow(probe: str, elapsed: float, why: str) -> InvalidArtifact:
+    kind = f"U+{ord(probe[0]):04X}" if len(set(probe)) == 1 else "mixed text"
+    return InvalidArtifact(
+        f"the tokenizer is too slow: {elapsed * 1e6 / len(probe):.1f} µs a character on {len(probe)} characters "
+        f"of {kind} ({why}); its regular expressions backtrack"
+    )
+
+
 def _probe_speed(tokenizer: Any) -> None:
-    """``InvalidArtifact`` when encoding one probe takes longer than ``PROBE_LIMIT_S``."""
+    """``InvalidArtifact`` when encoding one probe takes longer than ``PROBE_LIMIT_S``, or when the
+    probes that took longest cost super-linearly more at ``LONG_PROBE_FACTOR`` times their length
+    (a quadratic pattern such as ``\\w+(?=\\d)`` is fast on short runs)."""
+    costs: list[tuple[float, str]] = []
     for probe in _probes():
-        started = time.perf_counter()
-        tokenizer.encode(probe)
-        elapsed = time.perf_counter() - started
+        elapsed = _timed(tokenizer, probe)
         if elapsed > PROBE_LIMIT_S:
-            kind = f"U+{ord(probe[0]):04X}" if len(set(probe)) == 1 else "mixed text"
-            raise InvalidArtifact(
-                f"the tokenizer is too slow: {elapsed * 1e6 / len(probe):.0f} µs a character on a run of {kind} "
-                f"(at most {PROBE_LIMIT_S * 1e6 / PROBE_CHARS:.0f}); its regular expressions backtrack"
-            )
+            raise _slow(probe, elapsed, f"at most {PROBE_LIMIT_S * 1e6 / PROBE_CHARS:.0f} µs a character")
+        costs.append((elapsed, probe))
+    for short, probe in sorted(costs, reverse=True)[:8]:  # the dearest probes, and mixed text
+        longer = probe * LONG_PROBE_FACTOR
+        elapsed = _timed(tokenizer, longer)
+        # (growth alone is no verdict on a fast probe: byte-level BPE on a 64 KiB word of emoji grows
+        # about 30 times in 30 ms, and short timings are noisy)
+        if elapsed > LONG_PROBE_LIMIT_S or (elapsed > 0.15 and elapsed > LONG_PROBE_GROWTH * max(short, 1e-6)):
+            raise _slow(longer, elapsed, f"{elapsed / max(short, 1e-6):.0f} times the cost of 1/{LONG_PROBE_FACTOR}")
 
 
 def inspect_tokenizer(

@@ -78,7 +78,7 @@ log = logs.get("bastion.gateway.openai")
 
 OWNED_BY = "bastion"
 # codes of 400s that refuse what a text says (a guard's block, a prompt too long), not how it was sent
-CONTENT_REFUSALS = frozenset({"injection", "pii_in", "context_length_exceeded", "control_tokens"})
+CONTENT_REFUSALS = frozenset({"injection", "pii_in", "control_tokens"})
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 # how a generation's finish reads in OpenAI's vocabulary: a cancelled one (the client left, the
@@ -412,7 +412,10 @@ async def _prepare(state: GatewayState, call: Call, asked: ChatRequest | Complet
         prefix = tokenize(lambda: _pinned_prefix(tokenizer, template))
         ids = prefix + await tokenize_async(lambda: tokenizer.encode(prompt), asked.chars)
         param = "prompt"
-    if config.upstream is not None and not tokenize(lambda: tokenizer.markers_survive_as_text(ids)):
+    request = _generation_request(ids, asked.sampling, config, marker, param)  # (the context check first)
+    if config.upstream is not None and not await tokenize_async(
+        lambda: tokenizer.markers_survive_as_text(ids), asked.chars
+    ):
         # the upstream gets the prompt as text and matches special tokens in it: a client's text
         # that reads as a role marker there would forge a turn (here it is plain text)
         raise InvalidInput(
@@ -421,7 +424,6 @@ async def _prepare(state: GatewayState, call: Call, asked: ChatRequest | Complet
             param=param,
             code="control_tokens",
         )
-    request = _generation_request(ids, asked.sampling, config, marker, param)
     call.rows = 1
     return Prepared({INPUT_IDS: np.asarray([ids], dtype=np.int64)}, request, len(ids))
 

@@ -73,6 +73,8 @@ class ChunkRouter:
         self._task = asyncio.create_task(self._read_loop())
 
     async def stop(self) -> None:
+        for task in list(self._waking):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -48,6 +48,11 @@ class SchemaError(ValueError):
 REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
 REFERENCE_KEYWORDS = frozenset({"$ref", "$dynamicRef", "$recursiveRef"})
 MAX_SCHEMA_DEPTH = 32
+# What checking an answer may cost is bounded too: validation runs in the worker's generation loop,
+# where every answer of the batch waits for it. ``uniqueItems`` is quadratic in jsonschema; a schema
+# of thousands of ``anyOf`` branches multiplies the work by each.
+MAX_SCHEMA_NODES = 256  # objects and lists in the schema
+COSTLY_KEYWORDS = frozenset({"uniqueItems"})
 
 
 def _regex_keyword(found: Any, depth: int = 0) -> str | None:
@@ -60,6 +65,8 @@ def _regex_keyword(found: Any, depth: int = 0) -> str | None:
                 key in REGEX_KEYWORDS - {"pattern"} or key in REFERENCE_KEYWORDS
             ):
                 return str(key)
+            if key in COSTLY_KEYWORDS and value is True:
+                return str(key)
             inner = _regex_keyword(value, depth + 1)
             if inner is not None:
                 return inner
@@ -71,17 +78,33 @@ def _regex_keyword(found: Any, depth: int = 0) -> str | None:
     return None
 
 
+def _nodes(found: Any) -> int:
+    """Objects and lists in a schema (stops counting past ``MAX_SCHEMA_NODES``)."""
+    count, stack = 0, [found]
+    while stack and count <= MAX_SCHEMA_NODES:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            count += 1
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            count += 1
+            stack.extend(item)
+    return count
+
+
 def check_schema(schema: Mapping[str, Any]) -> None:
     """Raise :class:`SchemaError` when ``schema`` is not a valid JSON schema, or uses a regular
     expression keyword (``pattern``, ``patternProperties``: see ``REGEX_KEYWORDS``); call at
     request time."""
     import jsonschema  # type: ignore[import-untyped]  # imported on first use: only JSON-schema answers need it
 
+    if _nodes(schema) > MAX_SCHEMA_NODES:
+        raise SchemaError(f"JSON schemas of more than {MAX_SCHEMA_NODES} objects and lists are not accepted")
     keyword = _regex_keyword(schema)
     if keyword is not None:
         raise SchemaError(
-            f"JSON schemas with {keyword!r} are not accepted (regular expressions and references are not "
-            "evaluated; nesting is bounded)"
+            f"JSON schemas with {keyword!r} are not accepted (regular expressions, references and costly "
+            "keywords are not evaluated; nesting is bounded)"
         )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
