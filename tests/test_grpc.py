@@ -508,13 +508,20 @@ def test_grpc_calls_are_counted_in_the_gateways_metrics(served: Served) -> None:
             refused(lambda: client.infer(MODEL, [rows_input(x[:1, :29].copy())], headers=served.auth()))
             refused(lambda: client.infer(MODEL, [rows_input(x[:1])]))
     ports = json.loads((served.up.data_dir / "endpoints.json").read_text())["metrics"]
-    text = "".join(
-        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        for name, port in ports.items()
-        if name.startswith("gateway") and port
-    )
-    counted = re.findall(r'bastion_gateway_requests_total\{route="grpc\.ModelInfer",status="(\w+)"\} (\S+)', text)
-    assert {"OK", "INVALID_ARGUMENT", "UNAUTHENTICATED"} <= {status for status, _ in counted}, counted
+
+    def scraped() -> list[tuple[str, str]]:
+        text = "".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for name, port in ports.items()
+            if name.startswith("gateway") and port
+        )
+        return re.findall(r'bastion_gateway_requests_total\{route="grpc\.ModelInfer",status="(\w+)"\} (\S+)', text)
+
+    # a refused call may be counted just after its caller has the answer: wait for the counts a moment
+    wanted = {"OK", "INVALID_ARGUMENT", "UNAUTHENTICATED"}
+    wait_until(lambda: wanted <= {status for status, _ in scraped()}, 10, "the gateways to count the calls")
+    counted = scraped()
+    assert wanted <= {status for status, _ in counted}, counted
     assert sum(float(n) for status, n in counted if status == "OK") >= 4
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bastion import logs
+from bastion import logs, metrics
 from bastion.gateway.grpc import inference_pb2 as pb
 from bastion.gateway.grpc.service import SERVICE, InferenceService
 from bastion.gateway.state import GatewayState
@@ -66,18 +66,23 @@ PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})  # a
 _ANONYMOUS = "an API key or token is required: send 'authorization: Bearer <key>' metadata"
 
 
-async def _refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _ANONYMOUS)
+def _refusal(method: str) -> Any:
+    """The handler that refuses an anonymous call of ``method``, counted as every answered call is."""
+
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        metrics.REQUESTS.labels(f"grpc.{method}", grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _ANONYMOUS)
+
+    # A handler that reads no message: the call ends before its request is even sent. For a unary
+    # method too, since a request-streaming handler is free not to read.
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 _GUARDED = frozenset(
     m.name for m in pb.DESCRIPTOR.services_by_name[SERVICE.rpartition(".")[2]].methods if m.name not in PUBLIC_METHODS
 )
 
-
-# A handler that reads no message: the call ends before its request is even sent. For a unary
-# method too, since a request-streaming handler is free not to read.
-_REFUSED = grpc.stream_unary_rpc_method_handler(_refuse)
+_REFUSED = {method: _refusal(method) for method in _GUARDED}
 
 
 class RefuseAnonymous(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -89,7 +94,7 @@ class RefuseAnonymous(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service, _, method = details.method.lstrip("/").partition("/")
         if service == SERVICE and method in _GUARDED:  # (a method not served stays UNIMPLEMENTED)
             if not any(key == "authorization" for key, _ in details.invocation_metadata or ()):
-                return _REFUSED
+                return _REFUSED[method]
         return await continuation(details)
 
 
