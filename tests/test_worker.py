@@ -21,7 +21,7 @@ from bastion.artifacts import onnx_check
 from bastion.artifacts.store import ArtifactStore
 from bastion.constants import CONSUMER_GROUP, dead_letter_key, job_key, queue_key
 from bastion.queue.consumer import Consumer, Outcome
-from bastion.queue.envelope import Envelope
+from bastion.queue.envelope import Envelope, Job
 from bastion.runtime.onnx import OnnxRuntime
 from bastion.settings import Settings
 from bastion.worker.models import ModelCache
@@ -318,6 +318,45 @@ def test_a_runaway_call_is_stopped_its_batch_mates_answered_and_it_is_dead_lette
     worker.reclaim()  # past max_deliveries: dead-lettered
     assert _status(redis_client, "runaway") == "dead_lettered"
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+
+
+class _StartsLate:
+    """A model call whose thread is held up past the time limit before the run begins and that,
+    like onnxruntime, clears its stop flag when the run begins; it gives up on its own after
+    ``run_s`` (then the watchdog missed it)."""
+
+    def __init__(self, held_s: float, run_s: float) -> None:
+        self.held_s, self.run_s, self.stop = held_s, run_s, False
+
+    def terminate(self) -> None:
+        self.stop = True
+
+    def run(self) -> None:
+        time.sleep(self.held_s)
+        self.stop = False
+        ends = time.monotonic() + self.run_s
+        while time.monotonic() < ends:
+            if self.stop:
+                raise RuntimeError("stopped")
+            time.sleep(0.002)
+
+
+def test_a_call_that_begins_after_the_watchdogs_first_stop_is_stopped_too(redis_client: redis.Redis) -> None:
+    from bastion.worker.heartbeat import Heartbeat, TimeLimited
+
+    stream = queue_key(MODEL, "batch")
+    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = redis_client.xadd(stream, {"x": "1"}).decode()  # type: ignore[union-attr]
+    redis_client.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"})
+    job = Envelope("late", "acme", MODEL, 1, "batch")
+    held = Job(**{f: getattr(job, f) for f in Envelope.__slots__}, stream=stream, entry_id=entry)  # type: ignore[attr-defined]
+    consumer = Consumer(redis_client, "w1", result_ttl_s=60, sync_result_ttl_s=60)
+    model = _StartsLate(held_s=0.3, run_s=3.0)
+    t0 = time.monotonic()
+    with Heartbeat(consumer, [held], visibility_timeout_s=0.2, max_job_s=0.1, exit_grace_s=30) as beat:
+        with pytest.raises(TimeLimited), beat.call(model):
+            model.run()
+    assert time.monotonic() - t0 < 1.5, "the call ran on to its own end: the first stop was lost"
 
 
 def test_a_job_run_in_a_child_process_answers_the_same_and_a_killed_child_is_reported() -> None:

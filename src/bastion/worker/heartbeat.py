@@ -8,7 +8,8 @@ A worker that dies stops touching, so its jobs are still reclaimed as before.
 Watchdog: the same thread watches each model call. A call still running after ``max_job_s``
 (a runaway input, a hung model) is terminated through the runtime and raises ``TimeLimited``;
 the worker releases that call's jobs for redelivery, counted, so a job that does it every time
-is dead-lettered after ``max_deliveries`` and the worker goes on with other jobs. A call that
+is dead-lettered after ``max_deliveries`` and the worker goes on with other jobs. The stop is
+repeated on every tick while the call runs. A call that
 ignores termination for ``exit_grace_s`` more ends the worker process (``bastion up`` starts
 it again); its jobs come back the same way.
 """
@@ -112,8 +113,10 @@ class Heartbeat:
                 log.warning(
                     "job_time_limit_exceeded", max_job_s=self.max_job_s, job_ids=[j.job_id for j in self.jobs][:20]
                 )
-                target.terminate()
-                return
+            # Told again on every tick while the call still runs: a runtime clears its stop flag
+            # when a run starts, so a call that began after the first word (its thread held up
+            # between the watch and the run) would otherwise run on.
+            target.terminate()
         if late >= self.exit_grace_s:
             log.error("model_call_unstoppable", action="worker exits; its jobs are redelivered, counted")
             sys.stderr.flush()

@@ -37,8 +37,13 @@ class Child:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.killed = False
 
     def terminate(self) -> None:
+        """SIGKILL, once: the watchdog repeats its stop, and a reaped child's pid may be reused."""
+        if self.killed:
+            return
+        self.killed = True
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:

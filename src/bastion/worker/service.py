@@ -487,11 +487,10 @@ class Worker:
             chunk = jobs[start : start + size]
             started = time.perf_counter()
             span = batch.model_call(len(chunk)) if batch is not None else None
+            observe = self.monitor.observer(info, [j.role for j in chunk])  # (before the time limit starts)
             try:
                 with beat.call(loaded):
-                    results = run_batch(
-                        loaded, [j.blob for j in chunk], observe=self.monitor.observer(info, [j.role for j in chunk])
-                    )
+                    results = run_batch(loaded, [j.blob for j in chunk], observe=observe)
                 done = [Outcome(j, STATUS_SUCCEEDED, result=r) for j, r in zip(chunk, results, strict=True)]
             except TimeLimited:
                 if span is not None:
