@@ -268,6 +268,11 @@ def test_bad_lifecycle_input_is_a_clear_4xx(stack: Stack) -> None:
             http.put(f"/admin/v1/models/{MODEL}/policy", json={"min_accuracy": 2}),
             http.put(f"/admin/v1/models/{MODEL}/policy", json={"unknown": 1}),
             http.put(f"/admin/v1/models/{MODEL}/policy", json={"max_artifact_bytes": 10**31}),  # past 64 bits
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"live_accuracy_margin": 1.5}),
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"live_accuracy_margin": -0.1}),
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"live_accuracy_margin": "a lot"}),
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"live_accuracy_margin": 0.02, "min_live_labels": 0}),
+            http.put(f"/admin/v1/models/{MODEL}/policy", json={"min_live_labels": 10**12}),
             http.put(f"/admin/v1/models/{MODEL}/deployment", json={"routes": [{"version": 10**20}]}),
             http.put(f"/admin/v1/models/{MODEL}/holdout", json={"inputs": {"x": [[1, 2, 3]]}, "labels": [1, 0]}),
             http.put(f"/admin/v1/models/{MODEL}/holdout", json={"inputs": {"x": [[1]]}, "labels": [True]}),

@@ -513,7 +513,8 @@ class Settings(BaseSettings):
         gt=0,
         lt=0.5,
         description="false-alarm probability per version and window: the chi-square threshold of each feature "
-        "is set at alpha divided by the number of features judged (Bonferroni)",
+        "is set at alpha divided by the number of features judged and by the judgements made while one window "
+        "passes (Bonferroni)",
     )
     drift_min_rows: int = Field(
         default=100, ge=1, description="live rows a version needs in the window before its drift is judged"
