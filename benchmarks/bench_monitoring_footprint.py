@@ -302,9 +302,8 @@ def main() -> None:
     settings = Settings()
     with tempfile.TemporaryDirectory(prefix="bastion-monfoot-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis")
-        url = server.start()
         try:
-            client = sync_client(url)
+            client = sync_client(server.start())
             info, reference = demo_version(Path(tmp), settings, client)
             clock = Clock(START)
             monitor = Monitor(client, settings, clock=clock)

@@ -359,6 +359,37 @@ def test_a_call_that_begins_after_the_watchdogs_first_stop_is_stopped_too(redis_
     assert time.monotonic() - t0 < 1.5, "the call ran on to its own end: the first stop was lost"
 
 
+def test_a_call_that_ignores_the_stop_gets_the_whole_grace_before_the_worker_exits(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grace counts from the first stop, not from the deadline: a tick longer than the grace
+    (a long visibility timeout, a slow Redis touch) must not stop the call and end the worker at once."""
+    from bastion.worker import heartbeat
+
+    events: list[tuple[str, float]] = []
+
+    class Deaf:
+        def terminate(self) -> None:
+            events.append(("stop", time.monotonic()))
+
+    monkeypatch.setattr(heartbeat.os, "_exit", lambda code: events.append((f"exit {code}", time.monotonic())))
+    stream = queue_key(MODEL, "batch")
+    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = redis_client.xadd(stream, {"x": "1"}).decode()  # type: ignore[union-attr]
+    redis_client.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"})
+    job = Envelope("deaf", "acme", MODEL, 1, "batch")
+    held = Job(**{f: getattr(job, f) for f in Envelope.__slots__}, stream=stream, entry_id=entry)  # type: ignore[attr-defined]
+    consumer = Consumer(redis_client, "w1", result_ttl_s=60, sync_result_ttl_s=60)
+    with heartbeat.Heartbeat(consumer, [held], visibility_timeout_s=0.3, max_job_s=0.4, exit_grace_s=0.001) as beat:
+        assert beat.interval == pytest.approx(0.1)  # ticks far longer than the grace
+        with beat.call(Deaf()):
+            time.sleep(0.75)  # deaf to the stop: past the deadline by more than two ticks
+    stops = [at for what, at in events if what == "stop"]
+    exits = [at for what, at in events if what.startswith("exit")]
+    assert stops and exits, events
+    assert exits[0] - stops[0] >= 0.05, "the worker exited on the tick that first stopped the call"
+
+
 def test_a_job_run_in_a_child_process_answers_the_same_and_a_killed_child_is_reported() -> None:
     from bastion.worker.isolation import ChildDied, run_isolated
 

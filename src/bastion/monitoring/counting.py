@@ -283,8 +283,10 @@ class Monitor:
         if key not in self._plans:
             try:
                 self._plans[key] = Plan.of(info)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("monitoring_spec_unreadable", model=info.model, version=info.version, error=str(exc))
+            except Exception as exc:  # a spec this worker cannot read costs its counts, never the jobs' call
+                log.warning(
+                    "monitoring_spec_unreadable", model=info.model, version=info.version, error_type=type(exc).__name__
+                )
                 self._plans[key] = None
         plan = self._plans[key]
         return Observation(self, plan, roles) if plan is not None else None

@@ -13,7 +13,9 @@ class LoadedModel(Protocol):
         ...
 
     def terminate(self) -> None:
-        """Ask a ``run`` in progress on another thread to stop: it raises soon after."""
+        """Ask a ``run`` in progress on another thread to stop: it raises soon after. The watchdog
+        asks again on every tick while the call runs, so this must be safe to call repeatedly, and
+        ``run`` clears a stop left from before when it starts."""
         ...
 
 

@@ -60,6 +60,7 @@ class Heartbeat:
         self._target: Stoppable | None = None
         self._deadline = 0.0
         self._terminated = False
+        self._stopped_at = 0.0
 
     def __enter__(self) -> Heartbeat:
         if self.jobs:
@@ -104,11 +105,12 @@ class Heartbeat:
 
     def _watch(self) -> None:
         with self._lock:
-            target, late = self._target, time.monotonic() - self._deadline
-            if target is None or late < 0:
+            now = time.monotonic()
+            target = self._target
+            if target is None or now < self._deadline:
                 return
             if not self._terminated:
-                self._terminated = True
+                self._terminated, self._stopped_at = True, now
                 metrics.ERRORS.labels("worker", "job_time_limit").inc()
                 log.warning(
                     "job_time_limit_exceeded", max_job_s=self.max_job_s, job_ids=[j.job_id for j in self.jobs][:20]
@@ -117,7 +119,8 @@ class Heartbeat:
             # when a run starts, so a call that began after the first word (its thread held up
             # between the watch and the run) would otherwise run on.
             target.terminate()
-        if late >= self.exit_grace_s:
+            ignored = now - self._stopped_at  # (the grace counts from the first stop, however long a tick is)
+        if ignored >= self.exit_grace_s:
             log.error("model_call_unstoppable", action="worker exits; its jobs are redelivered, counted")
             sys.stderr.flush()
             os._exit(70)  # EX_SOFTWARE: the call ignored termination; only the process can end it
