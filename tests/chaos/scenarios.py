@@ -228,7 +228,10 @@ def worker_kills(root: Path, jobs: int, workers: int = 4, kills: int = 20, visib
         "all_terminal_s": round(drained_s, 1),
         "max_job_latency_s": round(max(latency, default=float("nan")), 2),
         "p99_job_latency_s": round(percentile(latency, 0.99), 2),
-        "bound_s": round(visibility_s + job_time + 5, 2),
+        # The killer prefers workers holding jobs, so a job can be held through two kills in a row,
+        # each costing a visibility timeout before its reclaim (seen on a slow day in CI: 7.9 and
+        # 8.28 s against a bound of one timeout, 7.1 s, with 0 lost and every answer right).
+        "bound_s": round(2 * visibility_s + job_time + 5, 2),
     }
 
 
