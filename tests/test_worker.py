@@ -320,6 +320,17 @@ def test_a_runaway_call_is_stopped_its_batch_mates_answered_and_it_is_dead_lette
     assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
 
 
+def _held_job(client: redis.Redis, job_id: str) -> tuple[Consumer, Job]:
+    """A job that consumer w1 has read from its stream and holds (for a heartbeat to touch)."""
+    stream = queue_key(MODEL, "batch")
+    client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = client.xadd(stream, {"x": "1"}).decode()  # type: ignore[union-attr]
+    client.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"})
+    job = Envelope(job_id, "acme", MODEL, 1, "batch")
+    held = Job(**{f: getattr(job, f) for f in Envelope.__slots__}, stream=stream, entry_id=entry)  # type: ignore[attr-defined]
+    return Consumer(client, "w1", result_ttl_s=60, sync_result_ttl_s=60), held
+
+
 class _StartsLate:
     """A model call whose thread is held up past the time limit before the run begins and that,
     like onnxruntime, clears its stop flag when the run begins; it gives up on its own after
@@ -344,13 +355,7 @@ class _StartsLate:
 def test_a_call_that_begins_after_the_watchdogs_first_stop_is_stopped_too(redis_client: redis.Redis) -> None:
     from bastion.worker.heartbeat import Heartbeat, TimeLimited
 
-    stream = queue_key(MODEL, "batch")
-    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
-    entry = redis_client.xadd(stream, {"x": "1"}).decode()  # type: ignore[union-attr]
-    redis_client.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"})
-    job = Envelope("late", "acme", MODEL, 1, "batch")
-    held = Job(**{f: getattr(job, f) for f in Envelope.__slots__}, stream=stream, entry_id=entry)  # type: ignore[attr-defined]
-    consumer = Consumer(redis_client, "w1", result_ttl_s=60, sync_result_ttl_s=60)
+    consumer, held = _held_job(redis_client, "late")
     model = _StartsLate(held_s=0.3, run_s=3.0)
     t0 = time.monotonic()
     with Heartbeat(consumer, [held], visibility_timeout_s=0.2, max_job_s=0.1, exit_grace_s=30) as beat:
@@ -373,13 +378,7 @@ def test_a_call_that_ignores_the_stop_gets_the_whole_grace_before_the_worker_exi
             events.append(("stop", time.monotonic()))
 
     monkeypatch.setattr(heartbeat.os, "_exit", lambda code: events.append((f"exit {code}", time.monotonic())))
-    stream = queue_key(MODEL, "batch")
-    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
-    entry = redis_client.xadd(stream, {"x": "1"}).decode()  # type: ignore[union-attr]
-    redis_client.xreadgroup(CONSUMER_GROUP, "w1", {stream: ">"})
-    job = Envelope("deaf", "acme", MODEL, 1, "batch")
-    held = Job(**{f: getattr(job, f) for f in Envelope.__slots__}, stream=stream, entry_id=entry)  # type: ignore[attr-defined]
-    consumer = Consumer(redis_client, "w1", result_ttl_s=60, sync_result_ttl_s=60)
+    consumer, held = _held_job(redis_client, "deaf")
     with heartbeat.Heartbeat(consumer, [held], visibility_timeout_s=0.3, max_job_s=0.4, exit_grace_s=0.001) as beat:
         assert beat.interval == pytest.approx(0.1)  # ticks far longer than the grace
         with beat.call(Deaf()):
